@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny real diffusers models and small real datasets, so tests take seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+def make_tiny_unet(sample_size: int = 16, attention: bool = True, layers_per_block: int = 1):
+    """A real diffusers UNet2DModel, small enough for CPU tests (random weights)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    down = ("DownBlock2D", "AttnDownBlock2D") if attention else ("DownBlock2D", "DownBlock2D")
+    up = ("AttnUpBlock2D", "UpBlock2D") if attention else ("UpBlock2D", "UpBlock2D")
+    return UNet2DModel(sample_size=sample_size, in_channels=3, out_channels=3, layers_per_block=layers_per_block,
+                       block_out_channels=(8, 16), down_block_types=down, up_block_types=up, norm_num_groups=4)
+
+
+def make_scheduler():
+    """The DDPM linear schedule of METHOD.md (1e-4 .. 0.02 over 1000 steps)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+
+
+@pytest.fixture
+def tiny_unet():
+    return make_tiny_unet()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    """A diffusers-format model folder (UNet + scheduler config) as ``save_pretrained`` writes it."""
+    directory = tmp_path / "tiny-ddpm"
+    make_tiny_unet().save_pretrained(directory)
+    make_scheduler().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def cli_env() -> dict[str, str]:
+    """Environment for subprocess runs of the commands: fixed threads, offline hub."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONHASHSEED="0", TOKENIZERS_PARALLELISM="false")
+    return env

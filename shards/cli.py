@@ -1,0 +1,91 @@
+"""``clsp shards info|verify|preview``: look at a shard directory without writing code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from clsp.errors import UserError
+
+_DIR = click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+
+
+def _size(num_bytes: int) -> str:
+    value, unit = float(num_bytes), "B"
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            break
+        value /= 1000
+    return f"{num_bytes} ({value:.1f} {unit})"
+
+
+@click.group(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+def shards() -> None:
+    """Inspect, verify and preview a shard directory written by clsp-gen."""
+
+
+@shards.command()
+@_DIR
+def info(directory: Path) -> None:
+    """Summarise DIRECTORY: dataset, settings, progress and size."""
+    from clsp.shards.reader import read_manifest
+    from clsp.shards.writer import num_shards
+
+    manifest = read_manifest(directory)
+    data, records = manifest["dataset"], list(manifest["shards"].values())
+    candidates = sorted({r.get("candidates") for r in records if r.get("candidates")})
+    rows = [
+        ("directory", str(directory)),
+        ("dataset", f"{data.get('name')} / {data.get('split')}: {data.get('size')} images of "
+                    f"{data.get('image_size')}x{data.get('image_size')}, {data.get('num_classes')} classes"),
+        ("fingerprint", str(data.get("fingerprint"))),
+        ("schema", str(manifest["schema_version"])),
+        ("generation", " ".join(f"{k}={v}" for k, v in sorted(manifest["generation"].items())) or "-"),
+        ("shards", f"{len(records)} of {num_shards(manifest)} done ({manifest['shard_size']} anchors each)"),
+        ("anchors", f"{sum(r['samples'] for r in records)} of {manifest['num_anchors']}"),
+        ("candidates", ", ".join(map(str, candidates)) + " per anchor" if candidates else "-"),
+        ("bytes", _size(sum(r["bytes"] for r in records))),
+    ]
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+
+
+@shards.command()
+@_DIR
+def verify(directory: Path) -> None:
+    """Check every shard of DIRECTORY against its manifest; exit 1 listing what is wrong.
+
+    Finds missing, truncated and altered shards, undecodable samples, and anchors that are duplicated,
+    missing or in the wrong shard.
+    """
+    from clsp.shards.reader import read_manifest
+    from clsp.shards.verify import verify_shards
+
+    problems = verify_shards(directory)
+    for problem in problems:
+        click.echo(f"  - {problem}")
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) in {directory}; regenerate the shards listed with clsp-gen")
+    manifest = read_manifest(directory)
+    click.echo(f"OK: {len(manifest['shards'])} shards, {manifest['num_anchors']} anchors in {directory} "
+               f"match the manifest")
+
+
+@shards.command()
+@_DIR
+@click.option("--out", "out_png", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="PNG to write.")
+@click.option("--num-anchors", default=8, help="Rows: the first N anchors.")
+@click.option("--data-root", default="data", type=click.Path(file_okay=False),
+              help="Where the real dataset lives (used only when the shards do not store anchors).")
+def preview(directory: Path, out_png: Path, num_anchors: int, data_root: str) -> None:
+    """Write a PNG of anchors (left column) beside their synthetic positives."""
+    from clsp.shards.preview import preview_grid
+    from clsp.shards.reader import iter_samples, load_dataset, read_manifest
+
+    manifest = read_manifest(directory)
+    first = next(iter_samples(directory))
+    dataset = None if first["anchor"] is not None else load_dataset(manifest, data_root)
+    click.echo(f"wrote {preview_grid(directory, out_png, num_anchors, dataset)}")

@@ -1,0 +1,275 @@
+"""The generation job: every anchor of a dataset gets k synthetic positives, written into shards.
+
+Shard ``i`` holds anchors ``[i * shard_size, (i + 1) * shard_size)`` and goes to global worker
+``i mod W``, where the workers are the processes of ``accelerate launch`` times the tasks of a job
+array (``--num-workers``). The content of a shard depends only on the settings and its index: each
+anchor's randomness comes from its own generator seeded from ``(seed, anchor_index)`` and batches
+are formed within a shard, so one process and many write the same bytes. Finished shards are recorded
+in the manifest with their sha256; a rerun with the same settings skips them and writes the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
+
+from clsp.datasets import DEFAULT_DATA_ROOT, ImageDataset, dataset_names, get_dataset
+from clsp.errors import UserError
+from clsp.generate.sampler import sample_positives
+from clsp.generate.unet import check_compatible, default_unet_for, load_unet
+from clsp.runtime import make_accelerator, progress, resolve_precision
+from clsp.shards import schema, verify, writer
+from clsp.shards.preview import preview_arrays, preview_grid
+
+T = TypeVar("T")
+PREVIEW_ANCHORS = 4
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Everything ``clsp-gen`` takes; the defaults are METHOD.md's."""
+
+    dataset: str
+    shards: str
+    unet: str | None = None
+    candidates: int = 8
+    weight: float = 0.1
+    steps: int = 100
+    eta: float = 0.1
+    seed: int = 0
+    batch_size: int = 64
+    shard_size: int = 1000
+    split: str | None = None
+    data_root: str = DEFAULT_DATA_ROOT
+    image_size: int | None = None
+    precision: str = "auto"
+    share_anchor_pass: bool = False
+    compile: bool = False
+    store_anchors: bool = False
+    limit: int | None = None
+    num_workers: int | None = None
+    worker_index: int | None = None
+    overwrite: bool = False
+    preview: bool = True
+
+
+def anchor_seed(seed: int, anchor_index: int) -> int:
+    """The seed of one anchor's generator: a hash of the job seed and the anchor's index (63 bits)."""
+    digest = hashlib.sha256(f"clsp-gen:{seed}:{anchor_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def array_worker(num_workers: int | None, worker_index: int | None,
+                 env: dict[str, str] | None = None) -> tuple[int, int]:
+    """(num_workers, worker_index) of a job array: as given, else from Slurm's array variables, else (1, 0)."""
+    env = os.environ if env is None else env
+    if num_workers is None and "SLURM_ARRAY_TASK_COUNT" in env:
+        num_workers = int(env["SLURM_ARRAY_TASK_COUNT"])
+    if worker_index is None and "SLURM_ARRAY_TASK_ID" in env:
+        worker_index = int(env["SLURM_ARRAY_TASK_ID"])
+    num_workers = 1 if num_workers is None else num_workers
+    worker_index = 0 if worker_index is None else worker_index
+    if num_workers < 1 or not 0 <= worker_index < num_workers:
+        raise UserError(f"worker index {worker_index} is outside 0..{num_workers - 1} of {num_workers} workers; "
+                        "number Slurm arrays from 0 (--array=0-7), or pass --num-workers with the full array size")
+    return num_workers, worker_index
+
+
+def assigned_shards(num_shards: int, worker: int, num_workers: int, done: set[int]) -> list[int]:
+    """The shards global worker ``worker`` writes: ``i mod num_workers == worker``, less the finished ones."""
+    return [i for i in range(worker, num_shards, num_workers) if i not in done]
+
+
+def model_fingerprint(unet: torch.nn.Module, scheduler) -> str:
+    """A hash of the U-Net's weights and the noise schedule, so a changed model is never resumed into."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(unet.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    schedule = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    digest.update(json.dumps(schedule, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def _to_model_range(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``[n, H, W, 3]`` -> float ``[n, 3, H, W]`` in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float ``[n, k, C, H, W]`` in [-1, 1] -> uint8 ``[n, k, H, W, C]``."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
+
+
+class _PositiveDrawer:
+    """The model, the data and the settings that turn anchor indices into shard samples."""
+
+    def __init__(self, cfg: GenerationConfig, dataset: ImageDataset, unet, scheduler, precision: str):
+        self.cfg, self.dataset, self.unet, self.scheduler, self.precision = cfg, dataset, unet, scheduler, precision
+        self.labels = dataset.labels()
+
+    def batch(self, indices: list[int]) -> list[schema.ShardSample]:
+        images = self.dataset.array(indices)
+        device = self.unet.device
+        seeds = [anchor_seed(self.cfg.seed, i) for i in indices]
+        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        positives = _to_uint8(sample_positives(
+            self.unet, self.scheduler, _to_model_range(images), self.cfg.candidates, weight=self.cfg.weight,
+            steps=self.cfg.steps, eta=self.cfg.eta, generator=generators, precision=self.precision,
+            share_anchor_pass=self.cfg.share_anchor_pass))
+        return [schema.ShardSample(anchor_index=i, positives=positives[j], label=int(self.labels[i]), seed=seeds[j],
+                                   anchor=images[j] if self.cfg.store_anchors else None)
+                for j, i in enumerate(indices)]
+
+    def shard(self, anchors: range, advance: Callable[[int], object]) -> Iterator[schema.ShardSample]:
+        """A shard's samples, batch by batch (batches never cross shards, so shards do not depend on W)."""
+        for start in range(anchors.start, anchors.stop, self.cfg.batch_size):
+            indices = list(range(start, min(start + self.cfg.batch_size, anchors.stop)))
+            yield from self.batch(indices)
+            advance(len(indices))
+
+
+def _main_first(accelerator: Accelerator, fn: Callable[[], T], share: bool = False) -> T:
+    """Run ``fn`` on the main process first; then the others run it too, or receive its result (``share``).
+
+    A UserError on the main process reaches every process, so no rank waits at a barrier for a main
+    process that has already given up.
+    """
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except UserError as err:
+            error = err.message
+    error, shared = broadcast_object_list([error, result if share else None])
+    if error is not None:
+        raise UserError(error)
+    if accelerator.is_main_process:
+        return result
+    return shared if share else fn()
+
+
+def _compile(unet) -> None:
+    """torch.compile the blocks the sampler calls one by one (compiling ``forward`` would not reach them)."""
+    for module in (*unet.down_blocks, unet.mid_block, *unet.up_blocks):
+        if module is not None:
+            module.compile()
+
+
+def _preview(path: Path, gen: _PositiveDrawer, count: int, done: set[int]) -> None:
+    """The first anchors beside their positives: from shard 0 when it is finished, else drawn now."""
+    if 0 in done:
+        preview_grid(path.parent, path, count, gen.dataset)
+    else:
+        indices = list(range(count))
+        preview_arrays(path, gen.dataset.array(indices), np.stack([s.positives for s in gen.batch(indices)]))
+
+
+def _load(cfg: GenerationConfig, device: torch.device):
+    """Dataset, model reference, model and scheduler, with every check that can be made before any work."""
+    unet_ref = cfg.unet or default_unet_for(cfg.dataset)
+    if unet_ref is None and (cfg.dataset in dataset_names() or cfg.dataset.startswith("imagefolder:")):
+        raise UserError(f"no diffusion model is known for {cfg.dataset}; train one with "
+                        f"`clsp ddpm train --dataset {cfg.dataset} --out MODEL_DIR` and pass --unet MODEL_DIR")
+    dataset = get_dataset(cfg.dataset, split=cfg.split, root=cfg.data_root, image_size=cfg.image_size)
+    unet, scheduler = load_unet(unet_ref, device=device)
+    check_compatible(unet, dataset.image_size)
+    timesteps = int(scheduler.config.num_train_timesteps)
+    if cfg.steps > timesteps:
+        raise UserError(f"--steps {cfg.steps} exceeds the model's {timesteps} training timesteps; "
+                        f"pass --steps {timesteps} or fewer")
+    if Path(unet_ref).expanduser().is_dir():
+        unet_ref = str(Path(unet_ref).expanduser().resolve())
+    return dataset, unet_ref, unet, scheduler
+
+
+def _check_settings(cfg: GenerationConfig) -> None:
+    """Refuse impossible settings before loading anything (the sampler repeats these checks, later)."""
+    if not 0.0 <= cfg.weight <= 1.0:
+        raise UserError(f"--weight must be in [0, 1] (1 = plain sampling, 0 = anchor bottleneck only), "
+                        f"got {cfg.weight}")
+    if not 0.0 <= cfg.eta <= 1.0:
+        raise UserError(f"--eta must be in [0, 1] (0 = deterministic DDIM), got {cfg.eta}")
+    for flag, value in (("--candidates", cfg.candidates), ("--steps", cfg.steps), ("--batch-size", cfg.batch_size),
+                        ("--shard-size", cfg.shard_size), ("--limit", 1 if cfg.limit is None else cfg.limit)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+
+
+def run_generation(cfg: GenerationConfig, echo: Callable[[str], object] = print) -> dict:
+    """Generate the shards this process owns, wait for all, verify on the main process; returns a summary."""
+    _check_settings(cfg)
+    num_workers, worker_index = array_worker(cfg.num_workers, cfg.worker_index)
+    accelerator = make_accelerator()  # device placement and process group only: the sampler does its own autocast
+    try:
+        return _run(cfg, accelerator, num_workers, worker_index, echo)
+    finally:
+        accelerator.end_training()
+
+
+def _run(cfg: GenerationConfig, accelerator: Accelerator, num_workers: int, worker_index: int,
+         echo: Callable[[str], object]) -> dict:
+    # the main process loads first (it downloads what is missing), then the others read its copies
+    dataset, unet_ref, unet, scheduler = _main_first(accelerator, lambda: _load(cfg, accelerator.device))
+    precision = resolve_precision(cfg.precision, accelerator.device)
+    num_anchors = min(cfg.limit or len(dataset), len(dataset))
+    world = num_workers * accelerator.num_processes
+    rank = worker_index * accelerator.num_processes + accelerator.process_index
+
+    def start() -> tuple[dict, set[int]]:
+        generation = {"unet": unet_ref, "unet_sha256": model_fingerprint(unet, scheduler),
+                      "candidates": cfg.candidates, "weight": cfg.weight, "steps": cfg.steps, "eta": cfg.eta,
+                      "seed": cfg.seed, "shard_size": cfg.shard_size, "share_anchor_pass": cfg.share_anchor_pass,
+                      "precision": precision, "store_anchors": cfg.store_anchors, "limit": cfg.limit}
+        manifest = writer.init_manifest(cfg.shards, dataset=dataset.describe(), generation=generation,
+                                        num_anchors=num_anchors, shard_size=cfg.shard_size, overwrite=cfg.overwrite)
+        return manifest, writer.completed_shards(cfg.shards)
+
+    manifest, done = _main_first(accelerator, start, share=True)
+    total = writer.num_shards(manifest)
+    mine = assigned_shards(total, rank, world, done)
+    if cfg.compile:
+        _compile(unet)
+    gen = _PositiveDrawer(cfg, dataset, unet, scheduler, precision)
+    if accelerator.is_main_process:
+        echo(f"generating {num_anchors} anchors x {cfg.candidates} candidates into {total} shards in {cfg.shards} "
+             f"({len(done)} already complete; {world} worker{'s' if world > 1 else ''}, {precision}, "
+             f"{accelerator.device})")
+        if cfg.preview and rank == 0:
+            path = Path(cfg.shards) / "preview.png"
+            _preview(path, gen, min(PREVIEW_ANCHORS, num_anchors), done)
+            echo(f"wrote {path}: check the positives before the long run")
+
+    began = time.perf_counter()
+    anchors = sum(len(writer.shard_anchor_range(manifest, i)) for i in mine)
+    with progress(total=anchors, desc="clsp-gen", main_process=accelerator.is_main_process, unit="anchor") as bar:
+        for index in mine:
+            writer.write_shard(cfg.shards, index, gen.shard(writer.shard_anchor_range(manifest, index), bar.update),
+                               rank=rank, world_size=world)
+    accelerator.wait_for_everyone()
+    seconds = time.perf_counter() - began
+    written = gather_object([(len(mine), anchors)])
+    summary = {"shards_written": sum(s for s, _ in written), "anchors_written": sum(a for _, a in written),
+               "shards_skipped": len(done), "num_shards": total, "seconds": seconds, "problems": []}
+    if accelerator.is_main_process:
+        complete = len(writer.completed_shards(cfg.shards))
+        if num_workers == 1 or complete == total:
+            summary["problems"] = verify.verify_shards(cfg.shards)
+            checked = f"verify: {len(summary['problems']) or 'no'} problems"
+        else:  # other array tasks are still writing; the last one to finish verifies the whole set
+            checked = f"{complete} of {total} shards complete so far"
+        rate = summary["anchors_written"] / seconds if seconds > 0 else 0.0
+        echo(f"wrote {summary['shards_written']} shards ({summary['anchors_written']} anchors x {cfg.candidates} "
+             f"candidates) to {cfg.shards} in {seconds:.1f} s ({rate:.2f} anchors/s); "
+             f"{summary['shards_skipped']} were already complete; {checked}")
+    return summary

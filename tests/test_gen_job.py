@@ -1,0 +1,241 @@
+"""clsp-gen end to end: a tiny real U-Net on digits, real shards, real ranks from ``accelerate launch``.
+
+Byte-identity needs the same thread count everywhere: subprocesses get ``OMP_NUM_THREADS=1`` and the
+in-process runs pin ``torch.set_num_threads(1)``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from clsp.datasets import get_dataset
+from clsp.errors import UserError
+from clsp.generate.cli import gen
+from clsp.generate.job import anchor_seed, array_worker, assigned_shards
+from clsp.shards import reader, schema, verify, writer
+from clsp.shards.preview import MIN_CELL, PAD
+from conftest import make_scheduler, make_tiny_unet
+
+LIMIT, SHARD_SIZE, CANDIDATES = 24, 8, 2
+NUM_SHARDS = LIMIT // SHARD_SIZE
+# batch size 4: two sampler calls per shard, so batching within a shard is exercised
+JOB = ["--dataset", "digits", "--limit", str(LIMIT), "--shard-size", str(SHARD_SIZE), "--candidates",
+       str(CANDIDATES), "--steps", "3", "--batch-size", "4", "--precision", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("model") / "tiny-ddpm"
+    make_tiny_unet().save_pretrained(directory)
+    make_scheduler().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_gen(shards: Path, model: Path, *extra: str):
+    return CliRunner().invoke(gen, [*JOB, "--shards", str(shards), "--unet", str(model), *extra])
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, one_thread, tmp_path_factory) -> Path:
+    """An uninterrupted one-process run: what every other way of running must reproduce."""
+    shards = tmp_path_factory.mktemp("reference") / "shards"
+    result = run_gen(shards, model_dir)
+    assert result.exit_code == 0, result.output
+    return shards
+
+
+def shard_bytes(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("shard-*.tar"))}
+
+
+def recorded(directory: Path) -> bool:
+    """Whether the manifest records a finished shard yet (it is replaced atomically, so reading is safe)."""
+    try:
+        return bool(json.loads((directory / reader.MANIFEST).read_text())["shards"])
+    except FileNotFoundError:
+        return False
+
+
+def records(directory: Path) -> dict[int, dict]:
+    return {r["index"]: r for r in reader.read_manifest(directory)["shards"].values()}
+
+
+def test_one_process_run_writes_verified_shards_with_labels_seeds_and_preview(reference):
+    manifest = reader.read_manifest(reference)
+    assert manifest["num_shards"] == NUM_SHARDS and len(shard_bytes(reference)) == NUM_SHARDS
+    assert verify.verify_shards(reference) == []
+    generation = manifest["generation"]
+    assert (generation["candidates"], generation["weight"], generation["steps"], generation["limit"]) == (2, 0.1, 3, 24)
+    assert len(generation["unet_sha256"]) == 16
+    assert {(r["rank"], r["world_size"]) for r in records(reference).values()} == {(0, 1)}
+    labels = get_dataset("digits").labels()
+    samples = list(reader.iter_samples(reference))
+    assert [s["anchor_index"] for s in samples] == list(range(LIMIT))
+    assert all(s["positives"].shape == (CANDIDATES, 16, 16, 3) for s in samples)
+    assert [s["label"] for s in samples] == labels[:LIMIT].tolist()
+    assert [s["seed"] for s in samples] == [anchor_seed(0, i) for i in range(LIMIT)]
+    assert len({s["seed"] for s in samples}) == LIMIT
+    # an anchor's candidates differ from each other (each from its own x_T)
+    assert all(not np.array_equal(s["positives"][0], s["positives"][1]) for s in samples)
+    with Image.open(reference / "preview.png") as png:  # 4 rows of anchor + k positives, enlarged to MIN_CELL
+        assert png.format == "PNG"
+        assert png.height == 4 * (MIN_CELL + PAD) + PAD and png.width >= (CANDIDATES + 1) * MIN_CELL
+
+
+@pytest.mark.slow
+def test_two_ranks_of_accelerate_launch_write_the_same_bytes_as_one_process(reference, model_dir, cli_env, tmp_path):
+    shards = tmp_path / "shards"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), "-m", "clsp.generate.cli", *JOB, "--shards", str(shards), "--unet", str(model_dir)]
+    done = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = records(shards)
+    assert {r["world_size"] for r in got.values()} == {2}
+    assert {i: r["rank"] for i, r in got.items()} == {i: i % 2 for i in range(NUM_SHARDS)}
+    assert shard_bytes(shards) == shard_bytes(reference)
+    assert "verify: no problems" in done.stdout
+
+
+@pytest.mark.slow
+def test_killed_run_then_rerun_ends_identical_to_an_uninterrupted_run(reference, model_dir, one_thread, cli_env,
+                                                                     tmp_path):
+    shards = tmp_path / "shards"
+    cmd = [str(Path(sys.executable).parent / "clsp-gen"), *JOB, "--shards", str(shards), "--unet", str(model_dir),
+           "--no-preview"]  # the installed console script
+    victim = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not recorded(shards) and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, f"the job ended (status {victim.returncode}) before it was killed"
+    done = writer.completed_shards(shards)
+    assert 1 <= len(done) < NUM_SHARDS
+    # also damage a finished shard: the rerun must find it fails its checksum and write it again
+    damaged = shards / schema.shard_name(min(done))
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    result = run_gen(shards, model_dir, "--no-preview")
+    assert result.exit_code == 0, result.output
+    assert f"{len(done) - 1} were already complete" in result.output
+    assert shard_bytes(shards) == shard_bytes(reference)
+    assert verify.verify_shards(shards) == []
+    assert not [p.name for p in shards.iterdir() if p.name.startswith(".shard-")]  # no temporaries left
+
+
+def test_job_array_workers_write_disjoint_parts_whose_union_is_the_whole_set(reference, model_dir, one_thread,
+                                                                                tmp_path, monkeypatch):
+    shards = tmp_path / "shards"
+    first = run_gen(shards, model_dir, "--num-workers", "2", "--worker-index", "0")
+    assert first.exit_code == 0, first.output
+    assert writer.completed_shards(shards) == {0, 2}
+    assert "2 of 3 shards complete so far" in first.output
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")  # the second worker takes its place from Slurm's variables
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    second = run_gen(shards, model_dir)
+    assert second.exit_code == 0, second.output
+    assert "verify: no problems" in second.output
+    got = records(shards)
+    assert {i: (r["rank"], r["world_size"]) for i, r in got.items()} == {0: (0, 2), 1: (1, 2), 2: (0, 2)}
+    assert shard_bytes(shards) == shard_bytes(reference)
+
+
+def test_assigned_shards_deal_each_unfinished_shard_to_exactly_one_worker():
+    for num_workers in (1, 2, 3, 7):
+        parts = [assigned_shards(10, w, num_workers, done={4}) for w in range(num_workers)]
+        flat = sorted(i for part in parts for i in part)
+        assert flat == [i for i in range(10) if i != 4]
+        assert all(i % num_workers == w for w, part in enumerate(parts) for i in part)
+
+
+def test_array_worker_reads_slurm_variables_and_refuses_an_index_outside_the_array():
+    assert array_worker(None, None, env={}) == (1, 0)
+    assert array_worker(None, None, env={"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"}) == (4, 3)
+    assert array_worker(8, None, env={"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "2"}) == (8, 5)
+    assert array_worker(2, 1, env={"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "9"}) == (2, 1)
+    with pytest.raises(UserError, match="number Slurm arrays from 0"):
+        array_worker(None, None, env={"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "4"})
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--weight", "1.5"], "--weight must be in [0, 1]"),
+    (["--weight", "-0.1"], "--weight must be in [0, 1]"),
+    (["--candidates", "0"], "--candidates must be at least 1"),
+    (["--steps", "1001"], "exceeds the model's 1000 training timesteps"),
+    (["--image-size", "24"], "trained on 16x16 images but the dataset's are 24x24"),
+    (["--dataset", "no-such-data"], "unknown dataset 'no-such-data'"),
+])
+def test_bad_inputs_give_one_error_line(args, needle, model_dir, tmp_path):
+    result = CliRunner().invoke(gen, [*JOB, "--shards", str(tmp_path / "s"), "--unet", str(model_dir), *args])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], result.output
+    assert not (tmp_path / "s").exists()  # refused before any work
+
+
+def test_a_dataset_without_a_known_model_says_how_to_train_one(tmp_path):
+    result = CliRunner().invoke(gen, ["--dataset", "cifar100", "--shards", str(tmp_path / "s")])
+    assert result.exit_code == 1
+    assert re.fullmatch(r"Error: no diffusion model is known for cifar100; train one with `clsp ddpm train .*\n",
+                        result.output)
+
+
+def test_other_settings_are_refused_unless_overwrite(reference, model_dir, one_thread, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(reference, shards)
+    refused = run_gen(shards, model_dir, "--weight", "0.2")
+    assert refused.exit_code == 1 and refused.output.startswith("Error: ") and "--overwrite" in refused.output
+    assert "generation.weight: 0.1 -> 0.2" in refused.output
+    assert shard_bytes(shards) == shard_bytes(reference)  # untouched
+    same = run_gen(shards, model_dir, "--no-preview")  # same settings: nothing to redo
+    assert same.exit_code == 0 and "wrote 0 shards" in same.output
+    assert f"{NUM_SHARDS} were already complete" in same.output
+    replaced = run_gen(shards, model_dir, "--weight", "0.2", "--overwrite", "--no-preview")
+    assert replaced.exit_code == 0, replaced.output
+    assert reader.read_manifest(shards)["generation"]["weight"] == 0.2
+    new, old = shard_bytes(shards), shard_bytes(reference)
+    assert new.keys() == old.keys() and all(new[k] != old[k] for k in new)
+    assert verify.verify_shards(shards) == []
+
+
+def test_a_changed_model_at_the_same_path_is_refused(model_dir, one_thread, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    shards = tmp_path / "shards"
+    assert run_gen(shards, model, "--limit", "8", "--no-preview").exit_code == 0
+    unet = make_tiny_unet()
+    with torch.no_grad():
+        unet.conv_out.bias.add_(0.01)
+    unet.save_pretrained(model)
+    refused = run_gen(shards, model, "--limit", "8", "--no-preview")
+    assert refused.exit_code == 1 and "generation.unet_sha256" in refused.output
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

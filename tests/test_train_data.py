@@ -1,0 +1,198 @@
+"""Training data: shards -> anchors and positives -> augmented views, per rank and worker."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clsp.datasets import get_dataset
+from clsp.errors import UserError
+from clsp.shards import schema, writer
+from clsp.train.augment import DeviceAugment, augment_images, cpu_transform
+from clsp.train.data import ContrastiveStream, make_loader, open_shards, plan_epoch
+
+NUM_ANCHORS = 40
+SHARD_SIZE = 12
+K = 3
+
+
+def fabricated_positives(anchor: np.ndarray, index: int, k: int = K) -> np.ndarray:
+    """k "synthetic" positives of an anchor: shifted and noised copies (stands in for the generator)."""
+    rng = np.random.default_rng(index)
+    out = []
+    for j in range(k):
+        shifted = np.roll(anchor, shift=(j + 1, -j), axis=(0, 1)).astype(np.int16)
+        out.append(np.clip(shifted + rng.integers(-20, 21, size=anchor.shape), 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def make_train_shards(directory: Path, *, num_anchors: int = NUM_ANCHORS, shard_size: int = SHARD_SIZE,
+                      shards: list[int] | None = None, dataset_name: str = "digits", with_anchor: bool = False) -> Path:
+    """A real shard directory for the first ``num_anchors`` images of a dataset (all shards by default)."""
+    dataset = get_dataset(dataset_name)
+    manifest = writer.init_manifest(directory, dataset=dataset.describe(), generation={"fabricated": True},
+                                    num_anchors=num_anchors, shard_size=shard_size)
+    for index in range(writer.num_shards(manifest)) if shards is None else shards:
+        anchors = writer.shard_anchor_range(manifest, index)
+        images = dataset.array(list(anchors))
+        writer.write_shard(directory, index, (
+            schema.ShardSample(anchor_index=a, positives=fabricated_positives(img, a), label=int(dataset.labels()[a]),
+                               anchor=img if with_anchor else None)
+            for a, img in zip(anchors, images)))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory) -> Path:
+    return make_train_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return get_dataset("digits")
+
+
+def collect(stream: ContrastiveStream) -> list[dict]:
+    return list(make_loader(stream))
+
+
+def test_cpu_views_shapes_normalisation_and_per_sample_randomness(digits):
+    images = torch.from_numpy(np.repeat(digits.array([5])[None], 64, 0)[:, 0].transpose(0, 3, 1, 2).copy())
+    torch.manual_seed(0)
+    views = augment_images(cpu_transform(16, digits.mean, digits.std), images)
+    assert views.shape == (64, 3, 16, 16) and views.dtype == torch.float32
+    # same image, independent draws: views differ from one another
+    assert len({v.numpy().tobytes() for v in views}) > 32
+    # normalised: the black background maps to -mean/std
+    black = -torch.tensor(digits.mean) / torch.tensor(digits.std)
+    assert torch.allclose(views.amin(dim=(0, 2, 3)), black, atol=0.2)
+
+
+def test_device_views_draw_parameters_per_sample(digits):
+    images = torch.from_numpy(np.repeat(digits.array([5]), 64, 0).transpose(0, 3, 1, 2).copy())
+    torch.manual_seed(0)
+    views = DeviceAugment(16, digits.mean, digits.std)(images)
+    assert views.shape == (64, 3, 16, 16) and views.dtype == torch.float32
+    assert len({v.numpy().tobytes() for v in views}) > 32
+    # one sample's parameters do not leak to another: flips, crops and greyscale differ across the batch
+    flipped = torch.flip(views, dims=[3])
+    assert not torch.allclose(views[0], views[1]) and not torch.allclose(flipped[0], views[1])
+    identity = (images.float() / 255 - torch.tensor(digits.mean)[:, None, None]) / torch.tensor(digits.std)[:, None, None]
+    assert abs(views.mean().item() - identity.mean().item()) < 0.5  # same normalisation as the CPU path
+
+
+@pytest.mark.parametrize("world_size,batch_size", [(1, 8), (2, 4), (2, 5)])
+def test_an_epoch_covers_each_anchor_once_across_ranks(shard_dir, world_size, batch_size):
+    shards = open_shards(shard_dir)
+    per_rank = [np.concatenate([plan.anchors(s) for s in range(len(plan.batches))])
+                for plan in (plan_epoch(shards, seed=3, epoch=1, batch_size=batch_size, rank=r,
+                                        world_size=world_size, mix_anchors=16) for r in range(world_size))]
+    assert len({len(seen) for seen in per_rank}) == 1  # every rank runs the same number of steps
+    seen = np.concatenate(per_rank)
+    assert len(set(seen.tolist())) == len(seen)  # no anchor twice
+    expected = NUM_ANCHORS // (world_size * batch_size) * world_size * batch_size
+    assert len(seen) == expected  # all of them when divisible, else the tail of < world*batch is dropped
+    if expected == NUM_ANCHORS:
+        assert sorted(seen.tolist()) == list(range(NUM_ANCHORS))
+
+
+def test_order_changes_with_epoch_and_dropped_tail_differs(shard_dir):
+    shards = open_shards(shard_dir)
+    plans = [plan_epoch(shards, seed=0, epoch=e, batch_size=6, mix_anchors=12) for e in range(3)]
+    seen = [set(np.concatenate(p.chunks).tolist()) for p in plans]
+    dropped = [frozenset(range(NUM_ANCHORS)) - s for s in seen]
+    assert all(len(d) == NUM_ANCHORS % 6 for d in dropped)
+    assert len(set(dropped)) > 1
+    assert not np.array_equal(plans[0].anchors(0), plans[1].anchors(0))
+
+
+def test_workers_split_without_duplicates_and_views_match_in_process(shard_dir, digits):
+    shards = open_shards(shard_dir)
+    kw = dict(batch_size=4, seed=1, augment="cpu", mix_anchors=8)
+    with_workers = ContrastiveStream(shards, digits, num_workers=2, **kw)
+    batches = collect(with_workers)
+    indices = torch.cat([b["index"] for b in batches]).tolist()
+    assert len(batches) == with_workers.steps == NUM_ANCHORS // 4
+    assert sorted(indices) == list(range(NUM_ANCHORS))
+    first = batches[0]
+    assert first["x1"].shape == first["x3"].shape == (4, 3, 16, 16)
+    assert torch.equal(first["label"], torch.from_numpy(digits.labels()[first["index"].numpy()]))
+    # the same plan played in-process gives bit-identical views: augmentation is seeded per step
+    in_process = ContrastiveStream(shards, digits, num_workers=0, **kw)
+    in_process.plan = with_workers.plan  # the 2-worker delivery order
+    again = collect(in_process)
+    assert all(torch.equal(a["x3"], b["x3"]) and torch.equal(a["index"], b["index"]) for a, b in zip(batches, again))
+
+
+def test_positive_is_one_of_the_candidates_drawn_anew_each_epoch(shard_dir, digits):
+    shards = open_shards(shard_dir)
+    stream = ContrastiveStream(shards, digits, batch_size=8, augment="device", mix_anchors=8)
+    drawn = []
+    for epoch in range(4):
+        stream.set_epoch(epoch)
+        picks = {}
+        for batch in collect(stream):
+            for a, anchor, positive in zip(batch["index"].tolist(), batch["anchor"], batch["positive"]):
+                img = digits.array([a])[0]
+                assert torch.equal(anchor, torch.from_numpy(img.transpose(2, 0, 1).copy()))
+                candidates = fabricated_positives(img, a)
+                matches = [j for j in range(K) if np.array_equal(positive.numpy().transpose(1, 2, 0), candidates[j])]
+                assert len(matches) == 1
+                picks[a] = matches[0]
+        drawn.append(picks)
+    counts = Counter(j for picks in drawn for j in picks.values())
+    assert set(counts) == set(range(K))  # every candidate gets used
+    assert any(drawn[0][a] != drawn[1][a] for a in drawn[0])  # a fresh draw per epoch
+
+
+def test_resume_skips_done_steps_exactly(shard_dir, digits):
+    shards = open_shards(shard_dir)
+    stream = ContrastiveStream(shards, digits, batch_size=4, augment="cpu", num_workers=2, mix_anchors=8, seed=5)
+    stream.set_epoch(2)
+    full = collect(stream)
+    stream.set_epoch(2, start_step=3)
+    rest = collect(stream)
+    assert len(rest) == len(full) - 3
+    assert all(torch.equal(a["x1"], b["x1"]) for a, b in zip(full[3:], rest))
+
+
+def test_baseline_reads_no_positives(shard_dir, digits):
+    stream = ContrastiveStream(open_shards(shard_dir), digits, batch_size=8, augment="cpu", positives=False)
+    batch = next(iter(make_loader(stream)))
+    assert "x3" not in batch and batch["x1"].shape == (8, 3, 16, 16)
+
+
+def test_incomplete_shard_set_is_refused_unless_partial(tmp_path, digits):
+    directory = make_train_shards(tmp_path / "partial", shards=[0, 2])
+    with pytest.raises(UserError, match="--allow-partial"):
+        open_shards(directory)
+    shards = open_shards(directory, allow_partial=True)
+    stream = ContrastiveStream(shards, digits, batch_size=4, augment="device")
+    seen = sorted(torch.cat([b["index"] for b in collect(stream)]).tolist())
+    assert seen == list(range(0, 12)) + list(range(24, 36))
+
+
+def test_shard_anchor_is_used_when_the_shard_holds_it(tmp_path, digits):
+    directory = make_train_shards(tmp_path / "with-anchor", num_anchors=8, shard_size=8, with_anchor=True)
+    stream = ContrastiveStream(open_shards(directory), digits, batch_size=8, augment="device")
+    batch = next(iter(make_loader(stream)))
+    assert torch.equal(batch["anchor"], torch.from_numpy(digits.array(batch["index"].numpy()).transpose(0, 3, 1, 2).copy()))
+
+
+def test_bad_shard_directories_and_batches_are_one_line_errors(tmp_path, shard_dir, digits):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no manifest"):
+        open_shards(tmp_path / "empty")
+    unverified = make_train_shards(tmp_path / "bad", num_anchors=12, shard_size=12)
+    tar = unverified / schema.shard_name(0)
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: the file no longer matches its record
+    tar.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="no finished shard that passes verification"):
+        open_shards(unverified)
+    with pytest.raises(UserError, match="larger than the 40 anchors"):
+        ContrastiveStream(open_shards(shard_dir), digits, batch_size=32, world_size=2)

@@ -1,0 +1,166 @@
+"""The training stage end to end: clsp-train on tiny real shards (digits, resnet-narrow, 16x16)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from clsp.datasets import get_dataset
+from clsp.io import load_torch
+from clsp.shards import writer
+from clsp.train.backbones import load_encoder
+from clsp.train.cli import train
+from clsp.train.optim import WARMUP_START_LR, warmup_cosine_factor
+from test_train_data import make_train_shards
+
+NUM_ANCHORS = 48
+
+
+def tiny(method: str) -> list[str]:
+    """A CPU-sized run of ``method``: narrow backbone, small heads and memory banks, batch 8."""
+    sizes = {"simclr": [], "moco": ["--queue-size", "64"], "nnclr": ["--queue-size", "64", "--pred-hidden-dim", "64"]}
+    return ["--method", method, "--backbone", "resnet-narrow", "--batch-size", "8", "--workers", "0", "--precision",
+            "fp32", "--proj-hidden-dim", "64", "--proj-output-dim", "32", "--warmup-epochs", "1", "--lr", "0.1",
+            *sizes[method]]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs use one thread, as the subprocess runs do (OMP_NUM_THREADS=1 in ``cli_env``):
+    tiny models gain nothing from more, and on a shared CPU extra threads only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory) -> Path:
+    return make_train_shards(tmp_path_factory.mktemp("train-shards"), num_anchors=NUM_ANCHORS, shard_size=16)
+
+
+def clsp_train(*args: str, env: dict, harness: str = "") -> subprocess.Popen:
+    """Start clsp-train in a fresh process (``harness`` is Python run before the command starts)."""
+    code = f"import sys\n{harness}\nfrom clsp.train.cli import main\nmain(sys.argv[1:])"
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_warmup_then_cosine_schedule():
+    factor = [warmup_cosine_factor(s, base_lr=0.5, warmup_steps=10, total_steps=110) for s in range(111)]
+    assert factor[0] * 0.5 == pytest.approx(WARMUP_START_LR)
+    assert factor[10] == pytest.approx(1.0) and factor[60] == pytest.approx(0.5) and factor[110] == pytest.approx(0.0)
+    assert all(a < b for a, b in zip(factor[:10], factor[1:11])) and all(a > b for a, b in zip(factor[10:], factor[11:]))
+
+
+def test_baseline_run_exports_a_loadable_encoder_and_logs(shard_dir, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(train, ["--shards", str(shard_dir), "--out", str(out), "--clsp-weight", "0",
+                                        "--epochs", "2", "--augment", "device", *tiny("simclr")])
+    assert result.exit_code == 0, result.output
+    assert "trained simclr resnet-narrow on digits/train: 2 epochs, 12 steps" in result.output
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["final"]["loss_clsp"] == 0.0  # baseline: no CLSP term
+    assert 0.0 <= summary["final"]["probe_acc"] <= 1.0
+    encoder, arch = load_encoder(out)
+    assert arch["method"] == "simclr" and arch["clsp_weight"] == 0.0 and arch["small_stem"] is True
+    assert arch["dataset"]["fingerprint"] == get_dataset("digits").fingerprint and arch["image_size"] == 16
+    assert encoder(torch.zeros(2, 3, 16, 16)).shape == (2, encoder.feature_dim)
+    exported = load_file(str(out / "encoder.safetensors"))
+    checkpoint = load_torch(out / "checkpoint.pt")
+    assert checkpoint["epoch"] == 2 and checkpoint["step_in_epoch"] == 0
+    assert torch.equal(exported["conv1.weight"], checkpoint["model"]["backbone.conv1.weight"])
+    assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    # a rerun finds the finished checkpoint and trains nothing more
+    again = CliRunner().invoke(train, ["--shards", str(shard_dir), "--out", str(out), "--clsp-weight", "0",
+                                       "--epochs", "2", "--augment", "device", *tiny("simclr")])
+    assert again.exit_code == 0 and torch.equal(load_file(str(out / "encoder.safetensors"))["conv1.weight"],
+                                                exported["conv1.weight"])
+
+
+KILL_MID_EPOCH = """
+import os, signal
+import clsp.train.trainer as trainer
+save = trainer.save_torch_atomic
+def save_then_die(path, state):
+    save(path, state)
+    if state["epoch"] == 1 and state["step_in_epoch"] > 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+trainer.save_torch_atomic = save_then_die
+"""
+
+
+def test_killed_mid_epoch_and_resumed_ends_with_the_uninterrupted_weights(shard_dir, tmp_path, cli_env):
+    args = ["--shards", str(shard_dir), "--epochs", "2", "--augment", "cpu", "--checkpoint-steps", "2",
+            "--seed", "7", *tiny("moco")]
+    straight = clsp_train("--out", str(tmp_path / "straight"), *args, env=cli_env)  # runs meanwhile
+    killed = clsp_train("--out", str(tmp_path / "resumed"), *args, env=cli_env, harness=KILL_MID_EPOCH)
+    assert killed.wait(timeout=300) == -9, killed.stdout.read()
+    state = load_torch(tmp_path / "resumed" / "checkpoint.pt")
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 2)
+    assert not (tmp_path / "resumed" / "encoder.safetensors").exists()
+    resumed = clsp_train("--out", str(tmp_path / "resumed"), *args, env=cli_env)
+    for run in (resumed, straight):
+        assert run.wait(timeout=300) == 0, run.stdout.read()
+    a = load_torch(tmp_path / "resumed" / "checkpoint.pt")["model"]
+    b = load_torch(tmp_path / "straight" / "checkpoint.pt")["model"]
+    assert set(a) == set(b) and any(k.startswith("queue1") for k in a)  # MoCo's queues are checkpointed too
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+@pytest.mark.slow
+def test_two_processes_train_in_sync(shard_dir, tmp_path, cli_env):
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    out = tmp_path / "ddp"
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "-m", "clsp.train.cli", "--shards", str(shard_dir), "--out", str(out),
+           "--epochs", "1", "--augment", "device", *tiny("nnclr")]
+    run = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == NUM_ANCHORS // 16
+    assert len(summary["rank_checksums"]) == 2 and summary["ranks_in_sync"] is True
+    assert "nn_acc" in summary["final"]
+    load_encoder(out)
+
+
+def _other_dataset_shards(directory: Path) -> Path:
+    """Shards whose manifest names digits but was made from other images (another fingerprint)."""
+    identity = {**get_dataset("digits").describe(), "fingerprint": "0123456789abcdef"}
+    writer.init_manifest(directory, dataset=identity, generation={}, num_anchors=8, shard_size=8)
+    return directory
+
+
+@pytest.mark.parametrize("case", ["other-dataset", "empty", "unverified", "unknown-method", "batch-too-large"])
+def test_bad_inputs_give_one_error_line(case, shard_dir, tmp_path):
+    shards, extra = str(shard_dir), tiny("nnclr")
+    if case == "other-dataset":
+        shards = str(_other_dataset_shards(tmp_path / "other"))
+    elif case == "empty":
+        (tmp_path / "empty").mkdir()
+        shards = str(tmp_path / "empty")
+    elif case == "unverified":
+        directory = make_train_shards(tmp_path / "unverified", num_anchors=8, shard_size=8)
+        (directory / "shard-000000.tar").write_bytes(b"not a tar")
+        shards = str(directory)
+    elif case == "unknown-method":
+        extra += ["--method", "byol"]
+    else:
+        extra += ["--batch-size", "64"]
+    args = ["--shards", shards, "--out", str(tmp_path / "out"), *extra]
+    result = CliRunner().invoke(train, args)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code != 0 and len(errors) == 1, result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, (RuntimeError, ValueError, KeyError))
+    expected = {"other-dataset": "fingerprint", "empty": "no manifest", "unverified": "passes verification",
+                "unknown-method": "byol", "batch-too-large": "larger than the 48 anchors"}[case]
+    assert expected in errors[0]

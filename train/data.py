@@ -1,0 +1,237 @@
+"""Training batches streamed from the shards: two views of each real anchor, one of a synthetic positive.
+
+The order of an epoch is a pure function of ``(seed, epoch)`` and the shard set, so every rank
+computes it alone, DataLoader workers split it without duplicates, and a resumed run replays it:
+
+1. The usable shards are shuffled with ``(seed, epoch)``; their anchors, concatenated in that order,
+   form the epoch's stream of ``N`` anchors.
+2. Every rank runs ``steps = N // (world * batch)`` steps. Rank ``r`` takes the contiguous block
+   ``stream[r * steps * batch : (r + 1) * steps * batch]``, so ranks read disjoint parts and mostly
+   disjoint shards. The tail of fewer than ``world * batch`` anchors is dropped, like
+   ``DistributedSampler(drop_last=True)``; it is the end of a shuffled order, so a different tail
+   each epoch. When ``N`` is divisible by ``world * batch`` every anchor is seen exactly once.
+3. A rank's block is cut into chunks of about ``mix_anchors`` anchors (whole batches). A chunk is
+   read from the few shards it spans and permuted, so a batch mixes anchors of several shards.
+4. Chunks go round-robin to the DataLoader workers; the DataLoader hands batches back round-robin,
+   which fixes the delivered order for a given number of workers.
+
+Each anchor's positive is one of its k candidates drawn uniformly with ``(seed, epoch)``, and the
+augmentation of step ``s`` is seeded with ``(seed, epoch, rank, s)``: batch contents never depend
+on timing, and skipping the first ``s`` steps of an epoch reproduces the rest of it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from clsp.datasets import ImageDataset
+from clsp.errors import UserError
+from clsp.shards import reader, writer
+from clsp.train.augment import augment_images, cpu_transform
+
+DEFAULT_MIX_ANCHORS = 4096
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """The verified shards of a directory and the anchors each holds."""
+
+    directory: Path
+    manifest: dict
+    shards: tuple[int, ...]
+
+    @property
+    def shard_size(self) -> int:
+        return int(self.manifest["shard_size"])
+
+    def anchors(self, shard: int) -> range:
+        return writer.shard_anchor_range(self.manifest, shard)
+
+    @property
+    def num_anchors(self) -> int:
+        return sum(len(self.anchors(s)) for s in self.shards)
+
+
+def open_shards(directory: str | Path, *, allow_partial: bool = False) -> ShardSet:
+    """The shards that pass verification; refuses a directory with none, or with gaps unless allowed."""
+    directory = Path(directory)
+    manifest = reader.read_manifest(directory)
+    expected = writer.num_shards(manifest)
+    done = writer.completed_shards(directory)
+    if not done:
+        raise UserError(f"{directory} has no finished shard that passes verification; generate the positives "
+                        f"with clsp-gen (`clsp shards verify {directory}` shows what is wrong)")
+    missing = sorted(set(range(expected)) - done)
+    shards = ShardSet(directory, manifest, tuple(sorted(done)))
+    if missing and not allow_partial:
+        uncovered = int(manifest["num_anchors"]) - shards.num_anchors
+        raise UserError(f"{len(missing)} of {expected} shards in {directory} are missing or fail verification "
+                        f"(first: shard {missing[0]}), so {uncovered} anchors have no positives; finish them "
+                        f"with clsp-gen, or pass --allow-partial to train on the {shards.num_anchors} covered anchors")
+    return shards
+
+
+def steps_per_epoch(num_anchors: int, batch_size: int, world_size: int) -> int:
+    """Steps every rank runs per epoch (the tail of fewer than ``world * batch`` anchors is dropped)."""
+    return num_anchors // (batch_size * world_size)
+
+
+def step_seed(seed: int, epoch: int, rank: int, step: int) -> int:
+    """The augmentation seed of one step of one rank (independent of workers and of resumption)."""
+    return int(np.random.SeedSequence([seed, epoch, rank, step]).generate_state(1)[0])
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """One rank's epoch: chunks of anchors and the batches in the order the DataLoader delivers them."""
+
+    chunks: list[np.ndarray]
+    batches: list[tuple[int, int]]  # (chunk, offset of the batch in the chunk), in delivered order
+    batch_size: int
+
+    def anchors(self, step: int) -> np.ndarray:
+        chunk, offset = self.batches[step]
+        return self.chunks[chunk][offset:offset + self.batch_size]
+
+
+def plan_epoch(shards: ShardSet, *, seed: int, epoch: int, batch_size: int, rank: int = 0, world_size: int = 1,
+               num_workers: int = 0, mix_anchors: int = DEFAULT_MIX_ANCHORS) -> EpochPlan:
+    """This rank's anchors for one epoch (see the module docstring for the scheme)."""
+    rng = np.random.default_rng([seed, epoch])
+    stream = np.concatenate([np.arange(r.start, r.stop) for r in map(shards.anchors, rng.permutation(shards.shards))])
+    steps = steps_per_epoch(len(stream), batch_size, world_size)
+    block = stream[rank * steps * batch_size:(rank + 1) * steps * batch_size]
+    chunk_batches = max(1, mix_anchors // batch_size)
+    chunks = []
+    for c in range(math.ceil(steps / chunk_batches)):
+        chunk = block[c * chunk_batches * batch_size:(c + 1) * chunk_batches * batch_size]
+        chunks.append(chunk[np.random.default_rng([seed, epoch, rank, c]).permutation(len(chunk))])
+    workers = max(1, num_workers)
+    per_worker = [[(c, off) for c in range(w, len(chunks), workers) for off in range(0, len(chunks[c]), batch_size)]
+                  for w in range(workers)]
+    delivered = [item for rnd in range(max(map(len, per_worker))) for items in per_worker
+                 for item in items[rnd:rnd + 1]]
+    return EpochPlan(chunks, delivered, batch_size)
+
+
+class ContrastiveStream(IterableDataset):
+    """Whole training batches for one rank, streamed from the shards (use with ``make_loader``).
+
+    Each batch is a dict: ``index`` and ``label`` (int64 ``[B]``), and either the augmented views
+    ``x1``, ``x2``, ``x3`` (``augment="cpu"``: normalised float32 ``[B, 3, S, S]``) or the raw
+    ``anchor`` and ``positive`` images (``augment="device"``: uint8 ``[B, 3, H, W]``, augmented
+    later by ``DeviceAugment``). Without ``positives`` (the CLSP weight is 0) the shards only fix
+    the anchor set and no positive is read. Call ``set_epoch`` before each epoch.
+    """
+
+    def __init__(self, shards: ShardSet, dataset: ImageDataset, *, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, augment: str = "cpu", positives: bool = True,
+                 image_size: int | None = None, mix_anchors: int = DEFAULT_MIX_ANCHORS) -> None:
+        super().__init__()
+        need = batch_size * world_size
+        if shards.num_anchors < need:
+            raise UserError(f"a global batch of {need} ({world_size} x {batch_size}) is larger than the "
+                            f"{shards.num_anchors} anchors in {shards.directory}; pass a smaller --batch-size")
+        self.shards, self.dataset = shards, dataset
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.num_workers, self.augment, self.positives, self.mix_anchors = num_workers, augment, positives, mix_anchors
+        self.labels = dataset.labels()
+        size = image_size or dataset.image_size
+        self.transform = cpu_transform(size, dataset.mean, dataset.std) if augment == "cpu" else None
+        self.epoch, self.start_step = 0, 0
+
+    @property
+    def steps(self) -> int:
+        return steps_per_epoch(self.shards.num_anchors, self.batch_size, self.world_size)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch, skipping its first ``start_step`` steps (already done before a resume)."""
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return self.steps - self.start_step
+
+    def plan(self) -> EpochPlan:
+        return plan_epoch(self.shards, seed=self.seed, epoch=self.epoch, batch_size=self.batch_size, rank=self.rank,
+                          world_size=self.world_size, num_workers=self.num_workers, mix_anchors=self.mix_anchors)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        plan = self.plan()
+        # the DataLoader asks workers round-robin, so worker w delivers every workers-th remaining step
+        mine = list(range(self.start_step + worker, len(plan.batches), workers))
+        last_use = {plan.batches[s][0]: s for s in mine}
+        loaded: dict[int, dict[int, tuple[np.ndarray | None, np.ndarray | None]]] = {}
+        for step in mine:
+            chunk = plan.batches[step][0]
+            if chunk not in loaded:
+                loaded[chunk] = self._read_chunk(plan.chunks[chunk])
+            yield self._batch(plan.anchors(step), loaded[chunk], step)
+            if last_use[chunk] == step:
+                del loaded[chunk]
+
+    def _read_chunk(self, anchors: np.ndarray) -> dict[int, tuple[np.ndarray | None, np.ndarray | None]]:
+        """anchor -> (anchor image from the shard or None, the positive drawn for this epoch or None)."""
+        if not self.positives:
+            return {}
+        wanted = set(anchors.tolist())
+        draws = np.random.default_rng([self.seed, self.epoch, 1]).random(int(self.shards.manifest["num_anchors"]))
+        found = {}
+        shard_ids = sorted({int(a) // self.shards.shard_size for a in wanted})
+        for sample in reader.iter_samples(self.shards.directory, shard_ids):
+            a = sample["anchor_index"]
+            if a in wanted:
+                candidates = sample["positives"]
+                found[a] = (sample["anchor"], candidates[int(draws[a] * len(candidates))])
+        if len(found) != len(wanted):
+            lost = sorted(wanted - set(found))
+            raise UserError(f"shards {shard_ids} in {self.shards.directory} lack anchors {lost[:5]} that their "
+                            f"manifest promises; run `clsp shards verify {self.shards.directory}`")
+        return found
+
+    def _batch(self, anchors: np.ndarray, chunk: dict, step: int) -> dict[str, torch.Tensor]:
+        images = self._anchor_images(anchors, chunk)
+        batch = {"index": torch.from_numpy(anchors.astype(np.int64)),
+                 "label": torch.from_numpy(self.labels[anchors])}
+        positive = _chw(np.stack([chunk[int(a)][1] for a in anchors])) if self.positives else None
+        if self.transform is None:
+            batch["anchor"] = images
+            if positive is not None:
+                batch["positive"] = positive
+            return batch
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(step_seed(self.seed, self.epoch, self.rank, step))
+            batch["x1"] = augment_images(self.transform, images)
+            batch["x2"] = augment_images(self.transform, images)
+            if positive is not None:
+                batch["x3"] = augment_images(self.transform, positive)
+        return batch
+
+    def _anchor_images(self, anchors: np.ndarray, chunk: dict) -> torch.Tensor:
+        """The real anchors: from the shard where it holds them, else from the dataset by index."""
+        from_shard = [chunk.get(int(a), (None, None))[0] for a in anchors]
+        lacking = [i for i, img in enumerate(from_shard) if img is None]
+        if lacking:
+            for i, img in zip(lacking, self.dataset.array(anchors[lacking])):
+                from_shard[i] = img
+        return _chw(np.stack(from_shard))
+
+
+def _chw(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``[B, H, W, 3]`` -> contiguous uint8 ``[B, 3, H, W]``."""
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
+def make_loader(stream: ContrastiveStream, *, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over a stream of whole batches (workers as the stream was planned for)."""
+    workers = stream.num_workers
+    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                      prefetch_factor=4 if workers else None, persistent_workers=False)

@@ -1,0 +1,220 @@
+"""Where evaluation results go: ``results.json`` and ``report.md`` in a run directory, and the
+side-by-side report of CLSP and baseline runs beside the paper's numbers.
+
+``results.json`` is ``{command: {dataset: payload}}``; each command merges its entry in atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from clsp.errors import UserError
+from clsp.io import atomic_path, write_bytes_atomic, write_json_atomic
+
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
+
+# METHOD.md section 5: linear top-1 (%), ResNet-18, 1000 epochs (CLSP paper and solo-learn).
+PAPER_LINEAR_TOP1: dict[str, dict[str, float]] = {
+    "cifar10": {"SimCLR": 91.45, "CLSP-SimCLR": 94.45, "MoCo": 92.29, "CLSP-MoCo": 94.62,
+                "NNCLR": 91.88, "All4One": 93.24},
+    "cifar100": {"SimCLR": 68.10, "CLSP-SimCLR": 72.41, "MoCo": 68.91, "CLSP-MoCo": 72.33,
+                 "NNCLR": 69.62, "All4One": 72.17},
+}
+# The same paper's ResNet-50 CLSP-MoCo runs.
+PAPER_LINEAR_TOP1_RESNET50 = {"cifar10": {"CLSP-MoCo": 96.04}, "cifar100": {"CLSP-MoCo": 76.43}}
+
+
+def load_results(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / RESULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err}); delete it and rerun the evaluation") from None
+
+
+def record_result(run_dir: str | Path, command: str, dataset: str, payload: Mapping[str, Any]) -> Path:
+    """Merge ``payload`` into ``results.json`` under ``[command][dataset]`` (atomic rewrite)."""
+    results = load_results(run_dir)
+    results.setdefault(command, {})[dataset] = dict(payload)
+    path = Path(run_dir) / RESULTS_FILE
+    write_json_atomic(path, results)
+    return path
+
+
+def append_report(run_dir: str | Path, title: str, body: str) -> Path:
+    """Append a ``## title`` section to the run's ``report.md`` (rewritten atomically)."""
+    path = Path(run_dir) / REPORT_FILE
+    old = path.read_text() if path.is_file() else "# Evaluation report\n"
+    write_bytes_atomic(path, f"{old.rstrip()}\n\n## {title}\n\n{body.rstrip()}\n".encode())
+    return path
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    """A table cell: numbers rounded, missing values as ``n/a``."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], digits: int = 2) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(cell, digits) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def paper_column(method: str | None, clsp_weight: float | None) -> str | None:
+    """The METHOD.md column a run corresponds to (``CLSP-SimCLR``, ``MoCo``, ...), if any."""
+    if not method:
+        return None
+    base = method.lower()
+    name = "SimCLR" if base.startswith("simclr") else "MoCo" if base.startswith("moco") else \
+        "NNCLR" if base.startswith("nnclr") else None
+    if name is None:
+        return None
+    return f"CLSP-{name}" if clsp_weight else name
+
+
+def paper_linear_top1(dataset: str, method: str | None, clsp_weight: float | None,
+                      backbone: str | None = None) -> float | None:
+    """The paper's linear top-1 for this dataset and method, or None where it reports none."""
+    column = paper_column(method, clsp_weight)
+    if backbone == "resnet50":
+        return PAPER_LINEAR_TOP1_RESNET50.get(dataset, {}).get(column)
+    return PAPER_LINEAR_TOP1.get(dataset, {}).get(column)
+
+
+def _encoder_info(results: Mapping[str, Any], dataset: str) -> dict[str, Any]:
+    for command in ("linear", "knn", "embed-plot", "positives"):
+        entry = results.get(command, {}).get(dataset)
+        if entry and "encoder" in entry:
+            return entry["encoder"]
+    return {}
+
+
+def write_report(run_dirs: Mapping[str, str | Path], out: str | Path, dataset: str) -> Path:
+    """Put runs (e.g. ``{"clsp": dir, "baseline": dir}``) side by side with the paper's numbers.
+
+    Each run directory holds the ``results.json`` the ``clsp-eval`` commands wrote. ``out`` is the
+    Markdown file to write (or a directory, which gets ``report.md``). Returns the written path.
+    """
+    out = Path(out)
+    if out.is_dir():
+        out = out / REPORT_FILE
+    all_results = {label: load_results(path) for label, path in run_dirs.items()}
+    rows, linear = [], {}
+    for label, results in all_results.items():
+        enc = _encoder_info(results, dataset)
+        lin = results.get("linear", {}).get(dataset, {})
+        knn = results.get("knn", {}).get(dataset, {})
+        linear[label] = lin.get("top1")
+        paper = paper_linear_top1(dataset, enc.get("method"), enc.get("clsp_weight"), enc.get("backbone"))
+        column = paper_column(enc.get("method"), enc.get("clsp_weight"))
+        weight = enc.get("clsp_weight")
+        rows.append([label, enc.get("method"), None if weight is None else f"{weight:g}", enc.get("backbone"),
+                     lin.get("top1"), lin.get("top5"), knn.get("best_top1"), knn.get("best_k"),
+                     f"{paper:.2f} ({column})" if paper is not None else "n/a"])
+    parts = [f"# CLSP evaluation: {dataset}",
+             "Linear probe and kNN top-1 (%) on the test split; the paper column is METHOD.md section 5 "
+             "(ResNet-18, 1000 epochs), n/a where the paper reports no number for this dataset.",
+             markdown_table(["run", "method", "clsp weight", "backbone", "linear top-1", "linear top-5",
+                             "kNN top-1", "best k", "paper linear top-1"], rows)]
+    labels = [label for label, value in linear.items() if value is not None]
+    if len(labels) >= 2:
+        first = labels[0]
+        parts.append("Linear top-1 difference: " + ", ".join(
+            f"{first} - {other}: {linear[first] - linear[other]:+.2f}" for other in labels[1:]))
+    pos_rows = []
+    for label, results in all_results.items():
+        pos = results.get("positives", {}).get(dataset)
+        if pos:
+            sims = pos["similarity"]
+            pos_rows.append([label, sims["augmented_view"]["mean"], sims["nearest_neighbour"]["mean"],
+                             sims["synthetic"]["mean"], pos.get("label_agreement"),
+                             pos.get("neighbour_label_agreement"), pos["diversity"].get("feature_cosine_distance"),
+                             pos["diversity"].get("pixel_l2")])
+    if pos_rows:
+        parts.append("Synthetic positives, measured with each run's encoder (mean cosine similarity to the "
+                     "anchor; label agreement = nearest real image has the anchor's label):")
+        parts.append(markdown_table(["run", "augmented view", "nearest neighbour", "synthetic", "synthetic label agr.",
+                                     "neighbour label agr.", "candidate cos. dist.", "candidate pixel L2"], pos_rows,
+                                    digits=3))
+    write_bytes_atomic(out, ("\n\n".join(parts) + "\n").encode())
+    return out
+
+
+def save_figure(figure, path: str | Path) -> Path:
+    """Write a matplotlib ``Figure`` as PNG atomically (no pyplot, so no global backend state)."""
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=120, bbox_inches="tight")
+    return path
+
+
+def _encoder_line(encoder: Mapping[str, Any]) -> str:
+    method = encoder.get("method") or "unknown method"
+    weight = encoder.get("clsp_weight")
+    method += f" + CLSP (lambda {weight:g})" if weight else ""
+    return (f"Encoder `{encoder.get('path')}`: {encoder.get('backbone')}, {method}, "
+            f"weights {encoder.get('fingerprint')}.")
+
+
+def _image(path: str, run_dir: Path) -> str:
+    return f"![{Path(path).name}]({os.path.relpath(path, run_dir)})"
+
+
+def command_section(command: str, payload: Mapping[str, Any], run_dir: str | Path) -> tuple[str, str]:
+    """The ``report.md`` section (title, Markdown body) for one command's results."""
+    run_dir = Path(run_dir)
+    if command == "transfer":
+        rows = [[r["dataset"], r["num_classes"], r["train_size"], r["test_size"], r["top1"], r["top5"]]
+                for r in payload["rows"]]
+        return "linear transfer", "\n\n".join([
+            _encoder_line(payload["rows"][0]["encoder"]),
+            f"Linear probe on each dataset: {payload['rows'][0]['epochs']} epochs, top-1/top-5 (%) on its test split.",
+            markdown_table(["dataset", "classes", "train", "test", "top-1", "top-5"], rows)])
+    parts = [_encoder_line(payload["encoder"])]
+    if command == "linear":
+        parts.append(markdown_table(
+            ["top-1", "top-5", "epochs", "lr", "milestones", "batch", "flip", "train", "test"],
+            [[payload["top1"], payload["top5"], payload["epochs"], payload["lr"],
+              ",".join(map(str, payload["milestones"])), payload["batch_size"], payload["flip"],
+              payload["train_size"], payload["test_size"]]]))
+        return f"linear probe: {payload['dataset']}", "\n\n".join(parts)
+    if command == "knn":
+        parts.append(f"Weighted cosine kNN (temperature {payload['temperature']}): best top-1 "
+                     f"**{payload['best_top1']:.2f}** at k = {payload['best_k']}.")
+        parts.append(markdown_table(["k", "top-1"], payload["top1_by_k"].items()))
+        return f"kNN: {payload['dataset']}", "\n\n".join(parts)
+    if command == "positives":
+        sims = payload["similarity"]
+        parts.append(f"{payload['anchors']} anchors and {payload['positives']} synthetic positives from "
+                     f"`{payload['shards']}`; cosine similarity of backbone features to the anchor's:")
+        parts.append(markdown_table(["compared with", "mean", "median", "std", "n"],
+                                    [[name.replace("_", " "), s["mean"], s["median"], s["std"], s["n"]]
+                                     for name, s in sims.items()], digits=4))
+        harder = payload["synthetic_harder_than_neighbour"]
+        parts.append("\n".join([
+            f"- synthetic positives harder than nearest neighbours: {fmt(harder)}",
+            f"- label agreement of synthetic positives (nearest real image has the anchor's label): "
+            f"{fmt(payload['label_agreement'], 3)}",
+            f"- label agreement of nearest neighbours: {fmt(payload['neighbour_label_agreement'], 3)}",
+            f"- synthetic positives whose nearest real image is their anchor: {fmt(payload['nearest_is_anchor'], 3)}",
+            f"- diversity among an anchor's candidates: mean pairwise cosine distance "
+            f"{fmt(payload['diversity']['feature_cosine_distance'], 3)}, mean pairwise pixel L2 "
+            f"{fmt(payload['diversity']['pixel_l2'], 3)}"]))
+        if payload.get("histogram"):
+            parts.append(_image(payload["histogram"], run_dir))
+        return f"positives: {payload['dataset']}", "\n\n".join(parts)
+    if command == "embed-plot":
+        parts.append(f"t-SNE of {payload['points']} {payload['split']} images.")
+        parts.append(_image(payload["png"], run_dir))
+        return f"t-SNE: {payload['dataset']}", "\n\n".join(parts)
+    raise ValueError(f"no report section for command {command!r}")

@@ -1,0 +1,209 @@
+"""The three methods on a tiny backbone: the training-step contract, the CLSP term, memory banks, momentum."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from clsp.errors import UserError
+from clsp.train.backbones import build_backbone
+from clsp.train.memory import FIFOQueue
+from clsp.train.methods import DEFAULT_CLSP_WEIGHT, METHODS, build_method
+from clsp.train.methods.moco import cosine_momentum, ema_update
+
+SMALL = {"proj_hidden_dim": 32, "proj_output_dim": 16}
+
+
+def _small_method(name: str, **kwargs):
+    torch.manual_seed(0)
+    sizes = dict(SMALL)
+    if name != "simclr":
+        sizes["queue_size"] = 32
+    if name == "nnclr":
+        sizes["pred_hidden_dim"] = 32
+    return build_method(name, build_backbone("resnet-narrow"), **{**sizes, **kwargs})
+
+
+def _views(n: int = 3, batch: int = 8, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, 16, 16, generator=g) for _ in range(n)]
+
+
+def _count_backbone_calls(method) -> list[int]:
+    calls = [0]
+    method.backbone.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("with_x3", [True, False])
+def test_forward_backward_gives_finite_losses_and_backbone_gradients(name: str, with_x3: bool):
+    method = _small_method(name)
+    calls = _count_backbone_calls(method)
+    x1, x2, x3 = _views()
+    labels = torch.arange(8) % 3
+    out = method(x1, x2, x3 if with_x3 else None, labels=labels)
+    assert calls[0] == (3 if with_x3 else 2)
+    assert {"loss", "loss_base", "loss_clsp", "features"} <= out.keys()
+    assert out["features"].shape == (8, method.backbone.feature_dim) and not out["features"].requires_grad
+    for key in ("loss", "loss_base", "loss_clsp"):
+        assert out[key].ndim == 0 and torch.isfinite(out[key])
+    expected = out["loss_base"] + DEFAULT_CLSP_WEIGHT[name] * out["loss_clsp"]
+    torch.testing.assert_close(out["loss"], expected)
+    assert (out["loss_clsp"] > 0) if with_x3 else (out["loss_clsp"] == 0)
+    out["loss"].backward()
+    grads = [p.grad for p in method.backbone.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+    method.on_train_step_end(0.5)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_clsp_weight_zero_skips_view_three(name: str):
+    method = _small_method(name, clsp_weight=0.0)
+    calls = _count_backbone_calls(method)
+    out = method(*_views(), labels=torch.zeros(8, dtype=torch.long))
+    assert calls[0] == 2
+    assert out["loss_clsp"] == 0
+    torch.testing.assert_close(out["loss"], out["loss_base"])
+
+
+def test_the_clsp_term_uses_the_projections_of_view_one_and_three():
+    method = _small_method("simclr", clsp_weight=2.0)
+    x1, x2, x3 = _views()
+    method.eval()  # deterministic BatchNorm, so the projections can be recomputed
+    out = method(x1, x2, x3)
+    z1, z3 = method.encode(x1).z, method.encode(x3).z
+    torch.testing.assert_close(out["loss_clsp"], (2 - 2 * (z1 * z3).sum(1)).mean())
+    same = method(x1, x2, x1)
+    assert same["loss_clsp"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_build_method_defaults_and_bad_options():
+    with pytest.raises(UserError, match="simclr, moco, nnclr"):
+        build_method("byol", build_backbone("resnet-narrow"))
+    with pytest.raises(UserError, match="queue_size applies only to moco and nnclr"):
+        build_method("simclr", build_backbone("resnet-narrow"), queue_size=128)
+    with pytest.raises(UserError, match="pred_hidden_dim"):
+        build_method("moco", build_backbone("resnet-narrow"), pred_hidden_dim=128)
+    with pytest.raises(UserError, match="flat, ivf, hnsw"):
+        build_method("nnclr", build_backbone("resnet-narrow"), nn_index="lsh")
+    with pytest.raises(UserError, match="CLSP weight"):
+        build_method("simclr", build_backbone("resnet-narrow"), clsp_weight=-1)
+    backbone = build_backbone("resnet-narrow")
+    nnclr = build_method("nnclr", backbone)
+    linears = [m for m in nnclr.projector if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(backbone.feature_dim, 2048), (2048, 2048),
+                                                                  (2048, 256)]
+    assert isinstance(nnclr.projector[-1], nn.BatchNorm1d)
+    assert [m.out_features for m in nnclr.predictor if isinstance(m, nn.Linear)] == [4096, 256]
+    assert nnclr.support_set.embeddings.shape == (65536, 256) and len(nnclr.support_set) == 0
+    assert nnclr.clsp_weight == 1.0 and nnclr.temperature == 0.2
+    moco = build_method("moco", build_backbone("resnet-narrow"))
+    assert moco.queue1.embeddings.shape == (32768, 256) and moco.clsp_weight == 0.5
+    assert moco.base_momentum == 0.99
+    simclr = build_method("simclr", build_backbone("resnet-narrow"))
+    assert [m.out_features for m in simclr.projector if isinstance(m, nn.Linear)] == [2048, 256]
+
+
+def test_fifo_queue_wraps_around_and_keeps_the_newest_rows():
+    queue = FIFOQueue(size=5, dim=1)
+    assert len(queue) == 0 and queue.filled()[0].shape == (0, 1)
+    queue.push(torch.tensor([[1.0], [2.0], [3.0]]), labels=torch.tensor([1, 2, 3]))
+    assert len(queue) == 3 and queue.filled()[0][:, 0].tolist() == [1, 2, 3]
+    slots = queue.push(torch.tensor([[4.0], [5.0], [6.0]]))
+    assert slots.tolist() == [3, 4, 0] and len(queue) == 5 and int(queue.ptr) == 1
+    assert queue.embeddings[:, 0].tolist() == [6, 2, 3, 4, 5]
+    assert queue.labels.tolist() == [-1, 2, 3, -1, -1]
+    queue.push(torch.arange(10.0, 17.0).unsqueeze(1))  # more rows than slots: the last five stay
+    assert sorted(queue.embeddings[:, 0].tolist()) == [12, 13, 14, 15, 16] and len(queue) == 5
+    restored = FIFOQueue(size=5, dim=1)
+    restored.load_state_dict(queue.state_dict())
+    assert torch.equal(restored.embeddings, queue.embeddings) and int(restored.ptr) == int(queue.ptr)
+
+
+def test_moco_queue_starts_full_of_unit_vectors_and_receives_the_keys():
+    method = _small_method("moco")
+    assert len(method.queue1) == 32
+    torch.testing.assert_close(method.queue1.embeddings.norm(dim=1), torch.ones(32))
+    x1, x2, _ = _views()
+    keys1, keys2 = method.keys(x1), method.keys(x2)
+    method(x1, x2)
+    torch.testing.assert_close(method.queue1.embeddings[:8], keys1)
+    torch.testing.assert_close(method.queue2.embeddings[:8], keys2)
+    assert int(method.queue1.ptr) == 8
+
+
+def test_momentum_schedule_and_update_math():
+    assert cosine_momentum(0.99, 0.0) == pytest.approx(0.99)
+    assert cosine_momentum(0.99, 0.5) == pytest.approx(0.995)
+    assert cosine_momentum(0.99, 1.0) == pytest.approx(1.0)
+    assert cosine_momentum(0.99, 0.25) == pytest.approx(1 - 0.01 * (math.cos(math.pi / 4) + 1) / 2)
+    online, target = nn.Linear(3, 2), nn.Linear(3, 2)
+    before = [p.detach().clone() for p in target.parameters()]
+    ema_update(target, online, 0.9)
+    for t, b, o in zip(target.parameters(), before, online.parameters()):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * o)
+
+
+def test_moco_momentum_network_follows_the_online_one_and_is_not_trained():
+    method = _small_method("moco", momentum=0.9)
+    trainable = {id(p) for group in method.parameter_groups(1e-4) for p in group["params"]}
+    momentum_params = list(method.momentum_backbone.parameters()) + list(method.momentum_projector.parameters())
+    assert all(not p.requires_grad and id(p) not in trainable for p in momentum_params)
+    for online_param, momentum_param in zip(method.backbone.parameters(), method.momentum_backbone.parameters()):
+        torch.testing.assert_close(online_param, momentum_param)
+    with torch.no_grad():
+        for p in method.backbone.parameters():
+            p.add_(1.0)
+    online = dict(method.backbone.named_parameters())
+    before = {k: v.detach().clone() for k, v in method.momentum_backbone.named_parameters()}
+    method.on_train_step_end(0.0)
+    assert method.momentum == pytest.approx(0.9)
+    for key, param in method.momentum_backbone.named_parameters():
+        torch.testing.assert_close(param, 0.9 * before[key] + 0.1 * online[key])
+    assert "momentum_backbone.conv1.weight" in method.state_dict() and "queue2.embeddings" in method.state_dict()
+
+
+def test_nnclr_support_set_and_nearest_neighbour_accuracy():
+    method = _small_method("nnclr")
+    x1, x2, _ = _views()
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    first = method(x1, x2, labels=labels)
+    assert "nn_acc" not in first  # the support set was empty: nothing stored to compare labels with
+    assert len(method.support_set) == 8 and method.support_set.labels[:8].tolist() == labels.tolist()
+    stored = method.support_set.embeddings[:8].clone()
+    # Same images again: each view-1 projection finds itself (BatchNorm uses the same batch statistics),
+    # so the accuracy is the agreement between the stored labels and the ones given now.
+    relabelled = torch.roll(labels, 1)
+    second = method(x1, x2, labels=relabelled)
+    assert second["nn_acc"].item() == pytest.approx((labels == relabelled).float().mean().item())
+    assert len(method.support_set) == 16
+    torch.testing.assert_close(method.support_set.embeddings[8:16], stored)
+    for _ in range(3):  # 40 rows pushed into 32 slots: the oldest are overwritten
+        method(x1, x2, labels=labels)
+    assert len(method.support_set) == 32 and int(method.support_set.ptr) == 8
+    assert "support_set.embeddings" in method.state_dict()
+
+
+def test_nnclr_with_an_approximate_index_trains():
+    method = _small_method("nnclr", nn_index="hnsw")
+    for step in range(3):
+        out = method(*_views(2, seed=step), labels=torch.arange(8) % 2)
+        out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and "nn_acc" in out
+
+
+def test_parameter_groups_exclude_bias_and_norm_from_weight_decay():
+    method = _small_method("nnclr")
+    groups = {g["name"]: g for g in method.parameter_groups(1e-5)}
+    assert groups["decay"]["weight_decay"] == 1e-5 and groups["decay"]["lars_exclude"] is False
+    assert groups["no_decay"]["weight_decay"] == 0.0 and groups["no_decay"]["lars_exclude"] is True
+    assert all(p.ndim > 1 for p in groups["decay"]["params"])
+    no_decay = {id(p) for p in groups["no_decay"]["params"]}
+    assert id(method.backbone.bn1.weight) in no_decay and id(method.projector[0].bias) in no_decay
+    grouped = [id(p) for g in groups.values() for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in method.parameters() if p.requires_grad)

@@ -1,0 +1,39 @@
+"""Projector and predictor MLPs placed on top of the backbone."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import nn
+
+
+def mlp_head(dims: Sequence[int], *, last_bn: bool = False) -> nn.Sequential:
+    """Linear layers through ``dims`` with BatchNorm + ReLU after every hidden layer.
+
+    ``last_bn`` adds a BatchNorm1d after the output layer (NNCLR's projector has one, as solo-learn's does).
+    """
+    if len(dims) < 2:
+        raise ValueError(f"an MLP head needs at least input and output sizes, got {list(dims)}")
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if i < len(dims) - 2:
+            layers += [nn.BatchNorm1d(fan_out), nn.ReLU(inplace=True)]
+    if last_bn:
+        layers.append(nn.BatchNorm1d(dims[-1]))
+    return nn.Sequential(*layers)
+
+
+def simclr_projector(in_dim: int, hidden_dim: int = 2048, out_dim: int = 256) -> nn.Sequential:
+    """SimCLR's two-layer projector (also MoCo v2+'s): Linear-BN-ReLU-Linear."""
+    return mlp_head([in_dim, hidden_dim, out_dim])
+
+
+def nnclr_projector(in_dim: int, hidden_dim: int = 2048, out_dim: int = 256) -> nn.Sequential:
+    """NNCLR's three-layer projector with BatchNorm on its output."""
+    return mlp_head([in_dim, hidden_dim, hidden_dim, out_dim], last_bn=True)
+
+
+def nnclr_predictor(dim: int = 256, hidden_dim: int = 4096) -> nn.Sequential:
+    """NNCLR's two-layer predictor, mapping a projection back to the projection space."""
+    return mlp_head([dim, hidden_dim, dim])

@@ -1,0 +1,82 @@
+"""Contrastive losses of the three base methods and the CLSP term.
+
+Every loss L2-normalises its inputs itself (normalising twice changes nothing), computes in float32 even
+inside a bf16 autocast region (logits at temperature 0.2 lose too much in bf16), and gathers across ranks
+where the method takes negatives from the whole global batch. Rows of the same local batch are positives
+of each other by position.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from clsp.train.distributed import gather, get_rank, get_world_size
+
+
+def float32_math(loss: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Run ``loss`` with autocast switched off, on its tensor arguments raised to at least float32."""
+
+    @functools.wraps(loss)
+    def wrapper(*args, **kwargs) -> Tensor:
+        with torch.autocast(args[0].device.type, enabled=False):
+            return loss(*(a.to(torch.promote_types(a.dtype, torch.float32)) if isinstance(a, Tensor) else a
+                          for a in args), **kwargs)
+
+    return wrapper
+
+
+@float32_math
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.2) -> Tensor:
+    """SimCLR's NT-Xent: each of the 2B local rows against the 2N-1 other rows of the global batch.
+
+    Row i of ``z1`` and row i of ``z2`` are positives; every other view of the gathered batch (both views
+    of all ranks) is a negative. The result is the mean over local rows, so the mean over ranks equals the
+    single-process loss on the concatenated batch.
+    """
+    z1, z2 = F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)
+    b, n = z1.shape[0], z1.shape[0] * get_world_size()
+    keys = torch.cat([gather(z1), gather(z2)])
+    logits = torch.cat([z1, z2]) @ keys.T / temperature
+    local = torch.arange(b, device=z1.device) + get_rank() * b
+    own = torch.cat([local, local + n])
+    positive = torch.cat([local + n, local])
+    self_mask = F.one_hot(own, num_classes=2 * n).bool()
+    return F.cross_entropy(logits.masked_fill(self_mask, float("-inf")), positive)
+
+
+@float32_math
+def moco_loss(query: Tensor, key: Tensor, queue: Tensor, temperature: float = 0.2) -> Tensor:
+    """InfoNCE of MoCo: the key of the same image is the positive, the queue rows ``[K, D]`` the negatives."""
+    query, key, queue = F.normalize(query, dim=-1), F.normalize(key, dim=-1), F.normalize(queue, dim=-1)
+    positive = (query * key).sum(dim=-1, keepdim=True)
+    logits = torch.cat([positive, query @ queue.T], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(query.shape[0], dtype=torch.long, device=query.device))
+
+
+@float32_math
+def nnclr_loss(neighbours: Tensor, predictions: Tensor, temperature: float = 0.2) -> Tensor:
+    """NNCLR: each local neighbour NN(z) against the predictions of the whole global batch.
+
+    The prediction of the same image (at this rank's offset in the gathered batch) is the positive; the
+    neighbours come from the support set and carry no gradient.
+    """
+    neighbours, predictions = F.normalize(neighbours, dim=-1), F.normalize(predictions, dim=-1)
+    b = neighbours.shape[0]
+    logits = neighbours @ gather(predictions).T / temperature
+    targets = torch.arange(b, device=neighbours.device) + get_rank() * b
+    return F.cross_entropy(logits, targets)
+
+
+@float32_math
+def clsp_loss(z1: Tensor, z3: Tensor) -> Tensor:
+    """The CLSP term ``mean_i ||z1_i - z3_i||^2`` on normalised embeddings, i.e. ``mean(2 - 2 cos)``.
+
+    Gradients flow into both arguments: the anchor view is pulled towards its synthetic positive and back.
+    """
+    z1, z3 = F.normalize(z1, dim=-1), F.normalize(z3, dim=-1)
+    return (z1 - z3).pow(2).sum(dim=-1).mean()

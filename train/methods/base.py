@@ -1,0 +1,89 @@
+"""The shared frame of every method: encode the views, add the CLSP term, group parameters.
+
+A method is one ``nn.Module`` whose ``forward`` is the whole training step's forward, so that the trainer
+can call it through the DDP wrapper and gradients synchronise. Subclasses only say how the two real views
+give the base loss (``base_loss``) and what happens after the optimiser step (``on_train_step_end``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clsp.train.losses import clsp_loss
+
+
+@dataclass
+class EncodedView:
+    """One view through the online network."""
+
+    images: Tensor
+    features: Tensor  # backbone output
+    projection: Tensor  # projector output before normalisation, float32
+    z: Tensor  # L2-normalised projection, float32
+
+
+class Method(nn.Module):
+    """Base method with the CLSP term ``L = L_base + clsp_weight * mean ||z1 - z3||^2``.
+
+    ``z1`` and ``z3`` are the normalised projector outputs (never a predictor's) of the anchor's first view
+    and of the synthetic positive's view, both through the same online network with gradients in both.
+    When ``x3`` is None or ``clsp_weight`` is 0, view 3 is not forwarded at all, so the baseline costs
+    exactly what the plain method costs.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module, *, clsp_weight: float,
+                 temperature: float) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+        self.clsp_weight = float(clsp_weight)
+        self.temperature = float(temperature)
+
+    def encode(self, images: Tensor) -> EncodedView:
+        features = self.backbone(images)
+        projection = self.projector(features).float()
+        return EncodedView(images, features, projection, F.normalize(projection, dim=-1))
+
+    def base_loss(self, v1: EncodedView, v2: EncodedView, labels: Tensor | None) -> dict[str, Tensor]:
+        """The method's own loss on the two real views as ``{"loss_base": ..., **metrics}``; may update
+        the method's memory banks."""
+        raise NotImplementedError
+
+    def forward(self, x1: Tensor, x2: Tensor, x3: Tensor | None = None,
+                labels: Tensor | None = None) -> dict[str, Tensor]:
+        """One training step's forward: ``{"loss", "loss_base", "loss_clsp", "features", ...metrics}``.
+
+        ``features`` is ``backbone(x1)`` detached, for an online linear probe.
+        """
+        v1, v2 = self.encode(x1), self.encode(x2)
+        out = self.base_loss(v1, v2, labels)
+        if x3 is not None and self.clsp_weight > 0:
+            loss_clsp = clsp_loss(v1.z, self.encode(x3).z)
+        else:
+            loss_clsp = torch.zeros((), device=v1.z.device)
+        out["loss_clsp"] = loss_clsp
+        out["loss"] = out["loss_base"] + self.clsp_weight * loss_clsp
+        out["features"] = v1.features.detach()
+        return out
+
+    def on_train_step_end(self, progress: float) -> None:
+        """Called after each optimiser step with the fraction of training done (0 to 1)."""
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """Trainable parameters in two groups: weights with ``weight_decay``, and biases and norm-layer
+        parameters (every 1-d parameter) without weight decay and flagged ``lars_exclude`` so that LARS
+        leaves their learning rate unadapted."""
+        decay, no_decay = [], []
+        for param in self.parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim <= 1 else decay).append(param)
+        groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay, "lars_exclude": False},
+                  {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+        return [group for group in groups if group["params"]]

@@ -36,3 +36,7 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="clsp")
 def main() -> None:
     """Contrastive Learning with Synthetic Positives: generate -> shards -> train -> evaluate."""
+
+
+if __name__ == "__main__":
+    main()

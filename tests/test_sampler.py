@@ -1,0 +1,235 @@
+"""The interpolated U-Net split and the interpolated DDIM sampler (METHOD.md section 2)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_scheduler, make_tiny_unet
+from diffusers import UNet2DModel
+
+from clsp.errors import UserError
+from clsp.generate import interpolated_noise_prediction, sample_positives
+from clsp.generate.sampler import ddim_timestep_pairs
+
+
+def _load_bench():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _unet(**overrides) -> UNet2DModel:
+    """Tiny U-Nets of the configurations the split must follow (skip blocks, fourier time, no mid block...)."""
+    torch.manual_seed(0)
+    config = dict(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                  down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                  norm_num_groups=4)
+    config.update(overrides)
+    return UNet2DModel(**config).eval()
+
+
+VARIANTS = {
+    "skip-blocks": dict(down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D"),
+                        up_block_types=("AttnSkipUpBlock2D", "SkipUpBlock2D"), norm_num_groups=8,
+                        block_out_channels=(32, 32)),
+    "fourier-centered": dict(time_embedding_type="fourier", center_input_sample=True),
+    "no-mid-attention": dict(add_attention=False, layers_per_block=2),
+    "no-mid-block": dict(mid_block_type=None),
+    "learned-time": dict(time_embedding_type="learned", num_train_timesteps=1000),
+}
+
+
+def _inputs(unet: UNet2DModel, rows: int = 3, seed: int = 0):
+    size = unet.config.sample_size
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, 3, size, size, generator=gen), torch.randn(rows, 3, size, size, generator=gen))
+
+
+@pytest.mark.parametrize("attention", [True, False])
+@pytest.mark.parametrize("layers_per_block", [1, 2])
+@pytest.mark.parametrize("sample_size", [16, 32])
+def test_weight_one_is_exactly_the_plain_unet(attention, layers_per_block, sample_size):
+    unet = make_tiny_unet(sample_size=sample_size, attention=attention, layers_per_block=layers_per_block).eval()
+    x, anchor = _inputs(unet)
+    for t in (7, torch.tensor(500), torch.tensor([999, 10, 400])):
+        with torch.inference_mode():
+            plain = unet(x, t).sample
+        assert torch.equal(interpolated_noise_prediction(unet, x, t, anchor, 1.0), plain)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_weight_one_exact_and_mix_matches_hook_reference_on_other_configs(variant):
+    unet = _unet(**VARIANTS[variant])
+    x, anchor = _inputs(unet)
+    t = torch.tensor(321)
+    with torch.inference_mode():
+        plain = unet(x, t).sample
+    assert torch.equal(interpolated_noise_prediction(unet, x, t, anchor, 1.0), plain)
+    mixed = interpolated_noise_prediction(unet, x, t, anchor, 0.3)
+    assert mixed.shape == plain.shape and not torch.allclose(mixed, plain)
+    if unet.mid_block is not None:  # the reference hooks the mid block
+        with torch.inference_mode():
+            reference = _load_bench().naive_interpolated_noise_prediction(unet, x, t, anchor, 0.3)
+        torch.testing.assert_close(mixed, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_decoder_input_is_the_linear_mix_of_the_two_bottlenecks():
+    unet = make_tiny_unet(layers_per_block=2).eval()
+    x, anchor = _inputs(unet)
+    seen = {}
+    unet.mid_block.register_forward_hook(lambda m, args, out: seen.__setitem__("mid", out.clone()))
+    unet.up_blocks[0].register_forward_pre_hook(lambda m, args: seen.__setitem__("decoder_in", args[0].clone()))
+    for weight in (0.0, 0.25, 0.5, 0.9):
+        interpolated_noise_prediction(unet, x, 250, anchor, weight)
+        h, h_anchor = seen["mid"][:3], seen["mid"][3:]
+        torch.testing.assert_close(seen["decoder_in"], weight * h + (1 - weight) * h_anchor, rtol=1e-5, atol=1e-6)
+        if weight == 0.0:  # the anchor's bottleneck alone
+            assert torch.equal(seen["decoder_in"], h_anchor)
+    # the bottleneck of each half is the plain encoder's: the anchor's half equals a pass on the anchor alone
+    interpolated_noise_prediction(unet, anchor, 250, anchor, 1.0)
+    torch.testing.assert_close(seen["decoder_in"], h_anchor, rtol=1e-5, atol=1e-6)
+
+
+def test_skips_come_from_the_sample_alone():
+    unet = make_tiny_unet().eval()
+    x, anchor = _inputs(unet)
+    # the same anchor with another sample changes the output; another anchor at weight 1 does not
+    a = interpolated_noise_prediction(unet, x, 100, anchor, 0.0)
+    b = interpolated_noise_prediction(unet, x.flip(0), 100, anchor, 0.0).flip(0)
+    assert not torch.allclose(a, b)
+    assert torch.equal(interpolated_noise_prediction(unet, x, 100, anchor, 1.0),
+                       interpolated_noise_prediction(unet, x, 100, anchor.flip(0), 1.0))
+
+
+def test_fewer_anchor_rows_are_shared_by_consecutive_samples():
+    unet = make_tiny_unet().eval()
+    x, _ = _inputs(unet, rows=6)
+    _, anchor = _inputs(unet, rows=2, seed=1)
+    shared = interpolated_noise_prediction(unet, x, 600, anchor, 0.2)
+    repeated = interpolated_noise_prediction(unet, x, 600, anchor.repeat_interleave(3, dim=0), 0.2)
+    torch.testing.assert_close(shared, repeated, rtol=1e-5, atol=1e-6)
+
+
+def test_timestep_pairs_follow_method():
+    pairs = ddim_timestep_pairs(1000, 100)
+    assert len(pairs) == 100 and pairs[0] == (999, 989) and pairs[-1] == (9, -1)
+    assert ddim_timestep_pairs(1000, 3) == [(999, 665), (665, 332), (332, -1)]
+    assert ddim_timestep_pairs(1000, 1000)[-2:] == [(1, 0), (0, -1)]
+
+
+def _anchors(rows: int, size: int = 16, seed: int = 3) -> torch.Tensor:
+    return torch.rand(rows, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _gens(*seeds: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def test_sampler_shapes_range_and_determinism(tiny_unet):
+    scheduler, anchors = make_scheduler(), _anchors(2)
+    kwargs = dict(num_candidates=3, steps=8, precision="fp32")
+    first = sample_positives(tiny_unet, scheduler, anchors, generator=torch.Generator().manual_seed(0), **kwargs)
+    again = sample_positives(tiny_unet, scheduler, anchors, generator=torch.Generator().manual_seed(0), **kwargs)
+    other = sample_positives(tiny_unet, scheduler, anchors, generator=torch.Generator().manual_seed(1), **kwargs)
+    assert first.shape == (2, 3, 3, 16, 16) and first.dtype == torch.float32
+    assert first.min() >= -1 and first.max() <= 1
+    assert torch.equal(first, again) and not torch.allclose(first, other)
+    assert not torch.allclose(first[:, 0], first[:, 1])  # each candidate has its own x_T
+    auto = sample_positives(tiny_unet, scheduler, anchors, generator=_gens(0, 1), num_candidates=2, steps=4)
+    assert auto.shape == (2, 2, 3, 16, 16) and auto.abs().max() <= 1  # default precision (bf16 where supported)
+
+
+def test_per_anchor_generators_make_candidates_independent_of_the_batch(tiny_unet):
+    scheduler, anchors = make_scheduler(), _anchors(3)
+    kwargs = dict(num_candidates=2, steps=6, precision="fp32")
+    batch = sample_positives(tiny_unet, scheduler, anchors, generator=_gens(10, 11, 12), **kwargs)
+    alone = sample_positives(tiny_unet, scheduler, anchors[1:2], generator=_gens(11), **kwargs)
+    reordered = sample_positives(tiny_unet, scheduler, anchors.flip(0), generator=_gens(12, 11, 10), **kwargs)
+    torch.testing.assert_close(alone[0], batch[1], rtol=0, atol=1e-3)
+    torch.testing.assert_close(reordered.flip(0), batch, rtol=0, atol=1e-3)
+    assert torch.equal(batch, sample_positives(tiny_unet, scheduler, anchors, generator=_gens(10, 11, 12), **kwargs))
+
+
+def test_two_steps_follow_the_ddim_formulas_at_weight_one(tiny_unet):
+    """Reproduce the sampler's random draws (x_T, anchor noise, eta noise) and METHOD.md's update by hand."""
+    scheduler, anchors, eta, k = make_scheduler(), _anchors(2), 0.5, 2
+    out = sample_positives(tiny_unet, scheduler, anchors, k, weight=1.0, steps=2, eta=eta,
+                           generator=torch.Generator().manual_seed(5), precision="fp32")
+    gen, shape = torch.Generator().manual_seed(5), (2, k, 3, 16, 16)
+    ab = scheduler.alphas_cumprod.double()
+    x = torch.randn(shape, generator=gen).flatten(0, 1)
+    torch.randn(shape, generator=gen)  # anchor noise, unused at weight 1
+    with torch.inference_mode():
+        eps = tiny_unet(x, 999).sample
+        x0 = (x - (1 - ab[999]).sqrt() * eps) / ab[999].sqrt()
+        sigma = eta * math.sqrt((1 - ab[999] / ab[499]) * (1 - ab[499]) / (1 - ab[999]))
+        x = ab[499].sqrt() * x0 + (1 - ab[499] - sigma**2).sqrt() * eps
+        x = (x + sigma * torch.randn(shape, generator=gen).flatten(0, 1)).float()
+        torch.randn(shape, generator=gen)
+        eps = tiny_unet(x, 499).sample
+        x0 = (x - (1 - ab[499]).sqrt() * eps) / ab[499].sqrt()
+    torch.testing.assert_close(out, x0.clamp(-1, 1).reshape(shape).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_weight_pulls_candidates_towards_the_anchor_bottleneck(tiny_unet):
+    scheduler, anchors = make_scheduler(), _anchors(2)
+    kwargs = dict(num_candidates=2, steps=5, precision="fp32")
+    plain = sample_positives(tiny_unet, scheduler, anchors, weight=1.0, generator=_gens(0, 1), **kwargs)
+    pulled = sample_positives(tiny_unet, scheduler, anchors, weight=0.1, generator=_gens(0, 1), **kwargs)
+    other_anchor = sample_positives(tiny_unet, scheduler, anchors.flip(0), weight=0.1, generator=_gens(0, 1), **kwargs)
+    assert not torch.allclose(plain, pulled) and not torch.allclose(pulled, other_anchor)
+
+
+def test_share_anchor_pass(tiny_unet):
+    scheduler, anchors = make_scheduler(), _anchors(2)
+    kwargs = dict(steps=4, precision="fp32")
+    # with one candidate there is nothing to share: identical draws, identical result
+    one = sample_positives(tiny_unet, scheduler, anchors, 1, generator=_gens(0, 1), share_anchor_pass=True, **kwargs)
+    assert torch.equal(one, sample_positives(tiny_unet, scheduler, anchors, 1, generator=_gens(0, 1), **kwargs))
+    rows = []
+    hook = tiny_unet.mid_block.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    shared = sample_positives(tiny_unet, scheduler, anchors, 4, generator=_gens(0, 1), share_anchor_pass=True,
+                              **kwargs)
+    sample_positives(tiny_unet, scheduler, anchors, 4, generator=_gens(0, 1), **kwargs)
+    hook.remove()
+    assert shared.shape == (2, 4, 3, 16, 16) and shared.abs().max() <= 1
+    assert rows == [8 + 2] * 4 + [8 + 8] * 4  # encoder rows per step: candidates + anchors
+
+
+def test_sampling_uses_eval_mode_and_restores_the_callers_mode():
+    unet = _unet(dropout=0.5).train()
+    scheduler, anchors = make_scheduler(), _anchors(1)
+    runs = [sample_positives(unet, scheduler, anchors, 2, steps=3, generator=_gens(0), precision="fp32")
+            for _ in range(2)]
+    assert torch.equal(*runs) and unet.training
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda u, s, a: sample_positives(u, s, a, 2, weight=-0.1), "weight must be in [0, 1]"),
+    (lambda u, s, a: sample_positives(u, s, a, 2, weight=1.5), "weight must be in [0, 1]"),
+    (lambda u, s, a: sample_positives(u, s, a, 0), "num_candidates must be at least 1"),
+    (lambda u, s, a: sample_positives(u, s, a, 2, steps=0), "steps must be between 1 and"),
+    (lambda u, s, a: sample_positives(u, s, a, 2, steps=1001), "1000 training timesteps"),
+    (lambda u, s, a: sample_positives(u, s, a, 2, eta=-1), "eta must be in [0, 1]"),
+    (lambda u, s, a: sample_positives(u, s, a[:, :1], 2), "anchors must be [batch, 3, 16, 16]"),
+    (lambda u, s, a: sample_positives(u, s, _anchors(2, size=32), 2), "anchors must be [batch, 3, 16, 16]"),
+    (lambda u, s, a: sample_positives(u, s, a[0], 2), "anchors must be [batch, 3, 16, 16]"),
+    (lambda u, s, a: sample_positives(u, s, (a + 1) * 127.5, 2), "scaled to [-1, 1]"),
+    (lambda u, s, a: sample_positives(u, s, a, 2, generator=_gens(0)), "got 1 generators for 2 anchors"),
+    (lambda u, s, a: sample_positives(torch.nn.Conv2d(3, 3, 1), s, a, 2), "needs a diffusers UNet2DModel"),
+    (lambda u, s, a: sample_positives(_unet(num_class_embeds=10), s, a, 2), "class-conditional"),
+    (lambda u, s, a: sample_positives(u, object(), a, 2), "has no alphas_cumprod"),
+    (lambda u, s, a: interpolated_noise_prediction(u, a, 10, a[:, :, :8], 0.5), "anchor_sample must be"),
+    (lambda u, s, a: interpolated_noise_prediction(u, a, 10, a[:1].expand(3, -1, -1, -1), 0.5), "not a multiple"),
+    (lambda u, s, a: interpolated_noise_prediction(u, a, 10, a, 2.0), "weight must be in [0, 1]"),
+])
+def test_bad_inputs_give_one_line_user_errors(tiny_unet, call, message):
+    with pytest.raises(UserError) as error:
+        call(tiny_unet, make_scheduler(), _anchors(2))
+    assert message in error.value.message and "\n" not in error.value.message

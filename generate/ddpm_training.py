@@ -1,0 +1,276 @@
+"""Train an unconditional epsilon-prediction DDPM where no pretrained model exists.
+
+Standard DDPM training (Ho et al. 2020): diffusers ``UNet2DModel`` + ``DDPMScheduler`` (linear betas
+1e-4..0.02 over 1000 steps), MSE on the noise, AdamW with linear warm-up then a constant rate,
+gradient clipping and an EMA of the weights, which is what gets saved. Accelerate runs the same code
+on a CPU, one GPU or many GPUs and nodes (``accelerate launch``); ``--batch-size`` is the global batch.
+
+Every random draw of a step (which images, flips, timesteps, noise) comes from a generator keyed by
+(seed, step, rank), so a run resumed from a checkpoint continues exactly where the killed one was.
+
+Output folder (a ``DDPMPipeline`` folder, readable by ``load_unet`` and ``DDPMPipeline.from_pretrained``)::
+
+    model_index.json  unet/  scheduler/    the EMA model and its noise schedule
+    checkpoint.pt                          model, EMA, optimizer, step, RNG states (written atomically)
+    samples.png  samples/step-*.png        sample grids drawn with the EMA weights
+    training.json                          command, settings, steps, wall time, world size, loss
+    tensorboard/                           loss and learning rate
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from accelerate.utils import gather_object
+from diffusers.training_utils import EMAModel
+
+from clsp.datasets import DEFAULT_DATA_ROOT, get_dataset
+from clsp.errors import UserError
+from clsp.generate.ddpm_presets import build_unet, get_preset, preset_for_dataset
+from clsp.generate.unet import sample_images, save_grid
+from clsp.io import load_torch, save_torch_atomic, write_json_atomic
+from clsp.runtime import make_accelerator, progress
+
+CHECKPOINT = "checkpoint.pt"
+GRID_IMAGES = 64
+
+
+def make_ddpm_scheduler() -> DDPMScheduler:
+    """The DDPM linear schedule of the method: betas 1e-4 .. 0.02 over 1000 steps."""
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run; ``None`` fields take the preset's default."""
+
+    dataset: str
+    out: str
+    preset: str = "auto"
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    warmup_steps: int | None = None
+    ema_decay: float | None = None
+    flip: bool | None = None
+    grad_clip: float = 1.0
+    checkpoint_every: int = 500
+    sample_every: int = 500
+    log_every: int = 10
+    image_size: int | None = None
+    data_root: str = DEFAULT_DATA_ROOT
+    precision: str = "auto"
+    seed: int = 0
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with the preset's defaults filled in (and the preset named, not ``auto``)."""
+        preset = preset_for_dataset(self.dataset) if self.preset == "auto" else get_preset(self.preset)
+        fields = asdict(self)
+        fields["preset"] = preset.name
+        for name in ("steps", "batch_size", "lr", "warmup_steps", "ema_decay", "flip"):
+            if fields[name] is None:
+                fields[name] = getattr(preset, name)
+        for name in ("steps", "batch_size", "checkpoint_every", "sample_every", "log_every"):
+            if fields[name] <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, not {fields[name]}")
+        return TrainConfig(**fields)
+
+
+# Settings a resumed run must share with the checkpoint (steps may grow: resume and train longer).
+_RESUME_KEYS = ("dataset", "preset", "batch_size", "image_size", "seed", "flip")
+
+
+def _images(dataset) -> torch.Tensor:
+    """All training images as uint8 ``[N, C, H, W]`` (digits and CIFAR fit in memory many times over)."""
+    return torch.from_numpy(dataset.array(np.arange(len(dataset)))).permute(0, 3, 1, 2).contiguous()
+
+
+def _step_generator(*key: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+
+
+def _batch(images: torch.Tensor, cfg: TrainConfig, step: int, rank: int, world: int, num_timesteps: int):
+    """This rank's share of the global batch of ``step``: clean images in [-1, 1], timesteps, noise."""
+    n = len(images)
+    order = torch.randperm(n, generator=_step_generator(cfg.seed, step))
+    chosen = order[torch.arange(cfg.batch_size) % n][rank::world]  # wraps around when the batch exceeds the data
+    x = images[chosen].float() / 127.5 - 1
+    g = _step_generator(cfg.seed, step, rank + 1)
+    if cfg.flip:
+        flip = torch.rand(len(x), generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    t = torch.randint(0, num_timesteps, (len(x),), generator=g)
+    noise = torch.randn(x.shape, generator=g)
+    return x, t, noise
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of the parameters: every rank's digest is recorded, so a desynchronised replica shows."""
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _save_model(ema: EMAModel, template: UNet2DModel, scheduler: DDPMScheduler, out: Path) -> None:
+    """Write the EMA weights as a DDPMPipeline folder, each file renamed into place when complete."""
+    ema_unet = UNet2DModel.from_config(template.config)
+    ema.copy_to(ema_unet.parameters())
+    staging = out / ".model-staging"
+    DDPMPipeline(unet=ema_unet, scheduler=scheduler).save_pretrained(staging, safe_serialization=True)
+    for rel in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
+                "model_index.json"):  # model_index.json last: its presence marks a complete model
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (staging / rel).replace(out / rel)
+    for leftover in sorted(staging.rglob("*"), reverse=True):
+        leftover.unlink() if leftover.is_file() else leftover.rmdir()
+    staging.rmdir()
+
+
+def _draw_grid(ema: EMAModel, template: UNet2DModel, scheduler: DDPMScheduler, out: Path, step: int,
+               seed: int, device: torch.device) -> None:
+    ema_unet = UNet2DModel.from_config(template.config).to(device)
+    ema.copy_to(ema_unet.parameters())
+    images = sample_images(ema_unet.eval(), scheduler, GRID_IMAGES, steps=50, seed=seed)
+    scale = max(1, 128 // images.shape[1])
+    save_grid(images, out / "samples" / f"step-{step:07d}.png", nrow=8, scale=scale)
+    save_grid(images, out / "samples.png", nrow=8, scale=scale)
+
+
+def train_ddpm(config: TrainConfig) -> dict:
+    """Train (or resume) and return the summary also written to ``training.json``."""
+    cfg = config.resolved()
+    out = Path(cfg.out)
+    cuda = torch.cuda.is_available()
+    # bf16 autocast pays off on GPUs; on CPUs fp32 is the safe default for training.
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
+    accelerator = make_accelerator(precision)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} does not split over {world} processes; "
+                        f"use a multiple of {world}")
+    dataset = get_dataset(cfg.dataset, split=None, root=cfg.data_root, image_size=cfg.image_size)
+    image_size = dataset.image_size
+    cfg.image_size = image_size
+    preset = get_preset(cfg.preset)
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(preset, image_size)
+    scheduler = make_ddpm_scheduler()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+
+    step, elapsed, resumed_from = 0, 0.0, None
+    ckpt_path = out / CHECKPOINT
+    if ckpt_path.is_file():
+        state = load_torch(ckpt_path)
+        theirs = state["config"]
+        diff = [k for k in _RESUME_KEYS if theirs.get(k) != getattr(cfg, k)]
+        if diff:
+            raise UserError(f"{out} holds a checkpoint of another run (it differs in {', '.join(diff)}); "
+                            f"pass a new --out or delete {ckpt_path}")
+        unet.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        step, elapsed, resumed_from = int(state["step"]), float(state["elapsed_s"]), int(state["step"])
+        _set_rng_state(state["rng"])
+        accelerator.print(f"resumed from {ckpt_path} at step {step}")
+
+    model, optimizer = accelerator.prepare(unet, optimizer)
+    ema.to(accelerator.device)
+    images = _images(dataset)
+
+    writer = None
+    if accelerator.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+
+        out.mkdir(parents=True, exist_ok=True)
+        writer = SummaryWriter(str(out / "tensorboard"))
+    params = sum(p.numel() for p in unet.parameters())
+    accelerator.print(f"training {preset.name} U-Net ({params / 1e6:.2f}M params) on {cfg.dataset} "
+                      f"({len(dataset)} images, {image_size}x{image_size}) for {cfg.steps} steps, global batch "
+                      f"{cfg.batch_size}, {world} process(es), {precision}; from step {step}")
+
+    def checkpoint() -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_torch_atomic(ckpt_path, {
+                "model": accelerator.unwrap_model(model).state_dict(), "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(), "step": step, "elapsed_s": elapsed + time.time() - started,
+                "rng": _rng_state(), "config": asdict(cfg),
+            })
+        accelerator.wait_for_everyone()
+
+    started = time.time()
+    recent: list[float] = []
+    model.train()
+    bar = progress(total=cfg.steps, desc="ddpm train", main_process=accelerator.is_main_process, unit="step")
+    bar.update(step)
+    while step < cfg.steps:
+        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))  # linear warm-up, then constant
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, t, noise = _batch(images, cfg, step, rank, world, scheduler.config.num_train_timesteps)
+        x, t, noise = x.to(accelerator.device), t.to(accelerator.device), noise.to(accelerator.device)
+        noisy = scheduler.add_noise(x, noise, t)
+        with accelerator.autocast():
+            pred = model(noisy, t).sample
+        loss = F.mse_loss(pred.float(), noise)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(accelerator.unwrap_model(model).parameters())
+        step += 1
+        bar.update(1)
+        value = accelerator.reduce(loss.detach(), reduction="mean").item()
+        recent = (recent + [value])[-100:]
+        if writer is not None and step % cfg.log_every == 0:
+            writer.add_scalar("train/loss", value, step)
+            writer.add_scalar("train/lr", lr, step)
+            bar.set_postfix(loss=f"{np.mean(recent):.4f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            checkpoint()
+            accelerator.print(f"step {step}: loss {np.mean(recent):.4f} (mean of last {len(recent)}), checkpoint saved")
+        if accelerator.is_main_process and (step % cfg.sample_every == 0 or step == cfg.steps):
+            _draw_grid(ema, unet, scheduler, out, step, cfg.seed, accelerator.device)
+    bar.close()
+    if not recent:  # nothing left to train: the run was already complete
+        accelerator.print(f"{out} is already trained to step {step}; pass a larger --steps to train longer")
+
+    summary = {
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "config": asdict(cfg), "preset": preset.name, "unet_config": dict(unet.config), "parameters": params,
+        "dataset": dataset.describe(), "steps": step, "world_size": world, "precision": precision,
+        "device": str(accelerator.device), "wall_time_s": round(elapsed + time.time() - started, 1),
+        "resumed_from_step": resumed_from, "final_loss": float(np.mean(recent)) if recent else None,
+        "weights_sha256_by_rank": gather_object([_weights_digest(accelerator.unwrap_model(model))]),
+    }
+    if accelerator.is_main_process:
+        _save_model(ema, unet, scheduler, out)
+        write_json_atomic(out / "training.json", summary)
+        writer.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary

@@ -1,0 +1,133 @@
+"""Load a diffusers U-Net with its noise schedule, check it fits the data, and draw plain samples.
+
+``--unet`` accepts a local folder (``save_pretrained`` layout, or a ``DDPMPipeline`` folder with
+``unet/`` and ``scheduler/``) or a hub id such as ``google/ddpm-cifar10-32``. Every way this can go
+wrong (no folder, no cache while offline, a model for other image sizes) ends in one ``UserError``
+line rather than a shape error deep inside a forward pass.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
+from clsp.errors import UserError
+from clsp.io import atomic_path
+from clsp.runtime import autocast
+
+SHIPPED_MODELS: dict[str, Path] = {"digits": Path(__file__).parent / "pretrained" / "digits-ddpm"}
+_HUB_DEFAULTS = {"cifar10": "google/ddpm-cifar10-32"}
+
+
+def default_unet_for(dataset_name: str) -> str | None:
+    """The model ``--unet`` defaults to for a dataset: a shipped folder or a hub id; None where there is none."""
+    if dataset_name in SHIPPED_MODELS:
+        return str(SHIPPED_MODELS[dataset_name])
+    return _HUB_DEFAULTS.get(dataset_name)
+
+
+def _local_layout(folder: Path) -> tuple[Path, Path]:
+    """(unet folder, scheduler folder) of a save_pretrained or DDPMPipeline folder."""
+    unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
+    if not (unet_dir / "config.json").is_file():
+        raise UserError(f"{folder} holds no diffusers U-Net (no config.json, nor unet/config.json); "
+                        f"pass a folder written by UNet2DModel.save_pretrained or DDPMPipeline.save_pretrained")
+    for candidate in (unet_dir, folder, folder / "scheduler"):
+        if (candidate / "scheduler_config.json").is_file():
+            return unet_dir, candidate
+    raise UserError(f"{folder} has a U-Net but no scheduler_config.json (beside it or in scheduler/); "
+                    f"write one with DDPMScheduler(...).save_pretrained('{folder}')")
+
+
+def _from_hub(repo_id: str) -> tuple[UNet2DModel, DDPMScheduler]:
+    """A hub repository, flat (config.json at the top, like google/ddpm-cifar10-32) or in pipeline layout."""
+    errors = []
+    for unet_sub, sched_sub in ((None, None), ("unet", "scheduler")):
+        try:
+            with warnings.catch_warnings():  # diffusers passes hub arguments that huggingface_hub deprecates
+                warnings.simplefilter("ignore", UserWarning)
+                unet = UNet2DModel.from_pretrained(repo_id, subfolder=unet_sub)
+                scheduler = DDPMScheduler.from_pretrained(repo_id, subfolder=sched_sub)
+            return unet, scheduler
+        except (OSError, ValueError) as err:  # diffusers raises EnvironmentError (= OSError) for missing files
+            errors.append(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        why = "HF_HUB_OFFLINE=1 forbids downloading it"
+    else:
+        why = f"downloading it failed: {errors[-1]}"
+    raise UserError(f"cannot load U-Net {repo_id!r}: it is not a local folder nor in the Hugging Face cache, and "
+                    f"{why}; download it once with network access or pass a local model folder")
+
+
+def load_unet(id_or_path: str, device: str | torch.device = "cpu") -> tuple[UNet2DModel, DDPMScheduler]:
+    """The U-Net (eval mode, on ``device``) and the DDPM noise schedule from its scheduler config."""
+    path = Path(id_or_path).expanduser()
+    if path.is_dir():
+        unet_dir, sched_dir = _local_layout(path)
+        try:
+            unet = UNet2DModel.from_pretrained(unet_dir)
+            scheduler = DDPMScheduler.from_pretrained(sched_dir)
+        except (OSError, ValueError, TypeError) as err:
+            raise UserError(f"cannot load the diffusers U-Net in {path}: {str(err).strip().splitlines()[0]}") from None
+    elif path.exists() or id_or_path.startswith((".", "/", "~")) or id_or_path.count("/") != 1:
+        raise UserError(f"--unet {id_or_path!r} is neither a model folder nor a hub id like google/ddpm-cifar10-32")
+    else:
+        unet, scheduler = _from_hub(id_or_path)
+    return unet.to(device).eval(), scheduler
+
+
+def check_compatible(unet: UNet2DModel, image_size: int, channels: int = 3) -> None:
+    """Refuse a U-Net whose image size or channel count does not match the dataset's images."""
+    name = unet.config.get("_name_or_path") or "the U-Net"
+    cfg = unet.config
+    if cfg.in_channels != channels or cfg.out_channels != channels:
+        raise UserError(f"{name} maps {cfg.in_channels} to {cfg.out_channels} channels but the dataset's images "
+                        f"have {channels}; use a model trained on {channels}-channel images")
+    size = cfg.sample_size
+    size = size if isinstance(size, int) else size[0] if len(set(size)) == 1 else tuple(size)
+    if size != image_size:
+        fix = f"pass --image-size {size}" if isinstance(size, int) else "use a model for square images"
+        raise UserError(f"{name} was trained on {size}x{size} images but the dataset's are "
+                        f"{image_size}x{image_size}; {fix} (or train a model with clsp ddpm train)")
+
+
+@torch.no_grad()
+def sample_images(unet: UNet2DModel, scheduler: DDPMScheduler, num_images: int, *, steps: int = 50,
+                  eta: float = 0.0, seed: int = 0, batch_size: int = 256, precision: str = "fp32") -> np.ndarray:
+    """Unconditional DDIM samples as uint8 ``[n, H, W, C]``: for sample grids, FID and quality checks."""
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(steps)
+    device = next(unet.parameters()).device
+    size = unet.config.sample_size
+    shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, num_images, batch_size):
+        n = min(batch_size, num_images - start)
+        x = torch.randn((n, *shape), generator=generator).to(device)
+        for t in ddim.timesteps:
+            with autocast(device, precision):
+                eps = unet(x, t).sample.float()
+            x = ddim.step(eps, t, x, eta=eta, generator=generator).prev_sample
+        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def save_grid(images: np.ndarray, path: str | os.PathLike, nrow: int | None = None, scale: int = 1) -> None:
+    """Write uint8 ``[n, H, W, C]`` images as one PNG grid (atomically), upscaled ``scale`` times."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    nrow = nrow or max(1, int(np.ceil(np.sqrt(len(images)))))
+    grid = make_grid(tensor, nrow=nrow, padding=1, pad_value=255).permute(1, 2, 0).numpy()
+    img = Image.fromarray(grid)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")

@@ -1,10 +1,8 @@
 """Does the shipped digits DDPM draw recognisable digits?
 
-An RBF support-vector classifier trained on the real digits (train split, 16x16 grey) labels 1,000
-unconditional DDIM samples of the model. Recognisable digits get confident predictions (compare
-with the classifier's confidence on the real test split) spread over all ten classes. An RBF kernel
-is used rather than a linear model because a linear model is confidently wrong far from the data
-(noise blobs get probability 1.0); far from every training digit the SVC's probabilities flatten.
+The reference classifier (``digits_reference.py``) labels 1,000 unconditional DDIM samples of the
+model. Recognisable digits get confident predictions (compare with the classifier's confidence on
+the real test split) spread over all ten classes.
 The distance from each sample to its nearest real training digit, relative to that of the real test
 digits, shows whether the samples look like digits at all (about 1: as close as unseen real digits).
 
@@ -20,20 +18,14 @@ from pathlib import Path
 
 import click
 import numpy as np
-from sklearn.calibration import CalibratedClassifierCV
 from sklearn.neighbors import NearestNeighbors
-from sklearn.svm import SVC
 
 from clsp.datasets import get_dataset
 from clsp.generate.unet import check_compatible, default_unet_for, load_unet, sample_images
 from clsp.io import write_json_atomic
+from digits_reference import DESCRIPTION, fit_reference_classifier, grey
 
 RESULTS = Path(__file__).parent / "results" / "digits_model_quality.json"
-
-
-def _grey(images: np.ndarray) -> np.ndarray:
-    """uint8 ``[n, 16, 16, 3]`` -> float ``[n, 256]`` in [0, 1]."""
-    return images.astype(np.float64).mean(-1).reshape(len(images), -1) / 255.0
 
 
 def _confidence(probs: np.ndarray) -> dict:
@@ -50,11 +42,9 @@ def _confidence(probs: np.ndarray) -> dict:
 @click.option("--out", type=click.Path(dir_okay=False), default=str(RESULTS))
 def main(unet: str | None, num_samples: int, steps: int, seed: int, out: str) -> None:
     train, test = get_dataset("digits", "train"), get_dataset("digits", "test")
-    train_x = _grey(train.array(range(len(train))))
-    classifier = CalibratedClassifierCV(SVC(C=10.0, gamma="scale"), method="sigmoid", ensemble=False)
-    classifier.fit(train_x, train.labels())
+    classifier, train_x = fit_reference_classifier()
     neighbours = NearestNeighbors(n_neighbors=1).fit(train_x)
-    test_x = _grey(test.array(range(len(test))))
+    test_x = grey(test.array(range(len(test))))
     accuracy = float((classifier.predict(test_x) == test.labels()).mean())
     real = _confidence(classifier.predict_proba(test_x))
     real_nn = float(neighbours.kneighbors(test_x)[0].mean())
@@ -65,7 +55,7 @@ def main(unet: str | None, num_samples: int, steps: int, seed: int, out: str) ->
     started = time.time()
     samples = sample_images(model, scheduler, num_samples, steps=steps, seed=seed)
     sample_s = time.time() - started
-    sample_x = _grey(samples)
+    sample_x = grey(samples)
     probs = classifier.predict_proba(sample_x)
     generated = _confidence(probs)
     sample_nn = float(neighbours.kneighbors(sample_x)[0].mean())
@@ -75,7 +65,7 @@ def main(unet: str | None, num_samples: int, steps: int, seed: int, out: str) ->
     result = {
         "unet": Path(unet).name, "num_samples": num_samples, "ddim_steps": steps, "seed": seed,
         "sampling_s": round(sample_s, 1),
-        "classifier": "SVC(rbf, C=10, gamma=scale, Platt probabilities) on 16x16 grey digits (train split)",
+        "classifier": DESCRIPTION,
         "classifier_test_accuracy": accuracy, "real_test": real, "generated": generated,
         "class_histogram": histogram.tolist(),
         "nearest_train_distance": {"real_test": real_nn, "generated": sample_nn, "ratio": sample_nn / real_nn},

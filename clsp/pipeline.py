@@ -81,6 +81,8 @@ SCHEMA: dict[str, Any] = {
         "precision": ((str,), "auto", _one_of("auto", "bf16", "fp32")),
         "workers": ((int,), 0, _non_negative),
         "augment": ((str,), "cpu", _one_of("cpu", "device")),
+        "crop_min_scale": ((int, float), 0.08, lambda v: None if 0 < v <= 1 else "must lie in (0, 1]"),
+        "flip": ((bool,), True, None),
         "runs": ((dict,), {"clsp": None, "baseline": 0.0}, None),
     },
     "evaluate": {
@@ -257,8 +259,9 @@ class Pipeline:
         args = ["--shards", str(shards), "--out", str(out), "--data-root", self.config["dataset"]["data_root"],
                 "--seed", str(self.config["seed"])] + _opt("clsp-weight", weight)
         for key in ("method", "backbone", "epochs", "batch_size", "lr", "optimizer", "warmup_epochs", "precision",
-                    "workers", "augment"):
+                    "workers", "augment", "crop_min_scale"):
             args += _opt(key.replace("_", "-"), t[key])
+        args.append("--flip" if t["flip"] else "--no-flip")
         if self.config["generate"]["limit"]:
             args.append("--allow-partial")
         self._invoke(train, args)

@@ -2,7 +2,7 @@
 the class.
 
 For every anchor in a shard directory, with a frozen encoder's features (cosine similarity):
-an augmented view of the anchor (the training augmentation), the anchor's nearest other image in
+an augmented view of the anchor (the encoder's training augmentation), the anchor's nearest other image in
 the real dataset (NNCLR's positive), and its synthetic positives. The paper's claim is that
 synthetic positives are harder than neighbours (lower similarity) while keeping the anchor's class,
 which the label agreement checks through each positive's nearest real image.
@@ -19,7 +19,7 @@ import torch
 from sklearn.metrics import pairwise_distances
 
 from clsp.shards import reader
-from clsp.train.augment import augment_images, cpu_transform
+from clsp.train.augment import CROP_MIN_SCALE, FLIP, augment_images, cpu_transform
 from clsp.evaluate.features import FrozenEncoder, embed_batches, extract_features
 from clsp.evaluate.knn import cosine_index, normalized
 from clsp.evaluate.report import save_figure
@@ -55,7 +55,10 @@ def _mean_pairwise(matrix: np.ndarray) -> float:
 def augmented_similarity(encoder: FrozenEncoder, images: np.ndarray, anchor_features: np.ndarray, spec,
                          *, seed: int = 0, batch_size: int = 256) -> np.ndarray:
     """Cosine similarity of each image's features to those of one random training-style view of it."""
-    transform = cpu_transform(spec.size, spec.mean, spec.std)
+    arch = encoder.arch  # the encoder's own training augmentation where encoder.json records it
+    transform = cpu_transform(spec.size, spec.mean, spec.std,
+                              crop_min_scale=float(arch.get("crop_min_scale", CROP_MIN_SCALE)),
+                              flip=bool(arch.get("flip", FLIP)))
     out = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

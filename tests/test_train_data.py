@@ -85,6 +85,39 @@ def test_device_views_draw_parameters_per_sample(digits):
     assert abs(views.mean().item() - identity.mean().item()) < 0.5  # same normalisation as the CPU path
 
 
+@pytest.mark.parametrize("augment", ["cpu", "device"])
+def test_no_flip_and_full_crops_keep_the_image_whole_and_the_right_way_round(digits, augment):
+    # left half white, right half black: jitter and greyscale keep white brighter than black, so
+    # which side is brighter tells whether a view was mirrored, and a sharp edge between columns
+    # 7 and 8 tells that the crop kept the whole image
+    images = torch.zeros(20, 3, 16, 16, dtype=torch.uint8)
+    images[..., :8] = 255
+
+    def views(crop_min_scale: float, flip: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        if augment == "cpu":
+            return augment_images(cpu_transform(16, digits.mean, digits.std, crop_min_scale, flip), images)
+        return DeviceAugment(16, digits.mean, digits.std, crop_min_scale=crop_min_scale, flip=flip)(images)
+
+    def left_brighter(v: torch.Tensor) -> torch.Tensor:
+        return v[..., :8].mean(dim=(1, 2, 3)) > v[..., 8:].mean(dim=(1, 2, 3))
+
+    def edge_in_the_middle(v: torch.Tensor) -> torch.Tensor:
+        return (v[..., 7] - v[..., 8]).mean(dim=(1, 2)) > 1.0
+
+    whole = views(1.0, flip=False)
+    assert left_brighter(whole).all() and edge_in_the_middle(whole).all()
+    mirrored = (~left_brighter(views(1.0, flip=True))).sum().item()
+    assert 0 < mirrored < 20  # a fair coin per view, not one draw for the batch
+    assert not edge_in_the_middle(views(0.08, flip=False)).all()  # METHOD.md's small crops move or lose the edge
+
+
+def test_crop_min_scale_outside_0_1_is_refused(digits):
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(UserError, match="crop-min-scale"):
+            cpu_transform(16, digits.mean, digits.std, crop_min_scale=bad)
+
+
 @pytest.mark.parametrize("world_size,batch_size", [(1, 8), (2, 4), (2, 5)])
 def test_an_epoch_covers_each_anchor_once_across_ranks(shard_dir, world_size, batch_size):
     shards = open_shards(shard_dir)

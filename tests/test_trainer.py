@@ -73,6 +73,7 @@ def test_baseline_run_exports_a_loadable_encoder_and_logs(shard_dir, tmp_path):
     encoder, arch = load_encoder(out)
     assert arch["method"] == "simclr" and arch["clsp_weight"] == 0.0 and arch["small_stem"] is True
     assert arch["dataset"]["fingerprint"] == get_dataset("digits").fingerprint and arch["image_size"] == 16
+    assert arch["crop_min_scale"] == 0.08 and arch["flip"] is True  # METHOD.md's augmentation, recorded
     assert encoder(torch.zeros(2, 3, 16, 16)).shape == (2, encoder.feature_dim)
     exported = load_file(str(out / "encoder.safetensors"))
     checkpoint = load_torch(out / "checkpoint.pt")
@@ -85,6 +86,10 @@ def test_baseline_run_exports_a_loadable_encoder_and_logs(shard_dir, tmp_path):
                                        "--epochs", "2", "--augment", "device", *tiny("simclr")])
     assert again.exit_code == 0 and torch.equal(load_file(str(out / "encoder.safetensors"))["conv1.weight"],
                                                 exported["conv1.weight"])
+    # ... but not with another augmentation
+    other = CliRunner().invoke(train, ["--shards", str(shard_dir), "--out", str(out), "--clsp-weight", "0",
+                                       "--epochs", "2", "--augment", "device", "--no-flip", *tiny("simclr")])
+    assert other.exit_code != 0 and "flip: True -> False" in other.output, other.output
 
 
 KILL_MID_EPOCH = """
@@ -140,7 +145,8 @@ def _other_dataset_shards(directory: Path) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("case", ["other-dataset", "empty", "unverified", "unknown-method", "batch-too-large"])
+@pytest.mark.parametrize("case", ["other-dataset", "empty", "unverified", "unknown-method", "batch-too-large",
+                                  "crop-min-scale"])
 def test_bad_inputs_give_one_error_line(case, shard_dir, tmp_path):
     shards, extra = str(shard_dir), tiny("nnclr")
     if case == "other-dataset":
@@ -154,6 +160,8 @@ def test_bad_inputs_give_one_error_line(case, shard_dir, tmp_path):
         shards = str(directory)
     elif case == "unknown-method":
         extra += ["--method", "byol"]
+    elif case == "crop-min-scale":
+        extra += ["--crop-min-scale", "0"]
     else:
         extra += ["--batch-size", "64"]
     args = ["--shards", shards, "--out", str(tmp_path / "out"), *extra]
@@ -162,5 +170,6 @@ def test_bad_inputs_give_one_error_line(case, shard_dir, tmp_path):
     assert result.exit_code != 0 and len(errors) == 1, result.output
     assert "Traceback" not in result.output and not isinstance(result.exception, (RuntimeError, ValueError, KeyError))
     expected = {"other-dataset": "fingerprint", "empty": "no manifest", "unverified": "passes verification",
-                "unknown-method": "byol", "batch-too-large": "larger than the 48 anchors"}[case]
+                "unknown-method": "byol", "batch-too-large": "larger than the 48 anchors",
+                "crop-min-scale": "--crop-min-scale must be in (0, 1], got 0.0"}[case]
     assert expected in errors[0]

@@ -2,7 +2,9 @@
 
 Every view (two of the real anchor, one of a synthetic positive) gets RandomResizedCrop(size,
 scale 0.08-1), ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, RandomGrayscale p 0.2, a horizontal flip
-and normalisation with the dataset's mean and std. Two implementations of the same list:
+and normalisation with the dataset's mean and std. The crop's lower scale and the flip are
+settable: they suit natural images, but an 8%-area crop of a small handwritten digit no longer
+shows the digit and a flip can change which digit it is. Two implementations of the same list:
 
 - ``cpu``: torchvision.transforms.v2, one image at a time, run in DataLoader workers.
 - ``device``: kornia.augmentation on whole uint8 batches already on the training device. Each
@@ -17,22 +19,33 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from clsp.errors import UserError
+
 AUGMENTS = ("cpu", "device")
-CROP_SCALE = (0.08, 1.0)
+CROP_MIN_SCALE = 0.08
+FLIP = True
 JITTER = (0.4, 0.4, 0.4, 0.1)
 JITTER_P = 0.8
 GRAYSCALE_P = 0.2
 
 
-def cpu_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> nn.Module:
+def crop_scale(crop_min_scale: float) -> tuple[float, float]:
+    """RandomResizedCrop's area range ``(crop_min_scale, 1)``; UserError unless the bound is in (0, 1]."""
+    if not 0.0 < crop_min_scale <= 1.0:
+        raise UserError(f"--crop-min-scale must be in (0, 1], got {crop_min_scale}")
+    return (float(crop_min_scale), 1.0)
+
+
+def cpu_transform(size: int, mean: Sequence[float], std: Sequence[float], crop_min_scale: float = CROP_MIN_SCALE,
+                  flip: bool = FLIP) -> nn.Module:
     """Per-image transform: uint8 ``[3, H, W]`` tensor -> normalised float32 ``[3, size, size]``."""
     from torchvision.transforms import v2
 
     return v2.Compose([
-        v2.RandomResizedCrop(size, scale=CROP_SCALE, antialias=True),
+        v2.RandomResizedCrop(size, scale=crop_scale(crop_min_scale), antialias=True),
         v2.RandomApply([v2.ColorJitter(*JITTER)], p=JITTER_P),
         v2.RandomGrayscale(p=GRAYSCALE_P),
-        v2.RandomHorizontalFlip(),
+        *([v2.RandomHorizontalFlip()] if flip else []),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(list(mean), list(std)),
     ])
@@ -51,16 +64,17 @@ class DeviceAugment(nn.Module):
     same views.
     """
 
-    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float],
+                 crop_min_scale: float = CROP_MIN_SCALE, flip: bool = FLIP) -> None:
         super().__init__()
         import kornia.augmentation as K
 
         self.pipeline = nn.Sequential(
             # "resample" crops the whole batch with one batched warp; "slice" loops over samples.
-            K.RandomResizedCrop((size, size), scale=CROP_SCALE, cropping_mode="resample"),
+            K.RandomResizedCrop((size, size), scale=crop_scale(crop_min_scale), cropping_mode="resample"),
             K.ColorJitter(*JITTER, p=JITTER_P),
             K.RandomGrayscale(p=GRAYSCALE_P),
-            K.RandomHorizontalFlip(),
+            *([K.RandomHorizontalFlip()] if flip else []),
             K.Normalize(torch.tensor(mean), torch.tensor(std)),
         )
 

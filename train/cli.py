@@ -11,7 +11,7 @@ import click
 
 from clsp.datasets import DEFAULT_DATA_ROOT
 from clsp.runtime import PRECISIONS
-from clsp.train.augment import AUGMENTS
+from clsp.train.augment import AUGMENTS, CROP_MIN_SCALE, FLIP
 from clsp.train.backbones import BACKBONES
 from clsp.train.methods import METHODS
 from clsp.train.neighbours import NN_INDEXES
@@ -41,6 +41,12 @@ _DEFAULTS = "Default per method (batch / lr / optimizer / weight decay, METHOD.m
 @click.option("--augment", type=click.Choice(AUGMENTS), default=None,
               help="device: batched on the training device (kornia); cpu: per image in DataLoader workers "
                    "[default: device on CUDA, else cpu]")
+@click.option("--crop-min-scale", type=float, default=CROP_MIN_SCALE,
+              help="Smallest crop area (fraction of the image) of RandomResizedCrop, in (0, 1]. 0.08 (METHOD.md) "
+                   "suits natural images; on small digits such crops lose the digit: try 0.5 for digits.")
+@click.option("--flip/--no-flip", default=FLIP,
+              help="Random horizontal flips. Off for digits and text, where a mirror image is another symbol "
+                   "(digits: --crop-min-scale 0.5 --no-flip).")
 @click.option("--workers", type=int, default=4, help="DataLoader worker processes per rank (0: in-process).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", help="auto: bf16 on GPUs and CPUs with bf16 units.")
 @click.option("--sync-bn", is_flag=True, help="Synchronise BatchNorm statistics across processes.")

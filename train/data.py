@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from clsp.datasets import ImageDataset
 from clsp.errors import UserError
 from clsp.shards import reader, writer
-from clsp.train.augment import augment_images, cpu_transform
+from clsp.train.augment import CROP_MIN_SCALE, FLIP, augment_images, cpu_transform
 
 DEFAULT_MIX_ANCHORS = 4096
 
@@ -133,7 +133,8 @@ class ContrastiveStream(IterableDataset):
 
     def __init__(self, shards: ShardSet, dataset: ImageDataset, *, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, augment: str = "cpu", positives: bool = True,
-                 image_size: int | None = None, mix_anchors: int = DEFAULT_MIX_ANCHORS) -> None:
+                 image_size: int | None = None, mix_anchors: int = DEFAULT_MIX_ANCHORS,
+                 crop_min_scale: float = CROP_MIN_SCALE, flip: bool = FLIP) -> None:
         super().__init__()
         need = batch_size * world_size
         if shards.num_anchors < need:
@@ -144,7 +145,8 @@ class ContrastiveStream(IterableDataset):
         self.num_workers, self.augment, self.positives, self.mix_anchors = num_workers, augment, positives, mix_anchors
         self.labels = dataset.labels()
         size = image_size or dataset.image_size
-        self.transform = cpu_transform(size, dataset.mean, dataset.std) if augment == "cpu" else None
+        self.transform = (cpu_transform(size, dataset.mean, dataset.std, crop_min_scale=crop_min_scale, flip=flip)
+                          if augment == "cpu" else None)
         self.epoch, self.start_step = 0, 0
 
     @property

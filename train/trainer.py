@@ -27,7 +27,7 @@ from clsp.errors import UserError
 from clsp.io import load_torch, save_torch_atomic, write_json_atomic
 from clsp.runtime import make_accelerator, progress, resolve_precision
 from clsp.shards import reader
-from clsp.train.augment import DeviceAugment
+from clsp.train.augment import CROP_MIN_SCALE, FLIP, DeviceAugment, crop_scale
 from clsp.train.backbones import build_backbone, export_encoder
 from clsp.train.data import DEFAULT_MIX_ANCHORS, ContrastiveStream, make_loader, open_shards, step_seed
 from clsp.train.methods import DEFAULT_CLSP_WEIGHT, build_method
@@ -47,7 +47,8 @@ METRICS = ("loss", "loss_base", "loss_clsp", "nn_acc", "probe_acc")
 # Settings a checkpoint must share with the rerun that resumes it.
 RESUME_KEYS = ("method", "clsp_weight", "backbone", "batch_size", "lr", "optimizer", "weight_decay", "epochs",
                "warmup_epochs", "seed", "augment", "workers", "world_size", "temperature", "proj_hidden_dim",
-               "proj_output_dim", "pred_hidden_dim", "queue_size", "momentum", "mix_anchors")
+               "proj_output_dim", "pred_hidden_dim", "queue_size", "momentum", "mix_anchors", "crop_min_scale",
+               "flip")
 
 
 @dataclass
@@ -67,6 +68,8 @@ class TrainConfig:
     backbone: str = "resnet18"
     data_root: str = DEFAULT_DATA_ROOT
     augment: str | None = None  # None: "device" on CUDA, "cpu" (in the DataLoader workers) otherwise
+    crop_min_scale: float = CROP_MIN_SCALE
+    flip: bool = FLIP
     workers: int = 4
     precision: str = "auto"
     sync_bn: bool = False
@@ -105,6 +108,7 @@ class TrainConfig:
         for key in ("workers", "checkpoint_steps"):
             if values[key] < 0:
                 raise UserError(f"--{key.replace('_', '-')} must be 0 or more, got {values[key]}")
+        crop_scale(values["crop_min_scale"])  # checked here, before any data is read
         if values["lr"] <= 0 or values["weight_decay"] < 0 or values["warmup_epochs"] < 0:
             raise UserError("--lr must be positive, --weight-decay and --warmup-epochs 0 or more")
         config = TrainConfig(**values)
@@ -129,7 +133,8 @@ class Trainer:
         self.stream = ContrastiveStream(
             self.shards, self.dataset, batch_size=config.batch_size, seed=config.seed, rank=self.rank,
             world_size=config.world_size, num_workers=config.workers, augment=config.augment,
-            positives=config.clsp_weight > 0, mix_anchors=config.mix_anchors)
+            positives=config.clsp_weight > 0, mix_anchors=config.mix_anchors,
+            crop_min_scale=config.crop_min_scale, flip=config.flip)
         self.labelled = self.dataset.has_labels and bool((self.stream.labels >= 0).all())
 
         torch.manual_seed(config.seed)
@@ -152,7 +157,8 @@ class Trainer:
         probe_optimizer = torch.optim.SGD(probe.parameters(), lr=PROBE_LR, momentum=0.9)
         self.model, self.optimizer, self.probe, self.probe_optimizer = self.accelerator.prepare(
             method, optimizer, probe, probe_optimizer)
-        self.device_augment = (DeviceAugment(self.image_size, self.dataset.mean, self.dataset.std).to(self.device)
+        self.device_augment = (DeviceAugment(self.image_size, self.dataset.mean, self.dataset.std,
+                                             crop_min_scale=config.crop_min_scale, flip=config.flip).to(self.device)
                                if config.augment == "device" else None)
         self.epoch, self.step_in_epoch, self.elapsed = 0, 0, 0.0
         self.history: list[list[float]] = []  # per step: global step, loss, loss_base, loss_clsp (rank 0)
@@ -342,6 +348,7 @@ class Trainer:
             "anchors": self.shards.num_anchors,
             "anchors_per_epoch": self.steps_per_epoch * config.batch_size * config.world_size,
             "precision": resolve_precision(config.precision, self.device), "augment": config.augment,
+            "crop_min_scale": config.crop_min_scale, "flip": config.flip,
             "time_s": round(self.elapsed, 2), "final": self.epoch_metrics, "rank_checksums": checksums,
             "ranks_in_sync": len(set(checksums)) == 1,
         }
@@ -349,7 +356,7 @@ class Trainer:
             arch = {"backbone": config.backbone, "small_stem": self.small_stem, "method": config.method,
                     "clsp_weight": config.clsp_weight, "dataset": self.shards.manifest["dataset"],
                     "image_size": self.image_size, "mean": list(self.dataset.mean), "std": list(self.dataset.std),
-                    "epochs": config.epochs}
+                    "epochs": config.epochs, "crop_min_scale": config.crop_min_scale, "flip": config.flip}
             export_encoder(backbone, self.out, arch)
             write_json_atomic(self.out / SUMMARY, summary)
             plot_losses(self.history, self.out / CURVE, self.steps_per_epoch)

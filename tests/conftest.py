@@ -14,6 +14,15 @@ import torch  # noqa: E402
 torch.set_num_threads(1)  # tiny models: a second thread mostly waits
 
 
+@pytest.fixture(scope="session")
+def one_thread():
+    """For tests comparing bytes with subprocess runs (OMP_NUM_THREADS=1): pin one thread explicitly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_tiny_unet(sample_size: int = 16, attention: bool = True, layers_per_block: int = 1):
     """A real diffusers UNet2DModel, small enough for CPU tests (random weights)."""
     from diffusers import UNet2DModel

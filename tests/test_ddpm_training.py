@@ -24,15 +24,6 @@ from clsp.io import load_torch
 CLSP = str(Path(sys.executable).parent / "clsp")  # the installed console script
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and lose much when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tiny_args(out: Path, steps: int, *extra: str) -> list[str]:
     return ["ddpm", "train", "--dataset", "digits", "--preset", "tiny", "--out", str(out), "--steps", str(steps),
             "--batch-size", "8", "--sample-every", "100000", *extra]

@@ -32,15 +32,6 @@ def make_encoder(directory: Path, seed: int = 0, **arch) -> Path:
                                            **arch})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These tiny models gain nothing from a second thread, which on a shared CPU mostly waits."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("evaluate")

@@ -44,14 +44,6 @@ def model_dir(tmp_path_factory) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_gen(shards: Path, model: Path, *extra: str):
     return CliRunner().invoke(gen, [*JOB, "--shards", str(shards), "--unet", str(model), *extra])
 

@@ -32,15 +32,6 @@ def tiny(method: str) -> list[str]:
             *sizes[method]]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process runs use one thread, as the subprocess runs do (OMP_NUM_THREADS=1 in ``cli_env``):
-    tiny models gain nothing from more, and on a shared CPU extra threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory) -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 import torchvision
 from safetensors.torch import load_file, save_file
 from torch import nn

@@ -268,6 +268,7 @@ class Pipeline:
 
     def _evaluate(self, shards: Path, encoders: dict[str, Path], upstream: str) -> Path:
         from clsp.evaluate import cli as eval_cli
+        from clsp.evaluate.features import file_hash
         from clsp.evaluate.report import write_report
 
         e, ds = self.config["evaluate"], self.config["dataset"]
@@ -288,7 +289,7 @@ class Pipeline:
                 steps.append(("embed-plot", common + data + ["--png", str(out / "tsne.png")]))
             if e["transfer"]:
                 steps.append(("transfer", common + ["--datasets", ",".join(e["transfer"]), "--data-root", ds["data_root"]]))
-            weights_fp = (encoder / "encoder.safetensors").stat().st_mtime_ns
+            weights_fp = file_hash(encoder / "encoder.safetensors", encoder / "encoder.json")
             for command, args in steps:
                 self._stage(f"eval:{run_name}:{command}", _fingerprint(upstream, e, weights_fp, command),
                             [out / "results.json"],

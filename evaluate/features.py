@@ -81,7 +81,8 @@ class FrozenEncoder:
         return self.module(x.to(self.device)).float().cpu().numpy()
 
 
-def _file_hash(*paths: Path) -> str:
+def file_hash(*paths: Path) -> str:
+    """A short sha256 of files' contents (identifies an encoder by its weights, not its timestamps)."""
     digest = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as handle:
@@ -111,7 +112,7 @@ def load_frozen_encoder(path: str | Path, device: str | torch.device | None = No
     if out.shape != (2, arch.get("feature_dim", out.shape[1])):
         raise UserError(f"encoder {directory} gives features of shape {tuple(out.shape[1:])} but encoder.json says "
                         f"feature_dim {arch.get('feature_dim')}; re-export the encoder")
-    fingerprint = _file_hash(directory / "encoder.safetensors", directory / "encoder.json")
+    fingerprint = file_hash(directory / "encoder.safetensors", directory / "encoder.json")
     return FrozenEncoder(module.eval(), arch, fingerprint, directory, device)
 
 

@@ -24,6 +24,7 @@ from clsp.datasets import get_dataset
 from clsp.generate.unet import check_compatible, default_unet_for, load_unet, sample_images
 from clsp.io import write_json_atomic
 from digits_reference import DESCRIPTION, fit_reference_classifier, grey
+from clsp.errors import Command
 
 RESULTS = Path(__file__).parent / "results" / "digits_model_quality.json"
 
@@ -34,7 +35,7 @@ def _confidence(probs: np.ndarray) -> dict:
             "frac_max_prob_over_0.9": float((top > 0.9).mean())}
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(cls=Command, context_settings={"show_default": True})
 @click.option("--unet", default=None, help="Model folder [default: the shipped digits model].")
 @click.option("--num-samples", type=int, default=1000)
 @click.option("--steps", type=int, default=50, help="DDIM steps (eta 0).")

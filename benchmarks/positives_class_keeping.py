@@ -24,11 +24,12 @@ from clsp.generate import sample_positives
 from clsp.generate.unet import default_unet_for, load_unet
 from clsp.io import write_json_atomic
 from digits_reference import fit_reference_classifier, grey
+from clsp.errors import Command
 
 RESULTS = Path(__file__).parent / "results" / "positives_class_keeping.json"
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(cls=Command, context_settings={"show_default": True})
 @click.option("--unet", default=None, help="Model folder [default: the shipped digits model].")
 @click.option("--anchors", "num_anchors", type=int, default=200, help="Test-split anchors.")
 @click.option("--candidates", type=int, default=4)

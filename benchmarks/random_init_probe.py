@@ -24,6 +24,7 @@ from clsp.evaluate.knn import knn_protocol
 from clsp.evaluate.linear import linear_protocol
 from clsp.io import write_json_atomic
 from clsp.train.backbones import build_backbone, export_encoder
+from clsp.errors import Command
 
 RESULTS = Path(__file__).parent / "results" / "random_init_probe.json"
 
@@ -36,7 +37,7 @@ def _evaluate(encoder_dir: Path, dataset: str, data_root: str, epochs: int, seed
     return {"linear_top1": linear["top1"], "linear_top5": linear["top5"], "knn_best_top1": knn["best_top1"]}
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(cls=Command, context_settings={"show_default": True})
 @click.option("--encoder", "encoder_dir", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--dataset", default="digits")
 @click.option("--data-root", default=DEFAULT_DATA_ROOT)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import click
 import yaml
 
-from clsp.errors import UserError
+from clsp.errors import Command, UserError
 from clsp.io import write_json_atomic
 
 # key -> (accepted types, default, check returning an error text or None)
@@ -299,7 +299,7 @@ class Pipeline:
         return report
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(cls=Command, context_settings={"show_default": True})
 @click.argument("config", type=click.Path(dir_okay=False), default="pipeline.yaml")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a configuration key, e.g. --set train.epochs=5 (repeatable).")

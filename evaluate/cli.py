@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import click
 
+from clsp.errors import Group
 from clsp.datasets import DEFAULT_DATA_ROOT
 
 _SETTINGS = {"show_default": True, "help_option_names": ["-h", "--help"]}
@@ -76,7 +77,7 @@ class _Context:
         click.echo(f"results: {self.run_dir / 'results.json'}; report: {report}")
 
 
-@click.group(context_settings=_SETTINGS)
+@click.group(cls=Group, context_settings=_SETTINGS)
 def evaluate() -> None:
     """Stage 3: evaluate encoders (linear, kNN, transfer, t-SNE) and the synthetic positives."""
 

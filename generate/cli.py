@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import click
 
+from clsp.errors import Command
 from clsp.datasets import DEFAULT_DATA_ROOT
 from clsp.runtime import PRECISIONS
 
 _SETTINGS = {"show_default": True, "help_option_names": ["-h", "--help"]}
 
 
-@click.command(context_settings=_SETTINGS)
+@click.command(cls=Command, context_settings=_SETTINGS)
 @click.option("--dataset", required=True, help="Dataset registry name (digits, cifar10, imagefolder:PATH, ...).")
 @click.option("--shards", required=True, type=click.Path(file_okay=False),
               help="Output shard directory; a rerun resumes it.")

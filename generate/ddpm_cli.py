@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import click
 
+from clsp.errors import Group
 from clsp.datasets import DEFAULT_DATA_ROOT
 from clsp.runtime import PRECISIONS
 
 _SETTINGS = {"show_default": True, "help_option_names": ["-h", "--help"]}
 
 
-@click.group(context_settings=_SETTINGS)
+@click.group(cls=Group, context_settings=_SETTINGS)
 def ddpm() -> None:
     """Train, sample and score unconditional DDPM models (diffusers UNet2DModel + DDPMScheduler)."""
 

@@ -150,7 +150,7 @@ def _main_first(accelerator: Accelerator, fn: Callable[[], T], share: bool = Fal
         try:
             result = fn()
         except UserError as err:
-            error = err.message
+            error = str(err)
     error, shared = broadcast_object_list([error, result if share else None])
     if error is not None:
         raise UserError(error)

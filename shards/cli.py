@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from clsp.errors import UserError
+from clsp.errors import Group, UserError
 
 _DIR = click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 
@@ -20,7 +20,7 @@ def _size(num_bytes: int) -> str:
     return f"{num_bytes} ({value:.1f} {unit})"
 
 
-@click.group(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 def shards() -> None:
     """Inspect, verify and preview a shard directory written by clsp-gen."""
 

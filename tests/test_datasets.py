@@ -104,8 +104,9 @@ def test_cli_unknown_dataset_is_one_line_without_traceback():
     import click
 
     from clsp.datasets import get_dataset as lookup
+    from clsp.errors import Command
 
-    @click.command()
+    @click.command(cls=Command)
     def probe():
         lookup("nope")
 

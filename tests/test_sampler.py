@@ -232,4 +232,4 @@ def test_sampling_uses_eval_mode_and_restores_the_callers_mode():
 def test_bad_inputs_give_one_line_user_errors(tiny_unet, call, message):
     with pytest.raises(UserError) as error:
         call(tiny_unet, make_scheduler(), _anchors(2))
-    assert message in error.value.message and "\n" not in error.value.message
+    assert message in str(error.value) and "\n" not in str(error.value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import click
 
+from clsp.errors import Command
 from clsp.datasets import DEFAULT_DATA_ROOT
 from clsp.runtime import PRECISIONS
 from clsp.train.augment import AUGMENTS, CROP_MIN_SCALE, FLIP
@@ -22,7 +23,7 @@ _DEFAULTS = "Default per method (batch / lr / optimizer / weight decay, METHOD.m
             "1e-4, MoCo 512 / 0.3 / sgd / 1e-4, NNCLR 256 / 0.4 / lars / 1e-5."
 
 
-@click.command("train", context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.command("train", cls=Command, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--shards", required=True, type=click.Path(file_okay=False), help="Shard directory from clsp-gen.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run directory: checkpoint, encoder, TensorBoard logs, summary. A rerun resumes from it.")

@@ -19,7 +19,7 @@ import torch
 from sklearn.metrics import pairwise_distances
 
 from clsp.shards import reader
-from clsp.train.augment import CROP_MIN_SCALE, FLIP, augment_images, cpu_transform
+from clsp.train.augment import augment_images, cpu_transform, view_augmentations
 from clsp.evaluate.features import FrozenEncoder, embed_batches, extract_features
 from clsp.evaluate.knn import cosine_index, normalized
 from clsp.evaluate.report import save_figure
@@ -55,10 +55,8 @@ def _mean_pairwise(matrix: np.ndarray) -> float:
 def augmented_similarity(encoder: FrozenEncoder, images: np.ndarray, anchor_features: np.ndarray, spec,
                          *, seed: int = 0, batch_size: int = 256) -> np.ndarray:
     """Cosine similarity of each image's features to those of one random training-style view of it."""
-    arch = encoder.arch  # the encoder's own training augmentation where encoder.json records it
-    transform = cpu_transform(spec.size, spec.mean, spec.std,
-                              crop_min_scale=float(arch.get("crop_min_scale", CROP_MIN_SCALE)),
-                              flip=bool(arch.get("flip", FLIP)))
+    view = view_augmentations(encoder.card.method, encoder.card.settings)[0]  # the encoder's own training view
+    transform = cpu_transform(spec.size, spec.mean, spec.std, view)
     out = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

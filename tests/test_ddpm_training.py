@@ -51,7 +51,7 @@ def test_training_lowers_the_loss_and_writes_a_loadable_pipeline(tmp_path: Path)
     torch.manual_seed(0)
     fresh = build_unet(TINY, 16).eval()
     trained, scheduler = load_unet(str(out))
-    check_compatible(trained, 16)
+    check_compatible(trained.config, 16)
     assert _denoising_loss(trained) < 0.6 * _denoising_loss(fresh)
     pipe = DDPMPipeline.from_pretrained(out)  # diffusers' own loader reads the same folder
     assert pipe.scheduler.config.beta_end == pytest.approx(0.02)

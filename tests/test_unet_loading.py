@@ -29,7 +29,7 @@ def test_loads_a_save_pretrained_folder(tiny_model_dir: Path) -> None:
     assert not unet.training
     assert _same_weights(unet, make_tiny_unet())
     assert scheduler.config.beta_schedule == "linear" and scheduler.config.beta_end == pytest.approx(0.02)
-    check_compatible(unet, 16)
+    check_compatible(unet.config, 16)
 
 
 def test_loads_a_ddpm_pipeline_folder(tmp_path: Path) -> None:
@@ -58,12 +58,12 @@ def test_folder_without_model_is_refused(tmp_path: Path) -> None:
 
 def test_mismatched_image_size_names_the_fitting_one(tiny_unet: UNet2DModel) -> None:
     with pytest.raises(UserError, match="--image-size 16"):
-        check_compatible(tiny_unet, 32)
+        check_compatible(tiny_unet.config, 32)
 
 
 def test_mismatched_channels_are_refused(tiny_unet: UNet2DModel) -> None:
     with pytest.raises(UserError, match="channels"):
-        check_compatible(tiny_unet, 16, channels=1)
+        check_compatible(tiny_unet.config, 16, channels=1)
 
 
 def test_offline_uncached_hub_id_is_one_clear_line(tmp_path: Path, cli_env: dict) -> None:
@@ -92,7 +92,7 @@ def test_shipped_digits_model_loads_offline_and_draws_images() -> None:
     weights = path / "diffusion_pytorch_model.safetensors"
     assert weights.is_file() and weights.stat().st_size < 8 * 2**20
     unet, scheduler = load_unet(str(path))
-    check_compatible(unet, 16)
+    check_compatible(unet.config, 16)
     images = sample_images(unet, scheduler, 4, steps=5)
     assert images.shape == (4, 16, 16, 3) and images.std() > 10  # not a blank or constant image
 

@@ -308,10 +308,10 @@ class Pipeline:
         return self._report()
 
     def _generation_complete(self) -> bool:
-        from clsp.shards import reader, writer
+        from clsp.shards.reader import ShardDirectory
 
-        shards = self.stages["generate"].job.shards
-        return len(writer.completed_shards(shards)) == writer.num_shards(reader.read_manifest(shards))
+        store = ShardDirectory.open(self.stages["generate"].job.shards)
+        return len(store.verified_shards()) == store.num_shards
 
     def _report(self) -> Path:
         from clsp.evaluate.report import write_report

@@ -19,6 +19,7 @@ import torch
 from sklearn.metrics import pairwise_distances
 
 from clsp.shards import reader
+from clsp.shards.schema import ShardSample
 from clsp.train.augment import augment_images, cpu_transform, view_augmentations
 from clsp.evaluate.features import FrozenEncoder, embed_batches, extract_features
 from clsp.evaluate.knn import cosine_index, normalized
@@ -36,8 +37,8 @@ def summary(values: np.ndarray) -> dict:
             "std": float(values.std()), "min": float(values.min()), "max": float(values.max())}
 
 
-def _groups(samples: Iterable[dict], size: int) -> Iterator[list[dict]]:
-    group: list[dict] = []
+def _groups(samples: Iterable[ShardSample], size: int) -> Iterator[list[ShardSample]]:
+    group: list[ShardSample] = []
     for sample in samples:
         group.append(sample)
         if len(group) == size:
@@ -71,22 +72,22 @@ def positives_stats(encoder: FrozenEncoder, shards: str | Path, *, data_root: st
                     limit: int | None = None, seed: int = 0, cache_dir: str | Path | None = None,
                     histogram: str | Path | None = None) -> dict:
     """Similarities, label agreement and candidate diversity of the positives in ``shards``."""
-    manifest = reader.read_manifest(shards)
-    dataset = reader.load_dataset(manifest, data_root)
+    store = reader.ShardDirectory.open(shards)
+    dataset = reader.load_dataset(store.manifest, data_root)
     spec = encoder.input_spec(dataset)
     real = normalized(extract_features(encoder, dataset, cache_dir=cache_dir, batch_size=batch_size))
     index = cosine_index(real)
     labels = dataset.labels() if dataset.has_labels else None
 
     anchors, synthetic, agree, is_anchor, cos_div, pix_div = [], [], [], [], [], []
-    samples = islice(reader.iter_samples(shards), limit)
+    samples = islice(store.samples(), limit)  # verified shards only: a damaged one is an error naming it
     for group in _groups(samples, max(1, batch_size // 4)):
-        flat = np.concatenate([s["positives"] for s in group])
+        flat = np.concatenate([s.positives for s in group])
         feats = normalized(embed_batches(encoder, len(flat), flat.__getitem__, spec, batch_size=batch_size))
         _, nearest = index.search(feats, 1)
         offset = 0
         for sample in group:
-            a, k = int(sample["anchor_index"]), len(sample["positives"])
+            a, k = sample.anchor_index, len(sample.positives)
             own, own_nearest = feats[offset:offset + k], nearest[offset:offset + k, 0]
             offset += k
             anchors.append(a)
@@ -96,7 +97,7 @@ def positives_stats(encoder: FrozenEncoder, shards: str | Path, *, data_root: st
                 agree.append(labels[own_nearest] == labels[a])
             if k >= 2:
                 cos_div.append(_mean_pairwise(np.clip(1.0 - own @ own.T, 0.0, 2.0)))
-                pixels = sample["positives"].reshape(k, -1).astype(np.float64) / 255.0
+                pixels = sample.positives.reshape(k, -1).astype(np.float64) / 255.0
                 pix_div.append(_mean_pairwise(pairwise_distances(pixels)))
     anchors = np.asarray(anchors, dtype=np.int64)
 
@@ -114,7 +115,7 @@ def positives_stats(encoder: FrozenEncoder, shards: str | Path, *, data_root: st
               "synthetic": np.concatenate(synthetic) if synthetic else np.zeros(0)}
     stats = {name: summary(v) for name, v in values.items()}
     result = {
-        "shards": str(shards), "dataset": manifest["dataset"]["name"], "anchors": int(len(anchors)),
+        "shards": str(shards), "dataset": store.manifest.dataset.name, "anchors": int(len(anchors)),
         "positives": stats["synthetic"]["n"], "similarity": stats,
         "synthetic_harder_than_neighbour": (None if stats["synthetic"]["mean"] is None
                                             or stats["nearest_neighbour"]["mean"] is None

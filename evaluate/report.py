@@ -1,7 +1,8 @@
 """Where evaluation results go: ``results.json`` and ``report.md`` in a run directory, and the
 side-by-side report of CLSP and baseline runs beside the paper's numbers.
 
-``results.json`` is ``{command: {dataset: payload}}``; each command merges its entry in atomically.
+``results.json`` is ``{command: {dataset: payload}}``; each command merges its entry in atomically,
+under a lock.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from clsp.datasets import DATASETS, dataset_info
 from clsp.errors import UserError
-from clsp.io import atomic_path, write_bytes_atomic, write_json_atomic
+from clsp.io import atomic_path, exclusive_lock, write_bytes_atomic, write_json_atomic
 
 RESULTS_FILE = "results.json"
+RESULTS_LOCK = ".results.lock"
 REPORT_FILE = "report.md"
 
 PROTOCOL_NAMES = {"authors": "authors' protocol (METHOD.md section 4)",
@@ -33,11 +35,16 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
 
 
 def record_result(run_dir: str | Path, command: str, dataset: str, payload: Mapping[str, Any]) -> Path:
-    """Merge ``payload`` into ``results.json`` under ``[command][dataset]`` (atomic rewrite)."""
-    results = load_results(run_dir)
-    results.setdefault(command, {})[dataset] = dict(payload)
+    """Merge ``payload`` into ``results.json`` under ``[command][dataset]``.
+
+    Read-modify-rename under an exclusive lock, so concurrent commands writing one run directory never
+    lose each other's entries.
+    """
     path = Path(run_dir) / RESULTS_FILE
-    write_json_atomic(path, results)
+    with exclusive_lock(Path(run_dir) / RESULTS_LOCK):
+        results = load_results(run_dir)
+        results.setdefault(command, {})[dataset] = dict(payload)
+        write_json_atomic(path, results)
     return path
 
 

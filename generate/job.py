@@ -193,7 +193,7 @@ def _run(cfg: GenerateJob, accelerator: Accelerator, num_workers: int, worker_in
         return manifest, writer.completed_shards(cfg.shards)
 
     manifest, done = _main_first(accelerator, start, share=True)
-    total = writer.num_shards(manifest)
+    total = manifest.num_shards
     mine = assigned_shards(total, rank, world, done)
     if cfg.compile:
         _compile(unet)
@@ -208,10 +208,10 @@ def _run(cfg: GenerateJob, accelerator: Accelerator, num_workers: int, worker_in
             echo(f"wrote {path}: check the positives before the long run")
 
     began = time.perf_counter()
-    anchors = sum(len(writer.shard_anchor_range(manifest, i)) for i in mine)
+    anchors = sum(len(manifest.anchor_range(i)) for i in mine)
     with progress(total=anchors, desc="clsp-gen", main_process=accelerator.is_main_process, unit="anchor") as bar:
         for index in mine:
-            writer.write_shard(cfg.shards, index, gen.shard(writer.shard_anchor_range(manifest, index), bar.update),
+            writer.write_shard(cfg.shards, index, gen.shard(manifest.anchor_range(index), bar.update),
                                rank=rank, world_size=world)
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - began

@@ -159,9 +159,9 @@ def make_positive_shards(directory: Path, dataset, source: str) -> None:
     labels = dataset.labels()
     manifest = writer.init_manifest(directory, dataset=dataset.describe(), generation={"source": source},
                                     num_anchors=12, shard_size=6)
-    for shard in range(writer.num_shards(manifest)):
+    for shard in range(manifest.num_shards):
         samples = []
-        for a in writer.shard_anchor_range(manifest, shard):
+        for a in manifest.anchor_range(shard):
             donor = a if source == "anchor" else int(np.flatnonzero(labels != labels[a])[a])
             samples.append(schema.ShardSample(a, np.repeat(dataset.array([donor]), 3, axis=0), label=int(labels[a])))
         writer.write_shard(directory, shard, samples)

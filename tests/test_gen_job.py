@@ -70,11 +70,11 @@ def recorded(directory: Path) -> bool:
 
 
 def records(directory: Path) -> dict[int, dict]:
-    return {r["index"]: r for r in reader.read_manifest(directory)["shards"].values()}
+    return {r.index: r.model_dump() for r in reader.read_manifest(directory).shards.values()}
 
 
 def test_one_process_run_writes_verified_shards_with_labels_seeds_and_preview(reference):
-    manifest = reader.read_manifest(reference)
+    manifest = reader.read_manifest(reference).model_dump(mode="json")
     assert manifest["num_shards"] == NUM_SHARDS and len(shard_bytes(reference)) == NUM_SHARDS
     assert verify.verify_shards(reference) == []
     generation = manifest["generation"]
@@ -82,14 +82,14 @@ def test_one_process_run_writes_verified_shards_with_labels_seeds_and_preview(re
     assert len(generation["unet_sha256"]) == 16
     assert {(r["rank"], r["world_size"]) for r in records(reference).values()} == {(0, 1)}
     labels = get_dataset("digits").labels()
-    samples = list(reader.iter_samples(reference))
-    assert [s["anchor_index"] for s in samples] == list(range(LIMIT))
-    assert all(s["positives"].shape == (CANDIDATES, 16, 16, 3) for s in samples)
-    assert [s["label"] for s in samples] == labels[:LIMIT].tolist()
-    assert [s["seed"] for s in samples] == [anchor_seed(0, i) for i in range(LIMIT)]
-    assert len({s["seed"] for s in samples}) == LIMIT
+    samples = list(reader.ShardDirectory.open(reference).samples())
+    assert [s.anchor_index for s in samples] == list(range(LIMIT))
+    assert all(s.positives.shape == (CANDIDATES, 16, 16, 3) for s in samples)
+    assert [s.label for s in samples] == labels[:LIMIT].tolist()
+    assert [s.seed for s in samples] == [anchor_seed(0, i) for i in range(LIMIT)]
+    assert len({s.seed for s in samples}) == LIMIT
     # an anchor's candidates differ from each other (each from its own x_T)
-    assert all(not np.array_equal(s["positives"][0], s["positives"][1]) for s in samples)
+    assert all(not np.array_equal(s.positives[0], s.positives[1]) for s in samples)
     with Image.open(reference / "preview.png") as png:  # 4 rows of anchor + k positives, enlarged to MIN_CELL
         assert png.format == "PNG"
         assert png.height == 4 * (MIN_CELL + PAD) + PAD and png.width >= (CANDIDATES + 1) * MIN_CELL
@@ -206,7 +206,7 @@ def test_other_settings_are_refused_unless_overwrite(reference, model_dir, one_t
     assert f"{NUM_SHARDS} were already complete" in same.output
     replaced = run_gen(shards, model_dir, "--weight", "0.2", "--overwrite", "--no-preview")
     assert replaced.exit_code == 0, replaced.output
-    assert reader.read_manifest(shards)["generation"]["weight"] == 0.2
+    assert reader.read_manifest(shards).generation["weight"] == 0.2
     new, old = shard_bytes(shards), shard_bytes(reference)
     assert new.keys() == old.keys() and all(new[k] != old[k] for k in new)
     assert verify.verify_shards(shards) == []

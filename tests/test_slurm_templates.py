@@ -69,7 +69,7 @@ def test_array_template_tasks_together_write_the_complete_set_once(job_env, tmp_
     for task in tasks:  # both at once, as Slurm would run them
         finish(task)
     shards = tmp_path / "shards" / "digits"  # the template's default directory
-    got = {r["index"]: (r["rank"], r["world_size"]) for r in reader.read_manifest(shards)["shards"].values()}
+    got = {r.index: (r.rank, r.world_size) for r in reader.read_manifest(shards).shards.values()}
     assert got == {0: (0, 2), 1: (1, 2), 2: (0, 2)}
     assert verify.verify_shards(shards) == []
     assert (shards / "preview.png").is_file()
@@ -86,5 +86,5 @@ def test_multinode_template_forms_one_process_group_over_its_processes(job_env, 
                SLURM_JOB_NODELIST="localhost", GPUS_PER_NODE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     out = finish(run_template("gen-multinode.sbatch", env, tmp_path))
     assert "verify: no problems" in out
-    got = {r["index"]: (r["rank"], r["world_size"]) for r in reader.read_manifest(tmp_path / "out")["shards"].values()}
+    got = {r.index: (r.rank, r.world_size) for r in reader.read_manifest(tmp_path / "out").shards.values()}
     assert got == {0: (0, 2), 1: (1, 2), 2: (0, 2)}

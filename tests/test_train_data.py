@@ -36,8 +36,8 @@ def make_train_shards(directory: Path, *, num_anchors: int = NUM_ANCHORS, shard_
     dataset = get_dataset(dataset_name)
     manifest = writer.init_manifest(directory, dataset=dataset.describe(), generation={"fabricated": True},
                                     num_anchors=num_anchors, shard_size=shard_size)
-    for index in range(writer.num_shards(manifest)) if shards is None else shards:
-        anchors = writer.shard_anchor_range(manifest, index)
+    for index in range(manifest.num_shards) if shards is None else shards:
+        anchors = manifest.anchor_range(index)
         images = dataset.array(list(anchors))
         writer.write_shard(directory, index, (
             schema.ShardSample(anchor_index=a, positives=fabricated_positives(img, a), label=int(dataset.labels()[a]),

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clsp.datasets import ImageDataset
 from clsp.errors import UserError
-from clsp.shards import reader, writer
+from clsp.shards import reader
 from clsp.train.augment import augment_images, cpu_transform
 from clsp.train.recipes import ViewAugmentation
 
@@ -41,16 +41,24 @@ from clsp.train.recipes import ViewAugmentation
 class ShardSet:
     """The verified shards of a directory and the anchors each holds."""
 
-    directory: Path
-    manifest: dict
+    store: reader.ShardDirectory
     shards: tuple[int, ...]
 
     @property
+    def directory(self) -> Path:
+        return self.store.path
+
+    @property
+    def manifest(self) -> dict:
+        """The validated manifest as JSON data, as run summaries record it."""
+        return self.store.manifest.model_dump(mode="json")
+
+    @property
     def shard_size(self) -> int:
-        return int(self.manifest["shard_size"])
+        return self.store.manifest.shard_size
 
     def anchors(self, shard: int) -> range:
-        return writer.shard_anchor_range(self.manifest, shard)
+        return self.store.anchor_range(shard)
 
     @property
     def num_anchors(self) -> int:
@@ -59,17 +67,16 @@ class ShardSet:
 
 def open_shards(directory: str | Path, *, allow_partial: bool = False) -> ShardSet:
     """The shards that pass verification; refuses a directory with none, or with gaps unless allowed."""
-    directory = Path(directory)
-    manifest = reader.read_manifest(directory)
-    expected = writer.num_shards(manifest)
-    done = writer.completed_shards(directory)
+    store = reader.ShardDirectory.open(directory)
+    expected = store.num_shards
+    done = store.verified_shards()
     if not done:
         raise UserError(f"{directory} has no finished shard that passes verification; generate the positives "
                         f"with clsp-gen (`clsp shards verify {directory}` shows what is wrong)")
     missing = sorted(set(range(expected)) - done)
-    shards = ShardSet(directory, manifest, tuple(sorted(done)))
+    shards = ShardSet(store, tuple(sorted(done)))
     if missing and not allow_partial:
-        uncovered = int(manifest["num_anchors"]) - shards.num_anchors
+        uncovered = store.manifest.num_anchors - shards.num_anchors
         raise UserError(f"{len(missing)} of {expected} shards in {directory} are missing or fail verification "
                         f"(first: shard {missing[0]}), so {uncovered} anchors have no positives; finish them "
                         f"with clsp-gen, or pass --allow-partial to train on the {shards.num_anchors} covered anchors")
@@ -180,18 +187,13 @@ class ContrastiveStream(IterableDataset):
         if not self.positives:
             return {}
         wanted = set(anchors.tolist())
-        draws = np.random.default_rng([self.seed, self.epoch, 1]).random(int(self.shards.manifest["num_anchors"]))
+        draws = np.random.default_rng([self.seed, self.epoch, 1]).random(self.shards.store.manifest.num_anchors)
         found = {}
         shard_ids = sorted({int(a) // self.shards.shard_size for a in wanted})
-        for sample in reader.iter_samples(self.shards.directory, shard_ids):
-            a = sample["anchor_index"]
+        for sample in self.shards.store.samples(shard_ids):  # each shard verified before it is read
+            a = sample.anchor_index
             if a in wanted:
-                candidates = sample["positives"]
-                found[a] = (sample["anchor"], candidates[int(draws[a] * len(candidates))])
-        if len(found) != len(wanted):
-            lost = sorted(wanted - set(found))
-            raise UserError(f"shards {shard_ids} in {self.shards.directory} lack anchors {lost[:5]} that their "
-                            f"manifest promises; run `clsp shards verify {self.shards.directory}`")
+                found[a] = (sample.anchor, sample.positives[int(draws[a] * len(sample.positives))])
         return found
 
     def _batch(self, anchors: np.ndarray, chunk: dict, step: int) -> dict[str, torch.Tensor]:

@@ -261,7 +261,7 @@ class Trainer:
         checksums = gather_object([weights_digest(backbone)])
         summary = {
             "method": config.method, "clsp_lambda": config.clsp_lambda, "backbone": config.backbone,
-            "dataset": self.shards.manifest["dataset"], "epochs": config.epochs, "steps": self.global_step,
+            "dataset": self.shards.store.manifest.dataset.model_dump(), "epochs": config.epochs, "steps": self.global_step,
             "batch_size": config.batch_size, "world_size": self.world_size, "anchors": self.shards.num_anchors,
             "anchors_per_epoch": self.steps_per_epoch * config.batch_size,
             "precision": resolve_precision(config.precision, self.device), "settings": config.model_dump(),
@@ -271,7 +271,7 @@ class Trainer:
         if acc.is_main_process:
             card = EncoderCard(backbone=config.backbone, small_stem=self.small_stem, feature_dim=backbone.feature_dim,
                                method=config.method, clsp_lambda=config.clsp_lambda,
-                               dataset=self.shards.manifest["dataset"], image_size=self.image_size,
+                               dataset=self.shards.store.manifest.dataset.model_dump(), image_size=self.image_size,
                                mean=list(self.dataset.mean), std=list(self.dataset.std),
                                probe_lr=RECIPES[config.method].for_dataset(self.dataset.name)["probe_lr"],
                                settings=config.model_dump())

@@ -13,7 +13,8 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from clsp.errors import UserError
 from clsp.generate.ddpm_presets import PRESETS, build_unet
-from clsp.generate.unet import SHIPPED_MODELS, check_compatible, default_unet_for, load_unet, sample_images
+from clsp.errors import UserError
+from clsp.generate.unet import check_compatible, load_unet, resolve_unet, sample_images
 from conftest import make_scheduler, make_tiny_unet
 
 CLSP = str(Path(sys.executable).parent / "clsp")  # the installed console script
@@ -77,9 +78,11 @@ def test_offline_uncached_hub_id_is_one_clear_line(tmp_path: Path, cli_env: dict
 
 
 def test_defaults_per_dataset() -> None:
-    assert default_unet_for("cifar10") == "google/ddpm-cifar10-32"
-    assert default_unet_for("digits") == str(SHIPPED_MODELS["digits"])
-    assert default_unet_for("stl10") is None
+    assert resolve_unet(None, "cifar10") == "google/ddpm-cifar10-32"
+    assert Path(resolve_unet(None, "digits")).name == "digits-ddpm"
+    assert resolve_unet("my/model", "digits") == "my/model"
+    with pytest.raises(UserError, match="clsp ddpm train --dataset stl10"):
+        resolve_unet(None, "stl10")
 
 
 def test_ddpm_cifar_preset_is_the_35_7m_model() -> None:
@@ -88,7 +91,7 @@ def test_ddpm_cifar_preset_is_the_35_7m_model() -> None:
 
 
 def test_shipped_digits_model_loads_offline_and_draws_images() -> None:
-    path = Path(default_unet_for("digits"))
+    path = Path(resolve_unet(None, "digits"))
     weights = path / "diffusion_pytorch_model.safetensors"
     assert weights.is_file() and weights.stat().st_size < 8 * 2**20
     unet, scheduler = load_unet(str(path))

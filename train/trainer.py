@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clsp.errors import UserError
-from clsp.io import write_json_atomic
+from clsp.io import remove_stale_temporaries, write_json_atomic
 from clsp.resume import load_checkpoint, resume_settings, save_checkpoint, set_rng_state, weights_digest
 from clsp.runtime import make_accelerator, progress, resolve_precision
 from clsp.shards import reader
@@ -176,6 +176,8 @@ class Trainer:
     def fit(self) -> dict:
         """Train (resuming when a checkpoint exists), export the encoder, write the summary."""
         config, acc = self.config, self.accelerator
+        if acc.is_main_process:  # temporaries of a killed run: removed once their writer is gone
+            remove_stale_temporaries(self.out, CHECKPOINT)
         resumed = self.maybe_resume()
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,8 @@ from clsp.train.backbones import build_backbone
 from clsp.train.data import ContrastiveStream, make_loader, open_shards
 from clsp.train.methods import METHODS, build_method
 from clsp.train.optim import build_optimizer
-from clsp.train.trainer import METHOD_DEFAULTS
+from clsp.train.config import TrainJob
+from clsp.train.recipes import ViewAugmentation
 
 CIFAR_ANCHORS = 50_000
 GOAL_EPOCH_S = 10.0
@@ -49,8 +50,8 @@ def make_shards(directory: Path, num_anchors: int, k: int, size: int) -> tuple[P
     manifest = writer.init_manifest(directory, dataset=dataset.describe(), generation={"bench": True},
                                     num_anchors=num_anchors, shard_size=256)
     rng = np.random.default_rng(0)
-    for index in range(writer.num_shards(manifest)):
-        anchors = writer.shard_anchor_range(manifest, index)
+    for index in range(manifest.num_shards):
+        anchors = manifest.anchor_range(index)
         images = dataset.array(list(anchors)).astype(np.int16)
         writer.write_shard(directory, index, (
             schema.ShardSample(anchor_index=a, positives=np.clip(
@@ -62,8 +63,10 @@ def make_shards(directory: Path, num_anchors: int, k: int, size: int) -> tuple[P
 def bench_data(shards, dataset, *, augment: str, batch_size: int, workers: int, device: torch.device,
                epochs: int) -> float:
     """Anchors per second through the loader and augmentation (3 views each), after a warm-up epoch."""
-    stream = ContrastiveStream(shards, dataset, batch_size=batch_size, num_workers=workers, augment=augment)
-    device_augment = DeviceAugment(dataset.image_size, dataset.mean, dataset.std).to(device) \
+    view = ViewAugmentation()
+    stream = ContrastiveStream(shards, dataset, batch_size=batch_size, num_workers=workers,
+                               views=(view, view) if augment == "cpu" else None)
+    device_augment = DeviceAugment(dataset.image_size, dataset.mean, dataset.std, view).to(device) \
         if augment == "device" else None
     count, start = 0, 0.0
     for epoch in range(epochs + 1):
@@ -88,12 +91,12 @@ def bench_steps(method_name: str, *, batch_size: int, device: torch.device, prec
     """Anchors per second of full training steps (3 views of 32x32, forward + backward + optimiser)."""
     torch.manual_seed(0)
     backbone = build_backbone("resnet18", small_stem=True)
-    method = build_method(method_name, backbone, clsp_weight=None).to(device)
+    job = TrainJob(method=method_name, shards="unused", out="unused").resolved("cifar10")
+    method = build_method(job, backbone).to(device)
     if compile_:
         method.backbone.compile()
-    defaults = METHOD_DEFAULTS[method_name]
-    optimizer = build_optimizer(defaults["optimizer"], method.parameter_groups(defaults["weight_decay"]),
-                                defaults["lr"])
+    optimizer = build_optimizer(job.optimizer, method.parameter_groups(job.weight_decay, job.weight_decay_scope),
+                                job.lr)
     views = [torch.randn(batch_size, 3, 32, 32, device=device) for _ in range(3)]
     labels = torch.randint(0, 10, (batch_size,), device=device)
     for i in range(warmup + steps):

@@ -39,6 +39,8 @@ SUMMARY = "train_summary.json"
 CURVE = "loss_curve.png"
 METRICS = ("loss", "loss_base", "loss_clsp", "nn_acc", "probe_acc")
 # Settings that do not change the weights, so a run may resume with other values of them.
+# Where a run reads and writes: not part of what an encoder is (its card stays the same wherever it was trained).
+_PATHS = {"out", "shards", "data_root"}
 _NOT_RESUMED = ("out", "shards", "data_root", "allow_partial", "checkpoint_every", "checkpoint_steps", "log_every",
                 "compile")
 
@@ -266,7 +268,7 @@ class Trainer:
             "dataset": self.shards.store.manifest.dataset.model_dump(), "epochs": config.epochs, "steps": self.global_step,
             "batch_size": config.batch_size, "world_size": self.world_size, "anchors": self.shards.num_anchors,
             "anchors_per_epoch": self.steps_per_epoch * config.batch_size,
-            "precision": resolve_precision(config.precision, self.device), "settings": config.model_dump(),
+            "precision": resolve_precision(config.precision, self.device), "settings": config.model_dump(exclude=_PATHS),
             "time_s": round(self.elapsed, 2), "final": self.epoch_metrics, "rank_checksums": checksums,
             "ranks_in_sync": len(set(checksums)) == 1,
         }
@@ -276,7 +278,7 @@ class Trainer:
                                dataset=self.shards.store.manifest.dataset.model_dump(), image_size=self.image_size,
                                mean=list(self.dataset.mean), std=list(self.dataset.std),
                                probe_lr=RECIPES[config.method].for_dataset(self.dataset.name)["probe_lr"],
-                               settings=config.model_dump())
+                               settings=config.model_dump(exclude=_PATHS))
             export_encoder(backbone, self.out, card)
             write_json_atomic(self.out / SUMMARY, summary)
             plot_losses(self.history, self.out / CURVE, self.steps_per_epoch)

@@ -9,6 +9,7 @@ import click
 # subcommand -> (module, attribute, one-line help)
 _COMMANDS = {
     "run": ("clsp.pipeline", "run", "Run a whole experiment from a pipeline.yaml (skips what is done)."),
+    "study": ("clsp.study", "study", "CLSP vs baseline over paired seeds per method, with 95% intervals."),
     "ddpm": ("clsp.generate.ddpm_cli", "ddpm", "Train, sample and score unconditional DDPM models."),
     "gen": ("clsp.generate.cli", "gen", "Stage 1: draw synthetic positives into shards (same as clsp-gen)."),
     "shards": ("clsp.shards.cli", "shards", "Inspect, verify and preview a shard directory."),

@@ -60,13 +60,22 @@ class TrainSection(TrainSettings):
             if not _RUN_NAME.match(name):
                 raise ValueError(f"run name {name!r} must be 1-64 letters, digits, '-' or '_'")
             self.run_settings(name)  # each run's settings are valid on their own
+            seed = self.run_seed(name)
+            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+                raise ValueError(f"run {name!r}: seed must be an integer >= 0, got {seed!r}")
         return self
+
+    def run_seed(self, name: str) -> int | None:
+        """A run's own seed (a study's repeated runs), or None for the pipeline's."""
+        own = self.runs[name]
+        return own.get("seed") if isinstance(own, dict) else None
 
     def run_settings(self, name: str) -> dict[str, Any]:
         """The settings of run ``name``: the shared ones with the run's own applied, validated."""
         own = self.runs[name]
         if not isinstance(own, dict):
             own = {} if own is None else {"clsp_lambda": own}
+        own = {key: value for key, value in own.items() if key != "seed"}
         try:
             return TrainSettings.model_validate({**self.model_dump(exclude={"runs"}), **own}).model_dump()
         except ValidationError as error:
@@ -179,8 +188,10 @@ class Pipeline:
 
         for run_name in cfg.train.runs:
             out = self.run_dir / "train" / run_name
-            job = parse(TrainJob, {**cfg.train.run_settings(run_name), "shards": str(shards), "out": str(out), "data_root": cfg.dataset.data_root,
-                                   "seed": seed, "allow_partial": cfg.generate.limit is not None}, where="train")
+            run_seed = cfg.train.run_seed(run_name)
+            job = parse(TrainJob, {**cfg.train.run_settings(run_name), "shards": str(shards), "out": str(out),
+                                   "data_root": cfg.dataset.data_root, "seed": seed if run_seed is None else run_seed,
+                                   "allow_partial": cfg.generate.limit is not None}, where="train")
             resolved = job.resolved(cfg.dataset.name)
             self._add(Stage(f"train:{run_name}", job, lambda job=job: run_training(job), upstream=["generate"],
                             outputs=[out / "encoder.safetensors", out / "encoder.json"],

@@ -19,8 +19,13 @@ def make_accelerator(precision: str = "fp32", **kwargs) -> Accelerator:
     """Build the Accelerator every command uses.
 
     ``cpu=True`` on machines without CUDA makes ``accelerate launch --multi_gpu`` form a real gloo
-    process group on CPUs instead of N independent rank-0 processes.
+    process group on CPUs instead of N independent rank-0 processes. Stages run one after another in
+    one process (``clsp run``) may want different precisions: the previous stage's mixed-precision state
+    is dropped first, while the process group (accelerate's partial state) is kept.
     """
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
     mixed = "bf16" if resolve_precision(precision) == "bf16" else "no"
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed, **kwargs)
 

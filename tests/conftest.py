@@ -61,3 +61,12 @@ def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONHASHSEED="0", TOKENIZERS_PARALLELISM="false")
     return env
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real one-node Slurm cluster (see slurm_cluster.py), started once for the whole session."""
+    from slurm_cluster import running_cluster
+
+    with running_cluster() as cluster:
+        yield cluster

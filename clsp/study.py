@@ -160,6 +160,7 @@ def study(config: str, seeds: int, methods: str, clsp_lambda: float | None, over
     pipeline = Pipeline(resolved)
     pipeline.check()
     pipeline.run()
+    click.echo(f"[clsp study] ran: {', '.join(pipeline.ran) or 'nothing (everything was done already)'}")
     summary = summarise(study_dir / "eval", chosen, seed_list)
     png = study_dir / "study.png"
     plot_differences(summary, png)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from clsp.shards import reader, verify
@@ -25,10 +26,15 @@ SLURM = Path(__file__).resolve().parents[1] / "slurm"
 BIN = Path(sys.executable).parent
 LIMIT, SHARD_SIZE = 64, 16
 NUM_SHARDS = LIMIT // SHARD_SIZE
+GENERATE = {"limit": LIMIT, "shard_size": SHARD_SIZE, "candidates": 2, "steps": 2, "batch_size": 16, "preview": False}
+TRAIN = {"method": "simclr", "backbone": "resnet-narrow", "epochs": 1, "batch_size": 16, "workers": 0,
+         "precision": "fp32", "proj_hidden_dim": 64, "proj_output_dim": 32}
+LAMBDA = 0.3
 GEN_ARGS = ["--limit", str(LIMIT), "--shard-size", str(SHARD_SIZE), "--candidates", "2", "--steps", "2",
             "--batch-size", "16", "--no-preview"]
 TRAIN_ARGS = ["--method", "simclr", "--backbone", "resnet-narrow", "--epochs", "1", "--batch-size", "16",
-              "--workers", "0", "--precision", "fp32", "--proj-hidden-dim", "64", "--proj-output-dim", "32"]
+              "--workers", "0", "--precision", "fp32", "--proj-hidden-dim", "64", "--proj-output-dim", "32",
+              "--clsp-lambda", str(LAMBDA)]
 # What a one-node, 2-CPU cluster without GPUs can give (--mem=0: all of the node's memory).
 ONE_TASK = ["--gres=none", "--cpus-per-task=1", "--mem=0"]
 ONE_NODE = ["--nodes=1", "--gres=none", "--cpus-per-task=2", "--mem=0"]
@@ -66,8 +72,18 @@ def shard_bytes(directory: Path) -> dict[str, bytes]:
 
 def shard_list(directory: Path) -> dict[str, dict]:
     """The manifest's shard records without who wrote them (rank, world size): names, anchors, checksums."""
-    return {name: {k: v for k, v in record.items() if k not in ("rank", "world_size")}
-            for name, record in reader.read_manifest(directory)["shards"].items()}
+    return {name: record.model_dump(exclude={"rank", "world_size"})
+            for name, record in reader.read_manifest(directory).shards.items()}
+
+
+def pipeline_config(root: Path) -> Path:
+    """The configuration every job of a test runs stages of (the templates' CLSP_CONFIG)."""
+    config = {"run_dir": str(root / "run"), "dataset": {"name": "digits", "data_root": str(root / "data")},
+              "generate": GENERATE, "train": {**TRAIN, "runs": {"clsp": LAMBDA}},
+              "evaluate": {"linear_epochs": 2, "positives": False, "embed_plot": False}}
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -81,35 +97,36 @@ def reference(tmp_path_factory) -> Path:
     return shards
 
 
-def gen_env(cluster: SlurmCluster, shards: Path, **extra: str) -> dict[str, str]:
-    return job_env(cluster, CLSP_DATASET="digits", CLSP_SHARDS=str(shards), CLSP_GEN_ARGS=" ".join(GEN_ARGS),
-                   **extra)
+def gen_env(cluster: SlurmCluster, root: Path, **extra: str) -> dict[str, str]:
+    return job_env(cluster, CLSP_CONFIG=str(pipeline_config(root)), **extra)
 
 
 @pytest.mark.slow
 def test_array_job_writes_the_same_shards_as_one_local_process(slurm_cluster, reference, tmp_path):
-    shards = tmp_path / "shards"
+    shards = tmp_path / "run" / "shards"
     _, logs = finish(sbatch("gen-array.sbatch", "--wait", "--array=0-1", *ONE_TASK,
-                            env=gen_env(slurm_cluster, shards), cwd=tmp_path), slurm_cluster, tmp_path)
-    assert "clsp-gen array task 0 of 2" in logs and "clsp-gen array task 1 of 2" in logs
-    got = {r["index"]: (r["rank"], r["world_size"]) for r in reader.read_manifest(shards)["shards"].values()}
+                            env=gen_env(slurm_cluster, tmp_path), cwd=tmp_path), slurm_cluster, tmp_path)
+    assert "--only generate: array task 0 of 2" in logs and "--only generate: array task 1 of 2" in logs
+    got = {r.index: (r.rank, r.world_size) for r in reader.read_manifest(shards).shards.values()}
     assert got == {i: (i % 2, 2) for i in range(NUM_SHARDS)}  # Slurm's task ids dealt the shards
     assert shard_list(shards) == shard_list(reference)
     assert shard_bytes(shards) == shard_bytes(reference)
     assert verify.verify_shards(shards) == []
+    state = json.loads((tmp_path / "run" / "pipeline_state.json").read_text())
+    assert list(state) == ["generate"]  # the task that completed the set recorded the stage for clsp run
 
 
 @pytest.mark.slow
 def test_after_scancel_of_a_task_resubmitting_it_finishes_the_set(slurm_cluster, reference, tmp_path):
-    shards = tmp_path / "shards"
+    shards = tmp_path / "run" / "shards"
     # Held, so that task 1 is cancelled before it writes anything (a race with a running task would be flaky).
     first, _ = finish(sbatch("gen-array.sbatch", "--hold", "--array=0-1", *ONE_TASK,
-                             env=gen_env(slurm_cluster, shards), cwd=tmp_path), slurm_cluster, tmp_path)
+                             env=gen_env(slurm_cluster, tmp_path), cwd=tmp_path), slurm_cluster, tmp_path)
     slurm_cluster.run("scancel", f"{first}_1")
     # The template's documented rerun of one task (keep the array size, submit that index), queued behind the
     # first array so that one sbatch --wait covers both.
     rerun = sbatch("gen-array.sbatch", "--wait", "--array=1", f"--dependency=afterany:{first}", *ONE_TASK,
-                   env=gen_env(slurm_cluster, shards, CLSP_NUM_WORKERS="2"), cwd=tmp_path)
+                   env=gen_env(slurm_cluster, tmp_path, CLSP_NUM_WORKERS="2"), cwd=tmp_path)
     slurm_cluster.run("scontrol", "release", first)
     second, _ = finish(rerun, slurm_cluster, tmp_path)
     assert not (tmp_path / f"clsp-gen-{first}_1.out").exists()  # the cancelled task never ran
@@ -122,25 +139,30 @@ def test_after_scancel_of_a_task_resubmitting_it_finishes_the_set(slurm_cluster,
 
 
 @pytest.mark.slow
-def test_multinode_train_job_runs_two_ranks_like_a_local_accelerate_launch(slurm_cluster, reference, tmp_path):
+def test_multinode_train_job_runs_two_ranks_like_a_local_accelerate_launch(slurm_cluster, tmp_path):
+    config = pipeline_config(tmp_path)
+    run_dir = tmp_path / "run"
+    done = subprocess.run([str(BIN / "clsp"), "run", str(config), "--only", "generate"], env=local_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
     port = free_port()
-    env = job_env(slurm_cluster, CLSP_SHARDS=str(reference), CLSP_OUT=str(tmp_path / "slurm-run"),
-                  CLSP_DATA_ROOT=str(tmp_path / "data"), CLSP_TRAIN_ARGS=" ".join(TRAIN_ARGS), GPUS_PER_NODE="2",
+    env = job_env(slurm_cluster, CLSP_CONFIG=str(config), CLSP_STAGE="train:clsp", GPUS_PER_NODE="2",
                   MASTER_PORT=str(port))
     _, logs = finish(sbatch("train-multinode.sbatch", "--wait", *ONE_NODE, env=env, cwd=tmp_path), slurm_cluster,
                      tmp_path)
     assert f"rendezvous {slurm_cluster.node}:{port}" in logs  # MASTER_ADDR: from the job's node list, by scontrol
-    summary = json.loads((tmp_path / "slurm-run" / "train_summary.json").read_text())
+    summary = json.loads((run_dir / "train" / "clsp" / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
+    assert set(json.loads((run_dir / "pipeline_state.json").read_text())) == {"generate", "train:clsp"}
 
     local = tmp_path / "local-run"
     cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "clsp.train.cli", "--shards", str(reference), "--out", str(local), "--data-root",
-           str(tmp_path / "data"), *TRAIN_ARGS]
+           "-m", "clsp.train.cli", "--shards", str(run_dir / "shards"), "--out", str(local), "--data-root",
+           str(tmp_path / "data"), "--allow-partial", *TRAIN_ARGS]
     done = subprocess.run(cmd, env=local_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
-    ours = load_file(str(tmp_path / "slurm-run" / "encoder.safetensors"))
+    ours = load_file(str(run_dir / "train" / "clsp" / "encoder.safetensors"))
     theirs = load_file(str(local / "encoder.safetensors"))
     assert ours.keys() == theirs.keys()
     assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []

@@ -22,7 +22,8 @@ from torch import nn
 
 from clsp.datasets import ImageDataset, dataset_info, get_dataset
 from clsp.errors import UserError
-from clsp.io import atomic_path
+from clsp.images import to_float
+from clsp.io import atomic_path, file_digest
 from clsp.runtime import progress
 from clsp.train.backbones import EncoderCard, load_encoder
 
@@ -65,7 +66,7 @@ class FrozenEncoder:
     @torch.no_grad()
     def embed(self, images: np.ndarray, spec: InputSpec, flip: bool = False) -> np.ndarray:
         """float32 ``[n, feature_dim]`` features of uint8 ``[n, H, W, 3]`` images."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
+        x = to_float(images, signed=False).to(self.device)
         if x.shape[-2:] != (spec.size, spec.size):
             x = F.interpolate(x, size=(spec.size, spec.size), mode="bilinear", antialias=True, align_corners=False)
         if flip:
@@ -78,16 +79,6 @@ class FrozenEncoder:
     def embed_normalised(self, x: torch.Tensor) -> np.ndarray:
         """float32 features of an already resized and normalised float ``[n, 3, size, size]`` batch."""
         return self.module(x.to(self.device)).float().cpu().numpy()
-
-
-def file_hash(*paths: Path) -> str:
-    """A short sha256 of files' contents (identifies an encoder by its weights, not its timestamps)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def load_frozen_encoder(path: str | Path, device: str | torch.device | None = None) -> FrozenEncoder:
@@ -109,7 +100,9 @@ def load_frozen_encoder(path: str | Path, device: str | torch.device | None = No
     if out.shape != (2, card.feature_dim):
         raise UserError(f"encoder {directory} gives features of shape {tuple(out.shape[1:])} but encoder.json says "
                         f"feature_dim {card.feature_dim}; re-export the encoder")
-    fingerprint = file_hash(directory / "encoder.safetensors", directory / "encoder.json")
+    # identified by content, not timestamps: the weights' and the card's digests
+    fingerprint = hashlib.sha256("".join(file_digest(directory / name)[1] for name in
+                                         ("encoder.safetensors", "encoder.json")).encode()).hexdigest()[:16]
     return FrozenEncoder(module.eval(), card, fingerprint, directory, device)
 
 

@@ -36,6 +36,7 @@ from clsp.errors import UserError
 from clsp.generate.ddpm_presets import build_unet, get_preset, preset_for_dataset
 from clsp.generate.unet import sample_images, save_grid
 from clsp.generate.config import DDPMJob
+from clsp.images import to_float
 from clsp.io import write_json_atomic
 from clsp.resume import load_checkpoint, resume_settings, save_checkpoint, set_rng_state, weights_digest
 from clsp.runtime import make_accelerator, progress, resolve_precision
@@ -65,8 +66,8 @@ _NOT_RESUMED = ("out", "data_root", "steps", "checkpoint_every", "sample_every",
 
 
 def _images(dataset) -> torch.Tensor:
-    """All training images as uint8 ``[N, C, H, W]`` (digits and CIFAR fit in memory many times over)."""
-    return torch.from_numpy(dataset.array(np.arange(len(dataset)))).permute(0, 3, 1, 2).contiguous()
+    """All training images as uint8 ``[N, H, W, C]`` (digits and CIFAR fit in memory many times over)."""
+    return torch.from_numpy(dataset.array(np.arange(len(dataset))))
 
 
 def _step_generator(*key: int) -> torch.Generator:
@@ -78,7 +79,7 @@ def _batch(images: torch.Tensor, cfg: DDPMJob, step: int, rank: int, world: int,
     n = len(images)
     order = torch.randperm(n, generator=_step_generator(cfg.seed, step))
     chosen = order[torch.arange(cfg.batch_size) % n][rank::world]  # wraps around when the batch exceeds the data
-    x = images[chosen].float() / 127.5 - 1
+    x = to_float(images[chosen], signed=True)
     g = _step_generator(cfg.seed, step, rank + 1)
     if cfg.flip:
         flip = torch.rand(len(x), generator=g) < 0.5

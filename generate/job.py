@@ -26,6 +26,7 @@ from clsp.datasets import ImageDataset, get_dataset
 from clsp.errors import UserError
 from clsp.generate.sampler import sample_positives
 from clsp.generate.config import GenerateJob
+from clsp.images import to_float, to_uint8
 from clsp.generate.unet import check_compatible, load_unet, resolve_unet
 from clsp.runtime import make_accelerator, progress, resolve_precision
 from clsp.shards import schema, verify, writer
@@ -73,16 +74,6 @@ def model_fingerprint(unet: torch.nn.Module, scheduler) -> str:
     return digest.hexdigest()[:16]
 
 
-def _to_model_range(images: np.ndarray) -> torch.Tensor:
-    """uint8 ``[n, H, W, 3]`` -> float ``[n, 3, H, W]`` in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float ``[n, k, C, H, W]`` in [-1, 1] -> uint8 ``[n, k, H, W, C]``."""
-    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
-
-
 class _PositiveDrawer:
     """The model, the data and the settings that turn anchor indices into shard samples."""
 
@@ -95,8 +86,8 @@ class _PositiveDrawer:
         device = self.unet.device
         seeds = [anchor_seed(self.cfg.seed, i) for i in indices]
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-        positives = _to_uint8(sample_positives(
-            self.unet, self.scheduler, _to_model_range(images), self.cfg.candidates, weight=self.cfg.interpolation,
+        positives = to_uint8(sample_positives(
+            self.unet, self.scheduler, to_float(images, signed=True), self.cfg.candidates, weight=self.cfg.interpolation,
             steps=self.cfg.steps, eta=self.cfg.eta, generator=generators, precision=self.precision,
             share_anchor_pass=self.cfg.share_anchor_pass))
         return [schema.ShardSample(anchor_index=i, positives=positives[j], label=int(self.labels[i]), seed=seeds[j],

@@ -18,6 +18,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from clsp.datasets import dataset_info
 from clsp.errors import UserError
+from clsp.images import to_uint8
 from clsp.io import atomic_path
 from clsp.runtime import autocast
 
@@ -130,7 +131,7 @@ def sample_images(unet: UNet2DModel, scheduler: DDPMScheduler, num_images: int, 
             with autocast(device, precision):
                 eps = unet(x, t).sample.float()
             x = ddim.step(eps, t, x, eta=eta, generator=generator).prev_sample
-        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+        out.append(to_uint8(x))
     return np.concatenate(out)
 
 

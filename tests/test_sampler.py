@@ -13,7 +13,8 @@ from diffusers import UNet2DModel
 
 from clsp.errors import UserError
 from clsp.generate import interpolated_noise_prediction, sample_positives
-from clsp.generate.sampler import ddim_timestep_pairs
+from clsp.generate import sampler as sampler_module
+from clsp.generate.sampler import _decode, ddim_timestep_pairs, encode, num_skips, time_embedding
 
 
 def _load_bench():
@@ -54,7 +55,7 @@ def _inputs(unet: UNet2DModel, rows: int = 3, seed: int = 0):
 @pytest.mark.parametrize("attention", [True, False])
 @pytest.mark.parametrize("layers_per_block", [1, 2])
 @pytest.mark.parametrize("sample_size", [16, 32])
-def test_weight_one_is_exactly_the_plain_unet(attention, layers_per_block, sample_size):
+def test_w_one_is_exactly_the_plain_unet(attention, layers_per_block, sample_size):
     unet = make_tiny_unet(sample_size=sample_size, attention=attention, layers_per_block=layers_per_block).eval()
     x, anchor = _inputs(unet)
     for t in (7, torch.tensor(500), torch.tensor([999, 10, 400])):
@@ -64,7 +65,7 @@ def test_weight_one_is_exactly_the_plain_unet(attention, layers_per_block, sampl
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_weight_one_exact_and_mix_matches_hook_reference_on_other_configs(variant):
+def test_w_one_exact_and_mix_matches_hook_reference_on_other_configs(variant):
     unet = _unet(**VARIANTS[variant])
     x, anchor = _inputs(unet)
     t = torch.tensor(321)
@@ -85,11 +86,11 @@ def test_decoder_input_is_the_linear_mix_of_the_two_bottlenecks():
     seen = {}
     unet.mid_block.register_forward_hook(lambda m, args, out: seen.__setitem__("mid", out.clone()))
     unet.up_blocks[0].register_forward_pre_hook(lambda m, args: seen.__setitem__("decoder_in", args[0].clone()))
-    for weight in (0.0, 0.25, 0.5, 0.9):
-        interpolated_noise_prediction(unet, x, 250, anchor, weight)
+    for w in (0.0, 0.25, 0.5, 0.9):
+        interpolated_noise_prediction(unet, x, 250, anchor, w)
         h, h_anchor = seen["mid"][:3], seen["mid"][3:]
-        torch.testing.assert_close(seen["decoder_in"], weight * h + (1 - weight) * h_anchor, rtol=1e-5, atol=1e-6)
-        if weight == 0.0:  # the anchor's bottleneck alone
+        torch.testing.assert_close(seen["decoder_in"], w * h + (1 - w) * h_anchor, rtol=1e-5, atol=1e-6)
+        if w == 0.0:  # the anchor's bottleneck alone
             assert torch.equal(seen["decoder_in"], h_anchor)
     # the bottleneck of each half is the plain encoder's: the anchor's half equals a pass on the anchor alone
     interpolated_noise_prediction(unet, anchor, 250, anchor, 1.0)
@@ -99,7 +100,7 @@ def test_decoder_input_is_the_linear_mix_of_the_two_bottlenecks():
 def test_skips_come_from_the_sample_alone():
     unet = make_tiny_unet().eval()
     x, anchor = _inputs(unet)
-    # the same anchor with another sample changes the output; another anchor at weight 1 does not
+    # the same anchor with another sample changes the output; another anchor at w = 1 does not
     a = interpolated_noise_prediction(unet, x, 100, anchor, 0.0)
     b = interpolated_noise_prediction(unet, x.flip(0), 100, anchor, 0.0).flip(0)
     assert not torch.allclose(a, b)
@@ -114,6 +115,93 @@ def test_fewer_anchor_rows_are_shared_by_consecutive_samples():
     shared = interpolated_noise_prediction(unet, x, 600, anchor, 0.2)
     repeated = interpolated_noise_prediction(unet, x, 600, anchor.repeat_interleave(3, dim=0), 0.2)
     torch.testing.assert_close(shared, repeated, rtol=1e-5, atol=1e-6)
+
+
+def _bottleneck_only_reference(unet, sample, timestep, anchor_sample, w, mix_depth=0):
+    """The sampler's noise prediction as it was before ``mix_depth`` existed, frozen to prove depth 0 unchanged."""
+    assert mix_depth == 0
+    timesteps, emb = time_embedding(unet, timestep, sample)
+    rows = sample.shape[0]
+    if w == 1.0:
+        bottleneck, residuals = encode(unet, sample, emb)
+    else:
+        share = rows // anchor_sample.shape[0]
+        both, residuals = encode(unet, torch.cat([sample, anchor_sample]), torch.cat([emb, emb[::share]]))
+        h, h_anchor = both[:rows], both[rows:]
+        if share > 1:
+            h_anchor = h_anchor.repeat_interleave(share, dim=0)
+        bottleneck = torch.lerp(h_anchor, h, w)
+        residuals = tuple(res[:rows] for res in residuals)
+    return _decode(unet, bottleneck, residuals, emb, timesteps)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_depth_zero_is_bit_for_bit_the_bottleneck_only_sampler(tiny_unet, monkeypatch, share):
+    scheduler, anchors = make_scheduler(), _anchors(2)
+    kwargs = dict(num_candidates=3, w=0.1, steps=4, precision="fp32", share_anchor_pass=share)
+    x, anchor = _inputs(tiny_unet)
+    with torch.inference_mode():
+        assert torch.equal(interpolated_noise_prediction(tiny_unet, x, 400, anchor, 0.1),
+                           _bottleneck_only_reference(tiny_unet, x, torch.tensor(400), anchor, 0.1))
+    new = sample_positives(tiny_unet, scheduler, anchors, generator=_gens(4, 5), **kwargs)
+    monkeypatch.setattr(sampler_module, "interpolated_noise_prediction", _bottleneck_only_reference)
+    old = sample_positives(tiny_unet, scheduler, anchors, generator=_gens(4, 5), **kwargs)
+    assert torch.equal(new, old)
+
+
+def _decoder_skips(unet, call) -> tuple[torch.Tensor, ...]:
+    """The skips the decoder consumed in ``call()``, in the encoder's order (shallowest first)."""
+    seen = []
+    hooks = [block.register_forward_pre_hook(lambda m, args: seen.append(args[1])) for block in unet.up_blocks]
+    call()
+    for hook in hooks:
+        hook.remove()
+    return tuple(res for block_res in reversed(seen) for res in block_res)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 5])
+def test_mix_depth_mixes_the_deepest_skips_with_the_anchors_own(depth):
+    unet = make_tiny_unet(layers_per_block=2).eval()
+    x, anchor = _inputs(unet)
+    w = 0.3
+    with torch.inference_mode():
+        _, emb = time_embedding(unet, 250, x)
+        _, own = encode(unet, x, emb)
+        _, anchors = encode(unet, anchor, emb)
+    skips = _decoder_skips(unet, lambda: interpolated_noise_prediction(unet, x, 250, anchor, w, mix_depth=depth))
+    assert len(skips) == len(own) == num_skips(unet) == 6
+    for i, (got, mine, theirs) in enumerate(zip(skips, own, anchors)):
+        want = w * mine + (1 - w) * theirs if i >= len(own) - depth else mine
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(interpolated_noise_prediction(unet, x, 250, anchor, w, mix_depth=depth),
+                              interpolated_noise_prediction(unet, x, 250, anchor, w))
+
+
+def test_mix_depth_at_w_one_is_still_the_plain_unet_and_all_skips_at_w_zero_ignore_the_sample():
+    unet = make_tiny_unet().eval()
+    x, anchor = _inputs(unet)
+    full = num_skips(unet)
+    with torch.inference_mode():
+        plain = unet(x, 300).sample
+    assert torch.equal(interpolated_noise_prediction(unet, x, 300, anchor, 1.0, mix_depth=full), plain)
+    # w = 0 with every skip mixed: the decoder sees the anchor's features alone, whatever the sample
+    a = interpolated_noise_prediction(unet, x, 300, anchor, 0.0, mix_depth=full)
+    b = interpolated_noise_prediction(unet, x.flip(0), 300, anchor, 0.0, mix_depth=full)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_mix_depth_with_a_shared_anchor_pass():
+    unet = make_tiny_unet().eval()
+    x, _ = _inputs(unet, rows=6)
+    _, anchor = _inputs(unet, rows=2, seed=1)
+    shared = interpolated_noise_prediction(unet, x, 600, anchor, 0.2, mix_depth=3)
+    repeated = interpolated_noise_prediction(unet, x, 600, anchor.repeat_interleave(3, dim=0), 0.2, mix_depth=3)
+    torch.testing.assert_close(shared, repeated, rtol=1e-5, atol=1e-6)
+    scheduler, anchors = make_scheduler(), _anchors(2)
+    kwargs = dict(steps=3, precision="fp32", share_anchor_pass=True, generator=_gens(0, 1))
+    deep = sample_positives(unet, scheduler, anchors, 4, mix_depth=3, **kwargs)
+    assert deep.shape == (2, 4, 3, 16, 16) and deep.abs().max() <= 1
+    assert not torch.allclose(deep, sample_positives(unet, scheduler, anchors, 4, **kwargs))
 
 
 def test_timestep_pairs_follow_method():
@@ -156,15 +244,15 @@ def test_per_anchor_generators_make_candidates_independent_of_the_batch(tiny_une
     assert torch.equal(batch, sample_positives(tiny_unet, scheduler, anchors, generator=_gens(10, 11, 12), **kwargs))
 
 
-def test_two_steps_follow_the_ddim_formulas_at_weight_one(tiny_unet):
+def test_two_steps_follow_the_ddim_formulas_at_w_one(tiny_unet):
     """Reproduce the sampler's random draws (x_T, anchor noise, eta noise) and METHOD.md's update by hand."""
     scheduler, anchors, eta, k = make_scheduler(), _anchors(2), 0.5, 2
-    out = sample_positives(tiny_unet, scheduler, anchors, k, weight=1.0, steps=2, eta=eta,
+    out = sample_positives(tiny_unet, scheduler, anchors, k, w=1.0, steps=2, eta=eta,
                            generator=torch.Generator().manual_seed(5), precision="fp32")
     gen, shape = torch.Generator().manual_seed(5), (2, k, 3, 16, 16)
     ab = scheduler.alphas_cumprod.double()
     x = torch.randn(shape, generator=gen).flatten(0, 1)
-    torch.randn(shape, generator=gen)  # anchor noise, unused at weight 1
+    torch.randn(shape, generator=gen)  # anchor noise, unused at w = 1
     with torch.inference_mode():
         eps = tiny_unet(x, 999).sample
         x0 = (x - (1 - ab[999]).sqrt() * eps) / ab[999].sqrt()
@@ -177,12 +265,12 @@ def test_two_steps_follow_the_ddim_formulas_at_weight_one(tiny_unet):
     torch.testing.assert_close(out, x0.clamp(-1, 1).reshape(shape).float(), rtol=1e-4, atol=1e-4)
 
 
-def test_weight_pulls_candidates_towards_the_anchor_bottleneck(tiny_unet):
+def test_w_pulls_candidates_towards_the_anchor_bottleneck(tiny_unet):
     scheduler, anchors = make_scheduler(), _anchors(2)
     kwargs = dict(num_candidates=2, steps=5, precision="fp32")
-    plain = sample_positives(tiny_unet, scheduler, anchors, weight=1.0, generator=_gens(0, 1), **kwargs)
-    pulled = sample_positives(tiny_unet, scheduler, anchors, weight=0.1, generator=_gens(0, 1), **kwargs)
-    other_anchor = sample_positives(tiny_unet, scheduler, anchors.flip(0), weight=0.1, generator=_gens(0, 1), **kwargs)
+    plain = sample_positives(tiny_unet, scheduler, anchors, w=1.0, generator=_gens(0, 1), **kwargs)
+    pulled = sample_positives(tiny_unet, scheduler, anchors, w=0.1, generator=_gens(0, 1), **kwargs)
+    other_anchor = sample_positives(tiny_unet, scheduler, anchors.flip(0), w=0.1, generator=_gens(0, 1), **kwargs)
     assert not torch.allclose(plain, pulled) and not torch.allclose(pulled, other_anchor)
 
 
@@ -211,9 +299,12 @@ def test_sampling_uses_eval_mode_and_restores_the_callers_mode():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda u, s, a: sample_positives(u, s, a, 2, weight=-0.1), "weight must be in [0, 1]"),
-    (lambda u, s, a: sample_positives(u, s, a, 2, weight=1.5), "weight must be in [0, 1]"),
+    (lambda u, s, a: sample_positives(u, s, a, 2, w=-0.1), "w must be in [0, 1]"),
+    (lambda u, s, a: sample_positives(u, s, a, 2, w=1.5), "w must be in [0, 1]"),
     (lambda u, s, a: sample_positives(u, s, a, 0), "num_candidates must be at least 1"),
+    (lambda u, s, a: sample_positives(u, s, a, 2, mix_depth=5), "mix_depth must be an integer from 0"),
+    (lambda u, s, a: sample_positives(u, s, a, 2, mix_depth=-1), "to 4 (every skip"),
+    (lambda u, s, a: interpolated_noise_prediction(u, a, 10, a, 0.5, mix_depth=1.5), "got 1.5"),
     (lambda u, s, a: sample_positives(u, s, a, 2, steps=0), "steps must be between 1 and"),
     (lambda u, s, a: sample_positives(u, s, a, 2, steps=1001), "1000 training timesteps"),
     (lambda u, s, a: sample_positives(u, s, a, 2, eta=-1), "eta must be in [0, 1]"),
@@ -227,7 +318,7 @@ def test_sampling_uses_eval_mode_and_restores_the_callers_mode():
     (lambda u, s, a: sample_positives(u, object(), a, 2), "has no alphas_cumprod"),
     (lambda u, s, a: interpolated_noise_prediction(u, a, 10, a[:, :, :8], 0.5), "anchor_sample must be"),
     (lambda u, s, a: interpolated_noise_prediction(u, a, 10, a[:1].expand(3, -1, -1, -1), 0.5), "not a multiple"),
-    (lambda u, s, a: interpolated_noise_prediction(u, a, 10, a, 2.0), "weight must be in [0, 1]"),
+    (lambda u, s, a: interpolated_noise_prediction(u, a, 10, a, 2.0), "w must be in [0, 1]"),
 ])
 def test_bad_inputs_give_one_line_user_errors(tiny_unet, call, message):
     with pytest.raises(UserError) as error:

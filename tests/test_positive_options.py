@@ -1,0 +1,187 @@
+"""Options for better positives: candidate scores, choice policies, loss weights and the lambda ramp."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_scheduler
+
+from clsp.errors import UserError
+from clsp.generate.scoring import bottleneck_agreement
+from clsp.train.positive_choice import (POSITIVE_CHOICES, choose, hardest_agreeing, score_loss_weights,
+                                        score_weighted, uniform)
+from clsp.train.schedules import clsp_lambda_at
+
+
+def _images(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(*shape, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _gens(*seeds: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+# ---- candidate scores ----
+
+def test_scores_rank_a_near_copy_above_an_unrelated_image_and_a_copy_at_one(tiny_unet):
+    anchors = _images(3)
+    near = (anchors + 0.1 * _images(3, seed=1)).clamp(-1, 1)
+    candidates = torch.stack([anchors, near, _images(3, seed=2)], dim=1)
+    scores = bottleneck_agreement(tiny_unet, make_scheduler(), anchors, candidates, generator=_gens(0, 1, 2),
+                                  precision="fp32")
+    assert scores.shape == (3, 3) and scores.dtype == np.float32
+    assert np.all(scores >= -1) and np.all(scores <= 1)
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+    assert np.all(scores[:, 1] > scores[:, 2])
+
+
+def test_scores_cost_one_encoder_pass_per_image_and_no_decoder(tiny_unet):
+    anchors, candidates = _images(4), _images(4, 5, seed=1)
+    encoded, decoded = [], []
+    tiny_unet.mid_block.register_forward_hook(lambda m, args, out: encoded.append(out.shape[0]))
+    tiny_unet.up_blocks[0].register_forward_hook(lambda m, args, out: decoded.append(1))
+    whole = bottleneck_agreement(tiny_unet, make_scheduler(), anchors, candidates, generator=_gens(*range(4)),
+                                 precision="fp32")
+    assert sum(encoded) == 4 * (5 + 1) and not decoded
+    chunked = bottleneck_agreement(tiny_unet, make_scheduler(), anchors, candidates, generator=_gens(*range(4)),
+                                   batch_size=7, precision="fp32")
+    assert max(encoded[1:]) == 7
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+
+
+def test_scores_depend_on_the_anchors_own_generator_only(tiny_unet):
+    anchors, candidates = _images(3), _images(3, 2, seed=1)
+    kwargs = dict(timestep=400, precision="fp32")
+    batch = bottleneck_agreement(tiny_unet, make_scheduler(), anchors, candidates, generator=_gens(7, 8, 9), **kwargs)
+    alone = bottleneck_agreement(tiny_unet, make_scheduler(), anchors[1:2], candidates[1:2], generator=_gens(8),
+                                 **kwargs)
+    other = bottleneck_agreement(tiny_unet, make_scheduler(), anchors, candidates, generator=_gens(1, 2, 3), **kwargs)
+    np.testing.assert_allclose(alone[0], batch[1], atol=1e-5)
+    assert not np.allclose(batch, other)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda u, a, c: bottleneck_agreement(u, make_scheduler(), a, c[0]), "candidates must be [n, k, C, H, W]"),
+    (lambda u, a, c: bottleneck_agreement(u, make_scheduler(), a[:1], c), "candidates must be [n, k, C, H, W]"),
+    (lambda u, a, c: bottleneck_agreement(u, make_scheduler(), a, c, timestep=1000), "in [0, 999]"),
+    (lambda u, a, c: bottleneck_agreement(u, make_scheduler(), a, c, batch_size=0), "batch_size must be"),
+    (lambda u, a, c: bottleneck_agreement(torch.nn.Conv2d(3, 3, 1), make_scheduler(), a, c), "UNet2DModel"),
+])
+def test_bad_scoring_inputs_give_one_line_user_errors(tiny_unet, call, message):
+    with pytest.raises(UserError) as error:
+        call(tiny_unet, _images(2), _images(2, 3, seed=1))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+# ---- choice policies ----
+
+def test_uniform_picks_what_the_plain_draw_picked():
+    u = np.random.default_rng(0).random(10_000)
+    np.testing.assert_array_equal(uniform(u, None, 8), (u * 8).astype(np.int64))
+    assert uniform(np.array(np.nextafter(1.0, 0.0)), None, 3) == 2
+    picked = choose("uniform", None, np.random.default_rng(5), num_candidates=4)
+    assert picked.shape == () and int(picked) == int(np.random.default_rng(5).random() * 4)
+    counts = np.bincount(choose("uniform", np.zeros((20_000, 4)), np.random.default_rng(1)), minlength=4)
+    np.testing.assert_allclose(counts / 20_000, 0.25, atol=0.02)
+
+
+@pytest.mark.parametrize("m", [1, 2, 5])
+def test_top_m_never_draws_below_the_m_th_best_and_draws_all_of_the_top_m(m):
+    scores = np.random.default_rng(2).normal(size=(4000, 8))
+    picked = choose("top-m", scores, np.random.default_rng(3), m=m)
+    chosen = np.take_along_axis(scores, picked[:, None], axis=1)[:, 0]
+    m_th_best = np.sort(scores, axis=1)[:, -m]
+    assert picked.shape == (4000,) and np.all(chosen >= m_th_best)
+    rank = (scores > chosen[:, None]).sum(1)  # 0 = the best
+    np.testing.assert_allclose(np.bincount(rank, minlength=m) / 4000, 1 / m, atol=0.03)
+
+
+def test_score_weighted_follows_the_softmax_and_tau_interpolates_to_argmax_and_uniform():
+    scores = np.array([0.9, 0.7, 0.2, -0.5])
+    u = np.random.default_rng(4).random(40_000)
+    rows = np.broadcast_to(scores, (len(u), 4))
+    for tau in (0.1, 0.5):
+        expected = np.exp(scores / tau) / np.exp(scores / tau).sum()
+        frequencies = np.bincount(score_weighted(u, rows, 4, tau=tau), minlength=4) / len(u)
+        np.testing.assert_allclose(frequencies, expected, atol=0.01)
+    assert np.all(score_weighted(u, rows, 4, tau=1e-3) == 0)
+    np.testing.assert_allclose(np.bincount(score_weighted(u, rows, 4, tau=1e3), minlength=4) / len(u), 0.25,
+                               atol=0.01)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: choose("nearest", np.zeros((2, 4)), np.random.default_rng()), "uniform, top-m, score-weighted"),
+    (lambda: choose("top-m", None, np.random.default_rng(), num_candidates=4), "needs candidate scores"),
+    (lambda: choose("top-m", np.zeros((2, 4)), np.random.default_rng(), m=5), "1 <= m <= k = 4"),
+    (lambda: choose("score-weighted", np.zeros(4), np.random.default_rng(), tau=0), "tau > 0"),
+    (lambda: choose("uniform", np.zeros((2, 4)), np.random.default_rng(), num_candidates=8), "k = num_candidates"),
+    (lambda: choose("uniform", None, np.random.default_rng()), "pass num_candidates"),
+])
+def test_bad_choices_give_one_line_user_errors(call, message):
+    with pytest.raises(UserError) as error:
+        call()
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_every_registered_policy_returns_valid_indices_of_the_scores_batch_shape():
+    scores = np.random.default_rng(6).normal(size=(3, 5, 6))
+    for name in POSITIVE_CHOICES:
+        picked = choose(name, scores, np.random.default_rng(7))
+        assert picked.shape == (3, 5) and picked.min() >= 0 and picked.max() < 6, name
+
+
+def test_hardest_agreeing_takes_the_least_similar_above_the_threshold_else_the_nearest():
+    angles = torch.tensor([0.45, 0.9, 1.3, 0.2])  # cosines 0.90, 0.62, 0.27, 0.98 to the anchor (1, 0)
+    candidates = torch.stack([angles.cos(), angles.sin()], dim=-1)[None] * 3.0  # scale must not matter
+    anchor = torch.tensor([[2.0, 0.0]])
+    assert hardest_agreeing(anchor, candidates, threshold=0.5).tolist() == [1]
+    assert hardest_agreeing(anchor, candidates, threshold=0.95).tolist() == [3]
+    assert hardest_agreeing(anchor, candidates, threshold=0.99).tolist() == [3]  # none agrees: the nearest
+    batch = torch.cat([candidates, candidates.flip(1)])
+    assert hardest_agreeing(torch.cat([anchor, anchor]), batch, threshold=0.5).tolist() == [1, 2]
+    with pytest.raises(UserError, match=r"\[n, d\] and \[n, k, d\]"):
+        hardest_agreeing(anchor, candidates[0], threshold=0.5)
+
+
+def test_score_loss_weights_have_mean_one_and_follow_the_scores():
+    scores = torch.tensor([0.9, 0.2, 0.5, -0.3])
+    weights = score_loss_weights(scores, tau=0.2)
+    torch.testing.assert_close(weights.mean(), torch.tensor(1.0))
+    assert torch.all(weights > 0) and weights.argsort().tolist() == scores.argsort().tolist()
+    torch.testing.assert_close(score_loss_weights(scores, tau=1e4), torch.ones(4), rtol=0, atol=1e-3)
+    with pytest.raises(UserError, match="tau must be > 0"):
+        score_loss_weights(scores, tau=0.0)
+
+
+# ---- lambda schedule ----
+
+def test_lambda_ramps_linearly_from_zero_then_holds():
+    values = [clsp_lambda_at(step, 1000, 0.8, 100) for step in range(1000)]
+    assert values[0] == 0.0 and values[50] == pytest.approx(0.4) and values[100] == 0.8 and values[-1] == 0.8
+    assert all(b >= a for a, b in zip(values, values[1:]))
+    assert clsp_lambda_at(0, 1000, 0.8, 0) == 0.8  # no ramp: METHOD.md's constant lambda
+
+
+@pytest.mark.parametrize("args, message", [
+    ((0, 100, 1.0, 101), "between 0 and the run's 100 steps"),
+    ((0, 100, -1.0, 10), "lambda must be >= 0"),
+    ((-1, 100, 1.0, 10), "step must be >= 0"),
+])
+def test_bad_lambda_schedules_give_user_errors(args, message):
+    with pytest.raises(UserError, match=message):
+        clsp_lambda_at(*args)
+
+
+def test_hardest_agreeing_on_a_random_batch():
+    """The least similar candidate at or above the threshold where one exists, else the most similar."""
+    gen = torch.Generator().manual_seed(0)
+    anchors, candidates = torch.randn(64, 16, generator=gen), torch.randn(64, 8, 16, generator=gen)
+    picked = hardest_agreeing(anchors, candidates, threshold=0.1)
+    cosine = F.cosine_similarity(candidates, anchors[:, None], dim=-1)
+    chosen = cosine.gather(1, picked[:, None])[:, 0]
+    has = (cosine >= 0.1).any(1)
+    masked = cosine.where(cosine >= 0.1, torch.inf).min(1).values
+    torch.testing.assert_close(chosen[has], masked[has])
+    torch.testing.assert_close(chosen[~has], cosine.max(1).values[~has])

@@ -174,7 +174,7 @@ def share_benchmark(args, device: torch.device, precision: str) -> dict:
     for share in (False, True):
         def run() -> torch.Tensor:
             generators = [torch.Generator().manual_seed(i) for i in range(len(anchors))]
-            return sample_positives(unet, scheduler, anchors, args.candidates, weight=args.weight,
+            return sample_positives(unet, scheduler, anchors, args.candidates, w=args.weight,
                                     steps=args.diversity_steps, generator=generators, precision=precision,
                                     share_anchor_pass=share)
         start = now()

@@ -32,7 +32,7 @@ from clsp.datasets import get_dataset
 from clsp.errors import Command
 from clsp.generate import sample_positives
 from clsp.generate.scoring import bottleneck_agreement
-from clsp.generate.unet import default_unet_for, load_unet
+from clsp.generate.unet import load_unet, resolve_unet
 from clsp.io import write_json_atomic
 
 RESULTS = Path(__file__).parent / "results" / "positives_class_keeping.json"
@@ -92,7 +92,7 @@ def main(unet: str | None, num_anchors: int, candidates: int, steps: int, eta: f
     index = np.arange(min(num_anchors, len(test)))
     labels = test.labels()[index]
     anchors = torch.from_numpy(test.array(index)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    model, scheduler = load_unet(unet or default_unet_for("digits"))
+    model, scheduler = load_unet(resolve_unet(unet, "digits"))
     rows = []
     for w in _floats(ws):
         for depth in _ints(mix_depths):

@@ -19,6 +19,10 @@ class GenerateSettings(Settings):
     candidates: int = setting(8, "Synthetic positives (k) per anchor.", ge=1, le=64)
     interpolation: float = setting(0.1, "Interpolation weight w: 1 = plain sampling, 0 = the anchor's bottleneck "
                                         "only.", ge=0, le=1)
+    mix_depth: int = setting(0, "Also mix the d deepest skip connections (0: the bottleneck only, METHOD.md; 1-2 "
+                                "keep the anchor's class more often, deeper ones break the samples).", ge=0, le=64)
+    scores: bool = setting(True, "Store each candidate's agreement with its anchor (bottleneck cosine at t=100), "
+                                 "for training's top-m and score-weighted positive choice.")
     steps: int = setting(100, "DDIM steps (at most the model's training timesteps).", ge=1, le=1000)
     eta: float = setting(0.1, "DDIM stochasticity (0 = deterministic).", ge=0, le=1)
     batch_size: int = setting(64, "Anchors per sampler call (each brings k candidates).", ge=1, le=65536)

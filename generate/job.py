@@ -24,7 +24,8 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from clsp.datasets import ImageDataset, get_dataset
 from clsp.errors import UserError
-from clsp.generate.sampler import sample_positives
+from clsp.generate.sampler import num_skips, sample_positives
+from clsp.generate.scoring import bottleneck_agreement
 from clsp.generate.config import GenerateJob
 from clsp.images import to_float, to_uint8
 from clsp.generate.unet import check_compatible, load_unet, resolve_unet
@@ -86,12 +87,18 @@ class _PositiveDrawer:
         device = self.unet.device
         seeds = [anchor_seed(self.cfg.seed, i) for i in indices]
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        anchors = to_float(images, signed=True)
         positives = to_uint8(sample_positives(
-            self.unet, self.scheduler, to_float(images, signed=True), self.cfg.candidates, weight=self.cfg.interpolation,
+            self.unet, self.scheduler, anchors, self.cfg.candidates, w=self.cfg.interpolation,
             steps=self.cfg.steps, eta=self.cfg.eta, generator=generators, precision=self.precision,
-            share_anchor_pass=self.cfg.share_anchor_pass))
+            share_anchor_pass=self.cfg.share_anchor_pass, mix_depth=self.cfg.mix_depth))
+        scores = None
+        if self.cfg.scores:  # scored as stored (8-bit), with each anchor's own generator: shards stay W-independent
+            scores = bottleneck_agreement(self.unet, self.scheduler, anchors, to_float(positives, signed=True),
+                                          generator=generators, precision=self.precision)
         return [schema.ShardSample(anchor_index=i, positives=positives[j], label=int(self.labels[i]), seed=seeds[j],
-                                   anchor=images[j] if self.cfg.store_anchors else None)
+                                   anchor=images[j] if self.cfg.store_anchors else None,
+                                   scores=None if scores is None else scores[j])
                 for j, i in enumerate(indices)]
 
     def shard(self, anchors: range, advance: Callable[[int], object]) -> Iterator[schema.ShardSample]:
@@ -144,6 +151,9 @@ def _load(cfg: GenerateJob, device: torch.device):
     dataset = get_dataset(cfg.name, split=cfg.split, root=cfg.data_root, image_size=cfg.image_size)
     unet, scheduler = load_unet(unet_ref, device=device)
     check_compatible(unet.config, dataset.image_size)
+    if cfg.mix_depth > num_skips(unet):
+        raise UserError(f"--mix-depth {cfg.mix_depth} exceeds the {num_skips(unet)} skip connections of {unet_ref}; "
+                        f"pass at most {num_skips(unet)}")
     timesteps = int(scheduler.config.num_train_timesteps)
     if cfg.steps > timesteps:
         raise UserError(f"--steps {cfg.steps} exceeds the model's {timesteps} training timesteps; "
@@ -176,7 +186,8 @@ def _run(cfg: GenerateJob, accelerator: Accelerator, num_workers: int, worker_in
 
     def start() -> tuple[dict, set[int]]:
         generation = {"unet": unet_ref, "unet_sha256": model_fingerprint(unet, scheduler),
-                      "candidates": cfg.candidates, "interpolation": cfg.interpolation, "steps": cfg.steps, "eta": cfg.eta,
+                      "candidates": cfg.candidates, "interpolation": cfg.interpolation, "mix_depth": cfg.mix_depth,
+                      "scores": cfg.scores, "steps": cfg.steps, "eta": cfg.eta,
                       "seed": cfg.seed, "shard_size": cfg.shard_size, "share_anchor_pass": cfg.share_anchor_pass,
                       "precision": precision, "store_anchors": cfg.store_anchors, "limit": cfg.limit}
         manifest = writer.init_manifest(cfg.shards, dataset=dataset.describe(), generation=generation,

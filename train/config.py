@@ -56,6 +56,14 @@ class TrainSettings(Settings):
         None, "Smallest crop area of RandomResizedCrop, in (0, 1]; 0.08 suits natural images, 0.5 small "
               f"digits. {_RECIPE}", gt=0, le=1)
     flip: bool | None = setting(None, f"Random horizontal flips (off for digits and text). {_RECIPE}")
+    positive_choice: Literal["uniform", "top-m", "score-weighted"] = setting(
+        "uniform", "Which of an anchor's k candidates is its positive each epoch: uniform (METHOD.md), uniform among "
+                   "the top-m by stored score, or softmax(score / tau)-weighted (needs clsp-gen --scores).")
+    positive_top_m: int = setting(2, "m of the top-m choice.", ge=1, le=64)
+    positive_tau: float = setting(0.1, "Temperature of the score-weighted choice.", gt=0, le=100)
+    clsp_lambda_ramp_epochs: float = setting(0.0, "Ramp lambda linearly from 0 over these epochs (0: constant), so "
+                                                  "a high lambda cannot collapse an untrained encoder.",
+                                             ge=0, le=100_000)
     augment: Literal["cpu", "device"] | None = setting(
         None, "cpu: per image in DataLoader workers; device: batched on the training device. "
               "[default: device on CUDA, else cpu]")

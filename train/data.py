@@ -14,7 +14,8 @@ computes it alone, DataLoader workers split it without duplicates, and a resumed
 4. The DataLoader hands batches back round-robin over the workers, which fixes the delivered order
    for a given number of workers.
 
-Each anchor's positive is one of its k candidates drawn uniformly with ``(seed, epoch)``, and the
+Each anchor's positive is one of its k candidates, chosen from one uniform draw per ``(seed, epoch)``
+by the positive-choice policy (uniform as METHOD.md; top-m or score-weighted by the stored scores), and the
 augmentation of step ``s`` is seeded with ``(seed, epoch, rank, s)``: batch contents never depend
 on timing, and skipping the first ``s`` steps of an epoch reproduces the rest of it exactly.
 """
@@ -34,6 +35,7 @@ from clsp.datasets import ImageDataset
 from clsp.errors import UserError
 from clsp.shards import reader
 from clsp.train.augment import augment_images, cpu_transform
+from clsp.train.positive_choice import POSITIVE_CHOICES
 from clsp.train.recipes import ViewAugmentation
 
 
@@ -136,7 +138,8 @@ class ContrastiveStream(IterableDataset):
 
     def __init__(self, shards: ShardSet, dataset: ImageDataset, *, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, positives: bool = True,
-                 views: tuple[ViewAugmentation, ViewAugmentation] | None = None) -> None:
+                 views: tuple[ViewAugmentation, ViewAugmentation] | None = None, choice: str = "uniform",
+                 choice_params: dict | None = None) -> None:
         super().__init__()
         need = batch_size * world_size
         if shards.num_anchors < need:
@@ -145,6 +148,7 @@ class ContrastiveStream(IterableDataset):
         self.shards, self.dataset = shards, dataset
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.num_workers, self.positives = num_workers, positives
+        self.choice, self.choice_params = choice, choice_params or {}
         self.labels = dataset.labels()
         size = dataset.image_size
         self.transforms = None if views is None else \
@@ -193,7 +197,8 @@ class ContrastiveStream(IterableDataset):
         for sample in self.shards.store.samples(shard_ids):  # each shard verified before it is read
             a = sample.anchor_index
             if a in wanted:
-                found[a] = (sample.anchor, sample.positives[int(draws[a] * len(sample.positives))])
+                pick = POSITIVE_CHOICES[self.choice](draws[a], sample.scores, len(sample.positives), **self.choice_params)
+                found[a] = (sample.anchor, sample.positives[int(pick)])
         return found
 
     def _batch(self, anchors: np.ndarray, chunk: dict, step: int) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ from clsp.train.data import ContrastiveStream, make_loader, open_shards, step_se
 from clsp.train.methods import build_method
 from clsp.train.optim import build_optimizer, warmup_cosine
 from clsp.train.recipes import RECIPES
+from clsp.train.schedules import clsp_lambda_at
 
 ONLINE_PROBE_LR = 0.1  # the online probe only monitors training; the evaluation probe is clsp-eval linear
 CHECKPOINT = "checkpoint.pt"
@@ -68,7 +69,12 @@ class Trainer:
         self.stream = ContrastiveStream(
             self.shards, self.dataset, batch_size=self.batch_size, seed=job.seed, rank=self.rank,
             world_size=self.world_size, num_workers=job.workers, positives=job.clsp_lambda > 0,
-            views=views if job.augment == "cpu" else None)
+            views=views if job.augment == "cpu" else None, choice=job.positive_choice,
+            choice_params={"top-m": {"m": job.positive_top_m},
+                           "score-weighted": {"tau": job.positive_tau}}.get(job.positive_choice, {}))
+        if job.positive_choice != "uniform" and job.clsp_lambda > 0 and not manifest.generation.get("scores"):
+            raise UserError(f"--positive-choice {job.positive_choice} needs the candidates' scores, which the shards "
+                            f"in {job.shards} do not hold; generate them with clsp-gen --scores (the default)")
         self.labelled = self.dataset.has_labels and bool((self.stream.labels >= 0).all())
 
         torch.manual_seed(job.seed)
@@ -84,6 +90,7 @@ class Trainer:
         self.steps_per_epoch = self.stream.steps
         self.total_steps = self.steps_per_epoch * job.epochs
         warmup = min(self.total_steps, round(job.warmup_epochs * self.steps_per_epoch))
+        self.lambda_ramp_steps = round(job.clsp_lambda_ramp_epochs * self.steps_per_epoch)
         self.scheduler = warmup_cosine(optimizer, warmup_steps=warmup, total_steps=self.total_steps)
         probe = nn.Linear(backbone.feature_dim, max(1, self.dataset.num_classes))
         probe_optimizer = torch.optim.SGD(probe.parameters(), lr=ONLINE_PROBE_LR, momentum=0.9)
@@ -158,6 +165,8 @@ class Trainer:
         x1, x2, x3 = self._views(batch, step)
         labels = batch["label"].to(self.device, non_blocking=True) if self.labelled else None
         self.model.train()
+        self.method.clsp_lambda = clsp_lambda_at(self.global_step, self.total_steps, self.config.clsp_lambda,
+                                                 self.lambda_ramp_steps)
         out = self.model(x1, x2, x3, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(out["loss"])

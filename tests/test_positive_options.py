@@ -185,3 +185,87 @@ def test_hardest_agreeing_on_a_random_batch():
     masked = cosine.where(cosine >= 0.1, torch.inf).min(1).values
     torch.testing.assert_close(chosen[has], masked[has])
     torch.testing.assert_close(chosen[~has], cosine.max(1).values[~has])
+
+
+# ---- the options wired into the stages --------------------------------------------------------------------
+
+
+def test_generation_stores_scores_and_refuses_mixing_deeper_than_the_model(tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from clsp.generate.cli import gen
+    from clsp.generate.sampler import num_skips
+    from clsp.generate.unet import load_unet
+    from clsp.shards.reader import ShardDirectory
+
+    common = ["--dataset", "digits", "--unet", str(tiny_model_dir), "--limit", "4", "--shard-size", "4",
+              "--candidates", "3", "--steps", "2", "--precision", "fp32", "--no-preview"]
+    done = CliRunner().invoke(gen, [*common, "--shards", str(tmp_path / "s"), "--mix-depth", "1"])
+    assert done.exit_code == 0, done.output
+    store = ShardDirectory.open(tmp_path / "s")
+    assert store.manifest.generation["mix_depth"] == 1 and store.manifest.generation["scores"] is True
+    for sample in store.samples():
+        assert sample.scores.shape == (3,) and np.all(np.abs(sample.scores) <= 1)
+    deepest = num_skips(load_unet(str(tiny_model_dir))[0])
+    refused = CliRunner().invoke(gen, [*common, "--shards", str(tmp_path / "t"), "--mix-depth", str(deepest + 1)])
+    assert refused.exit_code == 1 and f"exceeds the {deepest} skip connections" in refused.output
+    assert not (tmp_path / "t" / "shard-000000.tar").exists()
+
+
+def _scored_shards(directory, num_anchors: int = 16, k: int = 4):
+    """Shards whose candidate j is the constant image 40 * j, scored so that candidate (a mod k) is best."""
+    from clsp.datasets import get_dataset
+    from clsp.shards import schema, writer
+
+    dataset = get_dataset("digits")
+    manifest = writer.init_manifest(directory, dataset=dataset.describe(), generation={"scores": True},
+                                    num_anchors=num_anchors, shard_size=8)
+    size = dataset.image_size
+    for index in range(manifest.num_shards):
+        samples = []
+        for a in manifest.anchor_range(index):
+            positives = np.stack([np.full((size, size, 3), 40 * j, np.uint8) for j in range(k)])
+            scores = np.full(k, -0.5, np.float32)
+            scores[a % k] = 0.9
+            samples.append(schema.ShardSample(anchor_index=a, positives=positives, scores=scores))
+        writer.write_shard(directory, index, samples)
+    return dataset
+
+
+def test_top_m_choice_in_the_stream_draws_only_the_best_scored_candidates(tmp_path):
+    from clsp.train.data import ContrastiveStream, make_loader, open_shards
+
+    dataset = _scored_shards(tmp_path / "s")
+    shards = open_shards(tmp_path / "s")
+    picked = {"uniform": set(), "top-m": set()}
+    for policy in picked:
+        stream = ContrastiveStream(shards, dataset, batch_size=8, choice=policy,
+                                   choice_params={"m": 1} if policy == "top-m" else {})
+        for epoch in range(4):
+            stream.set_epoch(epoch)
+            for batch in make_loader(stream):
+                for anchor, positive in zip(batch["index"].tolist(), batch["positive"]):
+                    candidate = int(positive[0, 0, 0]) // 40
+                    picked[policy].add(candidate)
+                    if policy == "top-m":
+                        assert candidate == anchor % 4  # the best-scored one, every time
+    assert picked["top-m"] == {0, 1, 2, 3} and picked["uniform"] == {0, 1, 2, 3}
+
+
+def test_lambda_ramp_starts_training_at_zero_and_reaches_lambda(tmp_path):
+    from clsp.train.config import TrainJob
+    from clsp.train.trainer import Trainer
+
+    _scored_shards(tmp_path / "s", num_anchors=32)
+    job = TrainJob(shards=str(tmp_path / "s"), out=str(tmp_path / "o"), backbone="resnet-narrow", epochs=2,
+                   batch_size=8, workers=0, precision="fp32", proj_hidden_dim=32, proj_output_dim=16,
+                   clsp_lambda=0.5, clsp_lambda_ramp_epochs=1, log_every=1, allow_partial=True)
+    trainer = Trainer(job)
+    trainer.fit()
+    history = np.asarray(trainer.history)  # step, loss, loss_base, loss_clsp
+    assert history[0, 3] == 0 and history[0, 1] == pytest.approx(history[0, 2])  # lambda 0: view 3 not even run
+    ramp = trainer.lambda_ramp_steps
+    assert ramp == trainer.steps_per_epoch == 4
+    late = history[history[:, 0] >= ramp]
+    assert np.all(late[:, 3] > 0)
+    np.testing.assert_allclose(late[:, 1], late[:, 2] + 0.5 * late[:, 3], rtol=1e-5)

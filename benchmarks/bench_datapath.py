@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from clsp.datasets import ArrayDataset  # noqa: E402
+from clsp.datasets import ArrayDataset, ImageDataset  # noqa: E402
 from clsp.io import write_json_atomic  # noqa: E402
 from clsp.shards import reader, schema, writer  # noqa: E402
 from clsp.train.augment import DeviceAugment, augment_images, cpu_transform  # noqa: E402
@@ -57,19 +57,23 @@ def synthetic_images(count: int, size: int, rng: np.random.Generator) -> np.ndar
     return noisy.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def make_shards(directory: Path, anchors: int, k: int, size: int, shard_size: int) -> tuple[ShardSet, ArrayDataset]:
-    """A synthetic real dataset and shards with k synthetic positives per anchor."""
-    rng = np.random.default_rng(0)
-    dataset = ArrayDataset(name="synthetic", split="train", num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3,
-                           images=synthetic_images(anchors, size, rng), targets=np.arange(anchors) % 10)
+def synthetic_dataset(anchors: int, size: int, rng: np.random.Generator) -> ArrayDataset:
+    """A labelled in-memory dataset of synthetic CIFAR-like images (10 classes)."""
+    return ArrayDataset(name="synthetic", split="train", num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3,
+                        images=synthetic_images(anchors, size, rng), targets=np.arange(anchors) % 10)
+
+
+def write_shards(directory: Path, dataset: ImageDataset, k: int, shard_size: int, rng: np.random.Generator) -> ShardSet:
+    """Shards of every anchor of ``dataset`` with k synthetic positives each."""
     manifest = writer.init_manifest(directory, dataset=dataset.describe(), generation={"bench": True},
-                                    num_anchors=anchors, shard_size=shard_size)
+                                    num_anchors=len(dataset), shard_size=shard_size)
+    size, labels = dataset.image_size, dataset.labels()
     for shard in range(writer.num_shards(manifest)):
         rows = writer.shard_anchor_range(manifest, shard)
         positives = synthetic_images(len(rows) * k, size, rng).reshape(len(rows), k, size, size, 3)
-        writer.write_shard(directory, shard, (schema.ShardSample(anchor_index=a, positives=p, label=int(a % 10))
+        writer.write_shard(directory, shard, (schema.ShardSample(anchor_index=a, positives=p, label=int(labels[a]))
                                               for a, p in zip(rows, positives)))
-    return open_shards(directory), dataset
+    return open_shards(directory)
 
 
 def to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -101,7 +105,9 @@ class Timer:
 
 
 def measure(args: argparse.Namespace, device: torch.device, work: Path) -> tuple[list[dict], dict]:
-    shards, dataset = make_shards(work / "shards", args.anchors, args.candidates, args.image_size, args.shard_size)
+    rng = np.random.default_rng(0)
+    dataset = synthetic_dataset(args.anchors, args.image_size, rng)
+    shards = write_shards(work / "shards", dataset, args.candidates, args.shard_size, rng)
     urls = reader.shard_urls(shards.directory)
     n, batch = shards.num_anchors, args.batch_size
     plan = plan_epoch(shards, seed=0, epoch=0, batch_size=batch)

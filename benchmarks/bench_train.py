@@ -124,8 +124,13 @@ def main() -> None:
     steps = args.steps or (20 if cuda else 1)
     torch.backends.cudnn.benchmark = True
 
-    rows = []
+    device_name = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
     data = resident_data(anchors, args.candidates, 32, device)
+    report = {"command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]), "device": str(device),
+              "device_name": device_name, "cpus": os.cpu_count(), "compile": args.compile, "batch_size": batch,
+              "anchors": anchors, "candidates": args.candidates, "steps": steps, "device_dataset_bytes": data.nbytes,
+              "torch": torch.__version__, "python": sys.version.split()[0], "goal_cifar10_epoch_s": GOAL_EPOCH_S,
+              "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         shards = image_folder_shards(Path(tmp), max(batch, 16), args.candidates, 32)
         for name in args.methods:
@@ -135,31 +140,28 @@ def main() -> None:
             trainer = Trainer(config)
             row = {"method": name, "what": f"{name} + CLSP (lambda {trainer.config.clsp_weight:g}), ResNet-18 32x32",
                    **bench_method(trainer, data, batch_size=batch, steps=steps, warmup=3 if cuda else 1)}
-            precision = trainer.accelerator.mixed_precision
-            rows.append(row)
             print(f"{name:6s}: step {row['step_samples_per_s']:10.1f} anchors/s, measured epoch "
                   f"{row['measured_epoch_s']:.2f} s", flush=True)
+            report["rows"].append(row)
+            report["mixed_precision"] = trainer.accelerator.mixed_precision
+            report["goal_met"] = all(r["measured_cifar10_epoch_s"] < GOAL_EPOCH_S for r in report["rows"])
+            write_json_atomic(args.out, report)  # after each method: a run cut short keeps what it measured
+    print_table(report)
+    print(f"wrote {args.out}")
 
-    device_name = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
-    print(f"\nResNet-18 32x32 via Trainer._train_step, batch {batch}, mixed precision {precision}"
-          f"{', compiled' if args.compile else ''}, k={args.candidates}, device-resident data "
-          f"({data.nbytes / 2**30:.2f} GiB), on {device_name} ({os.cpu_count()} CPUs)")
+
+def print_table(report: dict) -> None:
+    print(f"\nResNet-18 32x32 via Trainer._train_step, batch {report['batch_size']}, mixed precision "
+          f"{report['mixed_precision']}{', compiled' if report['compile'] else ''}, k={report['candidates']}, "
+          f"device-resident data ({report['device_dataset_bytes'] / 2**30:.2f} GiB), on {report['device_name']} "
+          f"({report['cpus']} CPUs)")
     print(f"{'what':40s} {'feed/s':>10s} {'step/s':>9s} {'projected':>10s} {'measured':>18s}")
-    for row in rows:
+    for row in report["rows"]:
         print(f"{row['what']:40s} {row['feed_samples_per_s']:10.0f} {row['step_samples_per_s']:9.1f} "
               f"{row['projected_cifar10_epoch_s']:9.1f}s {row['measured_cifar10_epoch_s']:9.1f}s "
               f"({row['measured_epoch_anchors']} anchors)")
     print(f"(CIFAR-10 epoch = 50,000 anchors; projected at min(feed, step), measured over the anchors shown and "
           f"scaled; goal on one H200: < {GOAL_EPOCH_S:.0f} s)")
-    write_json_atomic(args.out, {
-        "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]), "device": str(device),
-        "device_name": device_name, "cpus": os.cpu_count(), "mixed_precision": precision, "compile": args.compile,
-        "batch_size": batch, "anchors": anchors, "candidates": args.candidates, "steps": steps,
-        "device_dataset_bytes": data.nbytes, "torch": torch.__version__, "python": sys.version.split()[0],
-        "goal_cifar10_epoch_s": GOAL_EPOCH_S,
-        "goal_met": all(r["measured_cifar10_epoch_s"] < GOAL_EPOCH_S for r in rows), "rows": rows,
-    })
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

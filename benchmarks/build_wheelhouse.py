@@ -1,12 +1,13 @@
 """A small offline wheelhouse for the GPU benchmarks: what they need beyond torch, and clsp itself.
 
 A machine lent for a few minutes has torch but no network, so everything else has to travel with the
-repository. The benchmarks need only these packages (scikit-learn, matplotlib, TensorBoard and timm are
-imported where they are used, never by the generation or training step). Their dependencies are resolved
-by pip for the target Python and platform while a stand-in for torch (a local version that exists on no
-index, with no dependencies) stands for the machine's own torch; packages that torch and torchvision
-already install there are left out. A plan that would still carry a torch or NVIDIA package is refused
-in one line, and so is a wheelhouse over the size limit (what a run may carry is bounded).
+repository. The benchmarks need only these packages (scikit-learn, matplotlib and TensorBoard are
+imported where they are used, never by the generation or training step; timm is NNCLR's LARS). Their
+dependencies are resolved by pip for the target Python and platform while a stand-in for torch (a local
+version that exists on no index, with no dependencies) stands for the machine's own torch; packages that
+torch and torchvision already install there are left out. A plan that would still carry a torch or
+NVIDIA package is refused in one line, and so is a wheelhouse over the size limit (what a run may
+carry is bounded).
 
     python benchmarks/build_wheelhouse.py                       # .whl/ for this Python, manylinux 2.28 x86_64
     python benchmarks/build_wheelhouse.py --python-version 3.12 --dest .whl
@@ -31,7 +32,9 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-ROOTS = ("diffusers", "accelerate", "webdataset", "faiss-cpu", "kornia", "safetensors", "click", "pyyaml", "pydantic")
+# timm only for LARS, NNCLR's default optimizer (2.5 MB, nothing beyond what the others pull)
+ROOTS = ("diffusers", "accelerate", "webdataset", "faiss-cpu", "kornia", "safetensors", "click", "pyyaml", "pydantic",
+         "timm")
 TORCH = ("torch", "torchvision")
 STAND_IN = "provided"  # local version label of the torch stand-in
 FORBIDDEN = re.compile(r"^(torch.*|triton|nvidia-.*|cuda-.*|pytorch-.*)$")

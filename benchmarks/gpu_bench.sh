@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements in one call, under 8 minutes, on a machine that has torch but no network:
+# The GPU measurements in one call, under 8 minutes in all, on a machine that has torch but no network:
 #   data path per core (bench_datapath), generation step rates and achieved TFLOP/s of the DDPM CIFAR-10
 #   U-Net against the 790 TFLOP/s bf16 peak of an H200 (eager, then compiled), and training through the
 #   trainer's own step fed from a device-resident set: projected and measured CIFAR-10-sized epochs
@@ -10,7 +10,7 @@
 #
 # Unless clsp and its stage packages already import, the wheelhouse is installed with
 # `pip --no-index --no-deps --target` into a temporary folder put on PYTHONPATH: the machine's torch
-# is neither used from nor written to the network. Without CUDA (or with --cpu) every step runs at CPU
+# is left untouched and nothing is fetched from the network. Without CUDA (or with --cpu) every step runs at CPU
 # sizes, which proves the whole run anywhere. Each step writes its own JSON (a step cut short by its
 # time share leaves the others), then a summary: RESULTS_DIR/gpu_bench_<cuda|cpu>.json.
 set -uo pipefail
@@ -20,7 +20,7 @@ out=benchmarks/results
 for arg in "$@"; do
     case $arg in
         --cpu) cpu=1 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) out=$arg ;;
     esac
 done
@@ -28,8 +28,9 @@ python=${PYTHON:-python3}
 budget=${GPU_BENCH_BUDGET_S:-480}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 mkdir -p "$out"
+imports() { (cd / && "$python" -c "$1"); }  # not from here: the source folder clsp/ would shadow the package
 
-if ! "$python" -c "import clsp.train.trainer, clsp.generate, kornia" 2>/dev/null; then
+if ! imports "import clsp.train.trainer, clsp.generate, kornia" 2>/dev/null; then
     ls .whl/*.whl >/dev/null 2>&1 || { echo "no wheelhouse in .whl/: run python benchmarks/build_wheelhouse.py first"; exit 2; }
     site=$(mktemp -d)
     trap 'rm -rf "$site"' EXIT
@@ -38,10 +39,10 @@ if ! "$python" -c "import clsp.train.trainer, clsp.generate, kornia" 2>/dev/null
         || { echo "!! offline install from .whl/ failed (was it built for this Python? see .whl/wheelhouse.json)"; exit 2; }
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-"$python" -c "import torch, diffusers, kornia, faiss, webdataset, clsp.train.trainer; print('torch', torch.__version__, \
+imports "import torch, diffusers, kornia, faiss, webdataset, clsp.train.trainer; print('torch', torch.__version__, \
 'diffusers', diffusers.__version__, 'kornia', kornia.__version__, 'cuda', torch.cuda.is_available())" \
     || { echo "!! the benchmarks' packages do not import"; exit 2; }
-if [ "$cpu" = 0 ] && ! "$python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+if [ "$cpu" = 0 ] && ! imports "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     echo "== no CUDA device: CPU sizes"
     cpu=1
 fi
@@ -50,34 +51,35 @@ if [ "$cpu" = 1 ]; then
     tag=cpu
     datapath=(--device cpu --anchors 256 --repeats 1)
     generate=(--device cpu --config tiny --batch-size 4 --candidates 2 --repeats 1 --threads 1)
-    train=(--device cpu --precision fp32 --batch-size 8 --methods simclr moco nnclr)
+    train=(--device cpu --precision fp32 --batch-size 8)
+    shares=(60 60 90 200 90)  # seconds for: datapath, generate, train, generate-compiled, train-compiled
 else
     tag=cuda
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     datapath=(--device cuda --anchors 2048 --batch-size 512 --repeats 1)
     generate=(--device cuda --config ddpm-cifar --batch-size 512)
     train=(--device cuda --batch-size 512)
+    shares=(45 70 90 160 100)
 fi
 
-start=$SECONDS
 run() {  # run SHARE_S NAME COMMAND...: at most SHARE_S seconds, and never past the whole budget
-    local share=$1 name=$2 left=$((budget - (SECONDS - start)))
+    local share=$1 name=$2 left=$((budget - SECONDS))
     shift 2
     ((share > left)) && share=$left
     if ((share < 10)); then echo "!! $name skipped: the ${budget} s budget is spent"; return; fi
     echo "== $name (at most ${share} s)"
     timeout "$share" "$@" || echo "!! $name failed or ran out of its ${share} s"
 }
-run 60 datapath "$python" benchmarks/bench_datapath.py "${datapath[@]}" --out "$out/bench_datapath_$tag.json"
-run 75 generate "$python" benchmarks/bench_generate.py "${generate[@]}" --skip-diversity \
+run "${shares[0]}" datapath "$python" benchmarks/bench_datapath.py "${datapath[@]}" --out "$out/bench_datapath_$tag.json"
+run "${shares[1]}" generate "$python" benchmarks/bench_generate.py "${generate[@]}" --skip-diversity \
     --out "$out/bench_generate_$tag.json"
-run 100 train "$python" benchmarks/bench_train.py "${train[@]}" --out "$out/bench_train_$tag.json"
-run 120 generate-compiled "$python" benchmarks/bench_generate.py "${generate[@]}" --skip-diversity --compile \
+run "${shares[2]}" train "$python" benchmarks/bench_train.py "${train[@]}" --out "$out/bench_train_$tag.json"
+run "${shares[3]}" generate-compiled "$python" benchmarks/bench_generate.py "${generate[@]}" --skip-diversity --compile \
     --out "$out/bench_generate_${tag}_compile.json"
-run 100 train-compiled "$python" benchmarks/bench_train.py "${train[@]}" --compile \
+run "${shares[4]}" train-compiled "$python" benchmarks/bench_train.py "${train[@]}" --compile \
     --out "$out/bench_train_${tag}_compile.json"
 
-"$python" - "$out" "$tag" "$((SECONDS - start))" <<'EOF'
+"$python" - "$out" "$tag" "$SECONDS" <<'EOF'
 """One summary of whatever steps finished."""
 import json, sys
 from pathlib import Path

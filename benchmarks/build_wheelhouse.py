@@ -54,7 +54,8 @@ def write_stub_wheel(directory: Path, name: str, version: str, requires: tuple[s
     meta = "".join([f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
                     *(f"Requires-Dist: {r}\n" for r in requires)])
     files = {f"{dist}.dist-info/METADATA": meta,
-             f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: clsp\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+             f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: clsp\nRoot-Is-Purelib: true\n"
+                                         "Tag: py3-none-any\n"}
     files[f"{dist}.dist-info/RECORD"] = "".join(f"{f},,\n" for f in [*files, f"{dist}.dist-info/RECORD"])
     with zipfile.ZipFile(path, "w") as archive:
         for member, text in files.items():
@@ -95,7 +96,8 @@ def pinned(roots: tuple[str, ...]) -> list[str]:
 
 def manylinux_platforms(glibc_minor: int = GLIBC, arch: str = ARCH) -> list[str]:
     """Every manylinux tag a glibc 2.<minor> machine runs (this pip does not expand a tag to older ones)."""
-    legacy = [f"manylinux{name}_{arch}" for name, minor in (("2014", 17), ("2010", 12), ("1", 5)) if minor <= glibc_minor]
+    aliases = (("2014", 17), ("2010", 12), ("1", 5))
+    legacy = [f"manylinux{name}_{arch}" for name, minor in aliases if minor <= glibc_minor]
     return [f"manylinux_2_{m}_{arch}" for m in range(glibc_minor, 4, -1)] + legacy
 
 

@@ -31,12 +31,13 @@ mkdir -p "$out"
 imports() { (cd / && "$python" -c "$1"); }  # not from here: the source folder clsp/ would shadow the package
 
 if ! imports "import clsp.train.trainer, clsp.generate, kornia" 2>/dev/null; then
-    ls .whl/*.whl >/dev/null 2>&1 || { echo "no wheelhouse in .whl/: run python benchmarks/build_wheelhouse.py first"; exit 2; }
+    ls .whl/*.whl >/dev/null 2>&1 \
+        || { echo "!! no wheelhouse in .whl/: run python benchmarks/build_wheelhouse.py first"; exit 2; }
     site=$(mktemp -d)
     trap 'rm -rf "$site"' EXIT
     echo "== installing $(ls .whl/*.whl | wc -l) wheels from .whl/ (no index, no dependencies) into a temporary folder"
     "$python" -m pip install --quiet --no-index --no-deps --disable-pip-version-check --target "$site" .whl/*.whl \
-        || { echo "!! offline install from .whl/ failed (was it built for this Python? see .whl/wheelhouse.json)"; exit 2; }
+        || { echo "!! offline install from .whl/ failed (built for another Python? see .whl/wheelhouse.json)"; exit 2; }
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 imports "import torch, diffusers, kornia, faiss, webdataset, clsp.train.trainer; print('torch', torch.__version__, \

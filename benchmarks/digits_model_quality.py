@@ -21,7 +21,7 @@ import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
 from clsp.datasets import get_dataset
-from clsp.generate.unet import check_compatible, default_unet_for, load_unet, sample_images
+from clsp.generate.unet import check_compatible, load_unet, resolve_unet, sample_images
 from clsp.io import write_json_atomic
 from digits_reference import DESCRIPTION, fit_reference_classifier, grey
 from clsp.errors import Command
@@ -50,9 +50,9 @@ def main(unet: str | None, num_samples: int, steps: int, seed: int, out: str) ->
     real = _confidence(classifier.predict_proba(test_x))
     real_nn = float(neighbours.kneighbors(test_x)[0].mean())
 
-    unet = unet or default_unet_for("digits")
+    unet = resolve_unet(unet, "digits")
     model, scheduler = load_unet(unet)
-    check_compatible(model, train.image_size)
+    check_compatible(model.config, train.image_size)
     started = time.time()
     samples = sample_images(model, scheduler, num_samples, steps=steps, seed=seed)
     sample_s = time.time() - started

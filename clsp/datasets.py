@@ -8,6 +8,7 @@ shards or features made from other data.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +22,6 @@ from clsp.errors import UserError
 DEFAULT_DATA_ROOT = os.environ.get("CLSP_DATA_ROOT", "data")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
-# Per-channel normalisation statistics of the training splits.
-_STATS = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
-}
 _IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
@@ -181,7 +176,6 @@ def load_digits(split: str = "train", image_size: int | None = None, **_) -> Arr
     """
     from sklearn.datasets import load_digits as sk_digits
 
-    _require(split in ("train", "test"), f"digits has splits train and test, not {split!r}")
     size = image_size or DIGITS_DEFAULT_SIZE
     data = sk_digits()
     grey = np.clip(data.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
@@ -201,11 +195,17 @@ def load_digits(split: str = "train", image_size: int | None = None, **_) -> Arr
                         images=rgb, targets=data.target[keep])
 
 
+# Per-channel normalisation of the training images: the authors' values for CIFAR (METHOD.md section 3).
+NORMALISATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+}
+
+
 def _torchvision(name: str, split: str, root: str, download: bool, image_size: int | None) -> ArrayDataset:
     import torchvision
 
-    splits = {"cifar10": ("train", "test"), "cifar100": ("train", "test"), "stl10": ("unlabeled", "train", "test")}
-    _require(split in splits[name], f"{name} has splits {', '.join(splits[name])}, not {split!r}")
     root_path = Path(root) / name
     try:
         if name == "stl10":
@@ -224,7 +224,7 @@ def _torchvision(name: str, split: str, root: str, download: bool, image_size: i
             f"put the torchvision {name} files in {root_path} or pass --data-root"
         ) from None
     targets = np.where(targets < 0, -1, targets)
-    mean, std = _STATS[name]
+    mean, std = NORMALISATION[name]
     return ArrayDataset(name=name, split=split, num_classes=num_classes, mean=mean, std=std,
                         images=_resize_array(images, image_size), targets=targets)
 
@@ -253,26 +253,73 @@ def load_imagefolder(path: str, split: str = "train", image_size: int | None = N
     return ds
 
 
-_LOADERS: dict[str, Callable[..., ImageDataset]] = {
-    "digits": lambda split, root, download, image_size: load_digits(split, image_size),
-    "cifar10": lambda split, root, download, image_size: _torchvision("cifar10", split, root, download, image_size),
-    "cifar100": lambda split, root, download, image_size: _torchvision("cifar100", split, root, download, image_size),
-    "stl10": lambda split, root, download, image_size: _torchvision("stl10", split, root, download, image_size),
-}
+def _shipped_model(folder: str) -> str:
+    """Path of a diffusion model shipped in ``clsp.generate.pretrained`` (without importing torch)."""
+    spec = importlib.util.find_spec("clsp.generate")
+    return str(Path(list(spec.submodule_search_locations)[0]) / "pretrained" / folder)
 
-DEFAULT_SPLITS = {"stl10": "unlabeled"}
-TEST_SPLITS = {"digits": "test", "cifar10": "test", "cifar100": "test", "stl10": "test"}
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Everything the project knows about one named dataset, in one place."""
+
+    load: Callable[[str, str, bool, int | None], ImageDataset]  # (split, root, download, image_size)
+    splits: tuple[str, ...]
+    train_split: str
+    test_split: str | None
+    image_size: int  # of the images as loaded, unless resized
+    default_unet: Callable[[], str | None] = lambda: None  # a shipped folder or a hub id
+    ddpm_preset: str = "ddpm-cifar"  # the U-Net preset `clsp ddpm train --preset auto` picks
+    # METHOD.md section 5: linear top-1 (%), ResNet-18 (or as keyed), 1000 epochs, authors' probe
+    paper_linear_top1: dict[str, float] = field(default_factory=dict)
+    paper_linear_top1_resnet50: dict[str, float] = field(default_factory=dict)
+
+
+def _vision(name: str) -> Callable[[str, str, bool, int | None], ImageDataset]:
+    return lambda split, root, download, image_size: _torchvision(name, split, root, download, image_size)
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo(load=lambda split, root, download, image_size: load_digits(split, image_size),
+                          splits=("train", "test"), train_split="train", test_split="test",
+                          image_size=DIGITS_DEFAULT_SIZE, default_unet=lambda: _shipped_model("digits-ddpm"),
+                          ddpm_preset="digits"),
+    "cifar10": DatasetInfo(
+        load=_vision("cifar10"), splits=("train", "test"), train_split="train", test_split="test", image_size=32,
+        default_unet=lambda: "google/ddpm-cifar10-32",
+        paper_linear_top1={"SimCLR": 91.45, "CLSP-SimCLR": 94.45, "MoCo": 92.29, "CLSP-MoCo": 94.62,
+                           "NNCLR": 91.88, "All4One": 93.24},
+        paper_linear_top1_resnet50={"CLSP-MoCo": 96.04}),
+    "cifar100": DatasetInfo(
+        load=_vision("cifar100"), splits=("train", "test"), train_split="train", test_split="test", image_size=32,
+        paper_linear_top1={"SimCLR": 68.10, "CLSP-SimCLR": 72.41, "MoCo": 68.91, "CLSP-MoCo": 72.33,
+                           "NNCLR": 69.62, "All4One": 72.17},
+        paper_linear_top1_resnet50={"CLSP-MoCo": 76.43}),
+    "stl10": DatasetInfo(load=_vision("stl10"), splits=("unlabeled", "train", "test"), train_split="unlabeled",
+                         test_split="test", image_size=96),
+}
+IMAGEFOLDER = "imagefolder:"
+
+
+def dataset_info(name: str) -> DatasetInfo | None:
+    """The registry entry of ``name``; None for ``imagefolder:PATH`` (a folder carries no facts)."""
+    if name.startswith(IMAGEFOLDER):
+        return None
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(dataset_names())}")
+    return DATASETS[name]
 
 
 def dataset_names() -> list[str]:
-    return sorted(_LOADERS) + ["imagefolder:PATH"]
+    return sorted(DATASETS) + ["imagefolder:PATH"]
 
 
 def get_dataset(name: str, split: str | None = None, root: str | os.PathLike = DEFAULT_DATA_ROOT,
                 download: bool = True, image_size: int | None = None) -> ImageDataset:
     """Look a dataset up by registry name (``digits``, ``cifar10``, ``imagefolder:PATH``, ...)."""
-    if name.startswith("imagefolder:"):
-        return load_imagefolder(name.split(":", 1)[1], split or "train", image_size)
-    if name not in _LOADERS:
-        raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(dataset_names())}")
-    return _LOADERS[name](split or DEFAULT_SPLITS.get(name, "train"), str(root), download, image_size)
+    info = dataset_info(name)
+    if info is None:
+        return load_imagefolder(name[len(IMAGEFOLDER):], split or "train", image_size)
+    split = split or info.train_split
+    _require(split in info.splits, f"{name} has splits {', '.join(info.splits)}, not {split!r}")
+    return info.load(split, str(root), download, image_size)

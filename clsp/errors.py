@@ -70,3 +70,11 @@ class Group(click.Group):
 
     command_class = Command
     group_class = type
+
+
+class ShardError(UserError):
+    """A shard directory, shard or record that is malformed, damaged or unsafe to read; names the file."""
+
+
+class LockError(UserError):
+    """A lock or temporary file that cannot be used safely (e.g. a symlink planted in its place)."""

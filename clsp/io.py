@@ -1,40 +1,87 @@
-"""Atomic file writes: every file another stage reads appears complete or not at all."""
+"""Atomic file writes, locks and temporaries that are safe when several processes share a directory.
+
+Every file another stage reads appears complete or not at all: it is written under a temporary name
+``.<name>.<random>.tmp-<pid>@<host>`` and renamed into place. The name says which process owns it, so a
+temporary is removed only once its writer is dead (``remove_stale_temporaries``), never while another
+job is still writing it. Locks and temporaries are opened without following symlinks.
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 import torch
 
+from clsp.errors import LockError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+_OWNER = re.compile(r"\.tmp-(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]+)$")
+
+
+def _temporary_suffix() -> str:
+    """The owner tag of this process's temporaries (read back by ``remove_stale_temporaries``)."""
+    return f".tmp-{os.getpid()}@{_HOST}"
+
+
+def _new_temporary(path: Path) -> tuple[int, Path]:
+    """A fresh temporary beside ``path``: O_EXCL creation, so a planted file or symlink is never reused."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_temporary_suffix(), dir=path.parent)
+    return fd, Path(tmp)
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    For writers that need a path (``torch.save``); ``atomic_file`` is safer where a file object will do.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp-{os.getpid()}", dir=path.parent)
+    fd, tmp_path = _new_temporary(path)
     os.close(fd)
-    tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; shared shard dirs need the usual mode
         os.replace(tmp_path, path)
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        tmp_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """Yield a binary file (readable too) that becomes ``path`` (flushed and fsynced) only if the block succeeds.
+
+    The file object is the one ``mkstemp`` created, so nothing is reopened by name in between.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_path = _new_temporary(path)
+    try:
+        with os.fdopen(fd, "w+b") as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+            os.fchmod(stream.fileno(), 0o666 & ~_UMASK)
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+    with atomic_file(path) as stream:
+        stream.write(data)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -43,10 +90,73 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 def save_torch_atomic(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Save a checkpoint of tensors and plain Python values (loadable with ``weights_only=True``)."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_file(path) as stream:
+        torch.save(state, stream)
 
 
 def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint without unpickling arbitrary objects."""
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def file_digest(source: str | os.PathLike | IO[bytes]) -> tuple[int, str]:
+    """(bytes, sha256 hex) of a file, or of an open binary file from its start; read in blocks."""
+    if hasattr(source, "read"):
+        source.seek(0)
+        return _digest(source)
+    with open(source, "rb") as f:
+        return _digest(f)
+
+
+def _digest(stream: IO[bytes]) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    for block in iter(lambda: stream.read(1 << 20), b""):
+        digest.update(block)
+        size += len(block)
+    return size, digest.hexdigest()
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this id exists on this host (one we may not signal still counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, pattern: str = "*") -> list[Path]:
+    """Remove the temporaries of files matching ``pattern`` whose writer process is dead; return them.
+
+    Only temporaries written on this host by a pid that no longer exists are removed: those of live
+    writers (another job in the same directory) and of other hosts (a shared filesystem) are kept.
+    Call it at start, e.g. ``remove_stale_temporaries(out, "checkpoint*.pt")``.
+    """
+    removed = []
+    for tmp in Path(directory).glob(f".{pattern}.*.tmp-*"):
+        owner = _OWNER.search(tmp.name)
+        if owner and owner["host"] == _HOST and not _alive(int(owner["pid"])):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if absent); a symlink there is refused, not followed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666 & ~_UMASK)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise LockError(f"the lock file is a symbolic link ({path}): remove it; clsp never follows links "
+                            f"for its locks") from None
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

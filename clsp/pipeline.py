@@ -1,138 +1,90 @@
 """``clsp run pipeline.yaml``: a whole experiment, stage after stage, skipping what is done.
 
-Each stage is the same click command a user would type (``clsp ddpm train``, ``clsp-gen``,
-``clsp-train``, ``clsp-eval``), invoked in-process with arguments built from the configuration, so
-the pipeline and the commands cannot drift apart. A stage is skipped when ``pipeline_state.json``
-records it as finished with the same fingerprint (its own settings plus those of the stages it reads);
-an interrupted stage is simply run again and resumes from its own checkpoints or shards.
+The YAML file is one ``PipelineConfig``: a section per stage, each the same settings model its command
+derives its options from. ``clsp run`` builds every stage's job from it and validates all of them (and
+that the diffusion model fits the data) before any work, then calls the stage functions with the jobs.
+
+A stage is skipped when ``RUN_DIR/pipeline_state.json`` records it finished with the same fingerprint: a
+hash of its own resolved job and of the fingerprints of the stages it reads. So changing one evaluation
+reruns only it, and adding a run trains only that run. ``--only STAGE`` runs one stage (cluster jobs do,
+under ``accelerate launch`` or a Slurm array) and records it the same way, so a later ``clsp run`` skips it.
 """
 
 from __future__ import annotations
 
-import difflib
+import fcntl
 import hashlib
 import json
+import os
+import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 import yaml
+from pydantic import ValidationError, model_validator
 
-from clsp.errors import Command, UserError
+from clsp.config import DatasetConfig, Settings, parse, setting
+from clsp.errors import SETTINGS, Command, UserError
+from clsp.evaluate.config import EvaluateSettings
+from clsp.generate.config import DDPMJob, DDPMSettings, GenerateJob, GenerateSettings
 from clsp.io import write_json_atomic
+from clsp.train.config import TrainJob, TrainSettings
 
-# key -> (accepted types, default, check returning an error text or None)
-Spec = tuple[tuple[type, ...], Any, Callable[[Any], str | None] | None]
-_NONE = type(None)
-
-
-def _positive(value) -> str | None:
-    return None if value is None or value > 0 else "must be positive"
+STATE_FILE = "pipeline_state.json"
+_RUN_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-def _unit(value) -> str | None:
-    return None if 0.0 <= value <= 1.0 else "must lie in [0, 1]"
+class DiffusionSection(DDPMSettings):
+    """The diffusion model: a given one (``unet``), the dataset's known one, or one trained first."""
+
+    unet: str | None = setting(None, "Model folder or hub id; null: the dataset's known model.")
+    train: bool = setting(False, "Train a DDPM on the real training split first (datasets without a model).")
 
 
-def _non_negative(value) -> str | None:
-    return None if value is None or value >= 0 else "must be zero or more"
+class TrainSection(TrainSettings):
+    """The training settings shared by every run, and the runs: name -> lambda of the CLSP term (null: the
+    recipe's; 0: the baseline), or name -> a mapping of settings that differ for that run (e.g. its method)."""
+
+    runs: dict[str, float | None | dict[str, Any]] = setting(
+        {"clsp": None, "baseline": 0.0}, "Run name: lambda (null: the recipe's; 0: baseline) or a mapping of the "
+                                         "run's own settings.")
+
+    @model_validator(mode="after")
+    def _runs(self) -> TrainSection:
+        if not self.runs:
+            raise ValueError("'runs' needs at least one run, e.g. {clsp: null, baseline: 0.0}")
+        for name in self.runs:
+            if not _RUN_NAME.match(name):
+                raise ValueError(f"run name {name!r} must be 1-64 letters, digits, '-' or '_'")
+            self.run_settings(name)  # each run's settings are valid on their own
+        return self
+
+    def run_settings(self, name: str) -> dict[str, Any]:
+        """The settings of run ``name``: the shared ones with the run's own applied, validated."""
+        own = self.runs[name]
+        if not isinstance(own, dict):
+            own = {} if own is None else {"clsp_lambda": own}
+        try:
+            return TrainSettings.model_validate({**self.model_dump(exclude={"runs"}), **own}).model_dump()
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(map(str, first["loc"]))
+            raise ValueError(f"run {name!r}: {where}: {first['msg'].lower()} (got {first.get('input')!r})") from None
 
 
-def _one_of(*choices) -> Callable[[Any], str | None]:
-    return lambda value: None if value is None or value in choices else f"must be one of {', '.join(map(str, choices))}"
+class PipelineConfig(Settings):
+    """A whole experiment (pipeline.yaml)."""
 
-
-SCHEMA: dict[str, Any] = {
-    "run_dir": ((str,), "runs/digits", None),
-    "seed": ((int,), 0, _non_negative),
-    "dataset": {
-        "name": ((str,), "digits", None),
-        "split": ((str, _NONE), None, None),
-        "data_root": ((str,), "data", None),
-        "image_size": ((int, _NONE), None, _positive),
-    },
-    "diffusion": {
-        "unet": ((str, _NONE), None, None),
-        "train": ((bool,), False, None),
-        "preset": ((str,), "digits", None),
-        "steps": ((int,), 3000, _positive),
-        "batch_size": ((int,), 128, _positive),
-    },
-    "generate": {
-        "candidates": ((int,), 8, _positive),
-        "weight": ((int, float), 0.1, _unit),
-        "steps": ((int,), 100, _positive),
-        "eta": ((int, float), 0.1, _non_negative),
-        "batch_size": ((int,), 64, _positive),
-        "shard_size": ((int,), 1000, _positive),
-        "precision": ((str,), "auto", _one_of("auto", "bf16", "fp32")),
-        "share_anchor_pass": ((bool,), False, None),
-        "limit": ((int, _NONE), None, _positive),
-    },
-    "train": {
-        "method": ((str,), "nnclr", _one_of("simclr", "moco", "nnclr")),
-        "backbone": ((str,), "resnet18", None),
-        "epochs": ((int,), 1000, _positive),
-        "batch_size": ((int, _NONE), None, _positive),
-        "lr": ((int, float, _NONE), None, _positive),
-        "optimizer": ((str, _NONE), None, _one_of("sgd", "lars")),
-        "warmup_epochs": ((int, _NONE), None, _non_negative),
-        "precision": ((str,), "auto", _one_of("auto", "bf16", "fp32")),
-        "workers": ((int,), 0, _non_negative),
-        "augment": ((str,), "cpu", _one_of("cpu", "device")),
-        "crop_min_scale": ((int, float), 0.08, lambda v: None if 0 < v <= 1 else "must lie in (0, 1]"),
-        "flip": ((bool,), True, None),
-        "runs": ((dict,), {"clsp": None, "baseline": 0.0}, None),
-    },
-    "evaluate": {
-        "linear": ((bool,), True, None),
-        "linear_epochs": ((int,), 100, _positive),
-        "knn": ((bool,), True, None),
-        "positives": ((bool,), True, None),
-        "embed_plot": ((bool,), False, None),
-        "transfer": ((list,), [], None),
-    },
-}
-
-
-def _validate(config: dict, schema: dict, prefix: str = "") -> dict:
-    """Fill defaults and check every key against the schema; one line naming the key on error."""
-    unknown = set(config) - set(schema)
-    if unknown:
-        key = sorted(unknown)[0]
-        close = difflib.get_close_matches(key, list(schema), n=1)
-        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known keys: {', '.join(schema)}"
-        raise UserError(f"unknown key '{prefix}{key}' in the pipeline configuration{hint}")
-    resolved = {}
-    for key, spec in schema.items():
-        value = config.get(key)
-        if isinstance(spec, dict):
-            if value is not None and not isinstance(value, dict):
-                raise UserError(f"'{prefix}{key}' must be a mapping of settings, not {value!r}")
-            resolved[key] = _validate(value or {}, spec, f"{prefix}{key}.")
-            continue
-        types, default, check = spec
-        if key not in config:
-            value = default
-        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-            names = " or ".join("null" if t is _NONE else t.__name__ for t in types)
-            raise UserError(f"'{prefix}{key}' must be {names}, not {value!r}")
-        problem = check(value) if check else None
-        if problem:
-            raise UserError(f"'{prefix}{key}' {problem} (got {value!r})")
-        resolved[key] = value
-    return resolved
-
-
-def _validate_runs(runs: dict) -> None:
-    if not runs:
-        raise UserError("'train.runs' needs at least one run, e.g. {clsp: null, baseline: 0.0}")
-    for name, weight in runs.items():
-        if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
-            raise UserError(f"'train.runs' run name {name!r} must be letters, digits, '-' or '_'")
-        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0):
-            raise UserError(f"'train.runs.{name}' is the CLSP weight: null (method default) or a number >= 0")
+    run_dir: str = setting("runs/digits", "Where every stage writes.", min_length=1)
+    seed: int = setting(0, "Seed of every stage.", ge=0, le=2**63 - 1)
+    dataset: DatasetConfig = DatasetConfig()
+    diffusion: DiffusionSection = DiffusionSection()
+    generate: GenerateSettings = GenerateSettings()
+    train: TrainSection = TrainSection()
+    evaluate: EvaluateSettings = EvaluateSettings()
 
 
 def _apply_override(config: dict, assignment: str) -> None:
@@ -145,10 +97,13 @@ def _apply_override(config: dict, assignment: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise UserError(f"--set {dotted}: '{key}' is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+    try:
+        node[keys[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise UserError(f"--set {dotted}: {raw!r} is not a YAML value") from None
 
 
-def load_config(path: str | Path, overrides: tuple[str, ...] = ()) -> dict:
+def load_config(path: str | Path, overrides: tuple[str, ...] = ()) -> PipelineConfig:
     """Read, override and validate a pipeline configuration."""
     path = Path(path)
     if not path.is_file():
@@ -161,157 +116,241 @@ def load_config(path: str | Path, overrides: tuple[str, ...] = ()) -> dict:
         raise UserError(f"{path} must hold a mapping of sections (dataset, generate, train, ...)")
     for assignment in overrides:
         _apply_override(config, assignment)
-    resolved = _validate(config, SCHEMA)
-    _validate_runs(resolved["train"]["runs"])
-    return resolved
+    return parse(PipelineConfig, config, where="")
 
 
-def _fingerprint(*parts: Any) -> str:
+def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _opt(name: str, value: Any) -> list[str]:
-    """A CLI option from a config value (None or False mean: the command's own default)."""
-    if value is None or value is False:
-        return []
-    if value is True:
-        return [f"--{name}"]
-    return [f"--{name}", str(value)]
+@dataclass
+class Stage:
+    """One unit of work: its job (a validated settings model), what it reads, and how to run it."""
+
+    name: str
+    job: Settings
+    run: Callable[[], Any]
+    upstream: list[str] = field(default_factory=list)
+    outputs: list[Path] = field(default_factory=list)
+    identity: dict[str, Any] = field(default_factory=dict)  # the job's settings that shape the result
 
 
 class Pipeline:
-    """Runs the stages of one configuration, recording which are finished."""
+    """The stages of one configuration, in order, with the bookkeeping of which are finished."""
 
-    def __init__(self, config: dict, echo: Callable[[str], None] = click.echo) -> None:
+    def __init__(self, config: PipelineConfig, echo: Callable[[str], None] = click.echo) -> None:
         self.config = config
-        self.run_dir = Path(config["run_dir"])
-        self.state_file = self.run_dir / "pipeline_state.json"
-        self.state = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+        self.run_dir = Path(config.run_dir)
+        self.state_file = self.run_dir / STATE_FILE
         self.echo = echo
         self.ran: list[str] = []
+        self.stages: dict[str, Stage] = {}
+        self._build()
 
-    def _stage(self, name: str, fingerprint: str, outputs: list[Path], body: Callable[[], None]) -> str:
-        if self.state.get(name) == fingerprint and all(p.exists() for p in outputs):
-            self.echo(f"[clsp run] {name}: done already, skipped")
-            return fingerprint
-        self.echo(f"[clsp run] {name}: running")
-        start = time.time()
-        body()
-        self.state[name] = fingerprint
-        write_json_atomic(self.state_file, self.state)
-        self.ran.append(name)
-        self.echo(f"[clsp run] {name}: finished in {time.time() - start:.0f} s")
-        return fingerprint
+    # ---- the stages -------------------------------------------------------------------------------------
+    def _add(self, stage: Stage) -> None:
+        self.stages[stage.name] = stage
 
-    @staticmethod
-    def _invoke(command: click.Command, args: list[str]) -> None:
-        command.main(args=args, prog_name=command.name, standalone_mode=False)
+    def _build(self) -> None:
+        cfg, seed = self.config, self.config.seed
+        dataset = cfg.dataset.model_dump()
+        unet = cfg.diffusion.unet
+        upstream: list[str] = []
+        if cfg.diffusion.train:
+            from clsp.generate.ddpm_training import resolve_ddpm, train_ddpm
 
-    def _dataset_args(self) -> list[str]:
-        ds = self.config["dataset"]
-        return ["--dataset", ds["name"], "--data-root", ds["data_root"]] + _opt("image-size", ds["image_size"])
-
-    def run(self) -> Path:
-        cfg, seed = self.config, self.config["seed"]
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.run_dir / "pipeline.json", cfg)
-        unet, fp = self._diffusion()
+            out = self.run_dir / "ddpm"
+            ddpm = resolve_ddpm(parse(DDPMJob, {**dataset, **cfg.diffusion.model_dump(exclude={"unet", "train"}),
+                                                "out": str(out), "seed": seed}, where="diffusion"))
+            self._add(Stage("diffusion", ddpm, lambda: train_ddpm(ddpm), outputs=[out / "model_index.json"],
+                            identity=ddpm.model_dump(exclude={"out", "checkpoint_every", "sample_every",
+                                                              "log_every", "data_root"})))
+            unet, upstream = str(out), ["diffusion"]
         shards = self.run_dir / "shards"
-        gen = cfg["generate"]
-        fp = self._stage("generate", _fingerprint(fp, cfg["dataset"], gen, seed), [shards / "manifest.json"],
-                         lambda: self._generate(unet, shards))
-        encoders = {}
-        for run_name, weight in cfg["train"]["runs"].items():
+        gen = parse(GenerateJob, {**dataset, **cfg.generate.model_dump(), "shards": str(shards), "unet": unet,
+                                  "seed": seed}, where="generate")
+        from clsp.generate.job import run_generation
+
+        self._add(Stage("generate", gen, lambda: run_generation(gen, echo=self.echo), upstream=upstream,
+                        outputs=[shards / "manifest.json"],
+                        identity=gen.model_dump(exclude={"shards", "preview", "compile", "data_root", "batch_size",
+                                                         "num_workers", "worker_index", "overwrite"})))
+        from clsp.train.trainer import train as run_training
+
+        for run_name in cfg.train.runs:
             out = self.run_dir / "train" / run_name
-            encoders[run_name] = out
-            self._stage(f"train:{run_name}", _fingerprint(fp, cfg["train"], run_name, weight, seed),
-                        [out / "encoder.safetensors"], lambda out=out, weight=weight: self._train(shards, out, weight))
-        return self._evaluate(shards, encoders, fp)
+            job = parse(TrainJob, {**cfg.train.run_settings(run_name), "shards": str(shards), "out": str(out), "data_root": cfg.dataset.data_root,
+                                   "seed": seed, "allow_partial": cfg.generate.limit is not None}, where="train")
+            resolved = job.resolved(cfg.dataset.name)
+            self._add(Stage(f"train:{run_name}", job, lambda job=job: run_training(job), upstream=["generate"],
+                            outputs=[out / "encoder.safetensors", out / "encoder.json"],
+                            identity=resolved.model_dump(exclude={"out", "shards", "data_root", "checkpoint_every",
+                                                                  "checkpoint_steps", "log_every", "compile"})))
+            self._add_evaluations(run_name, out)
 
-    def _diffusion(self) -> tuple[str | None, str]:
-        cfg = self.config["diffusion"]
-        if not cfg["train"]:
-            return cfg["unet"], _fingerprint(cfg["unet"])
-        from clsp.generate.ddpm_cli import train as ddpm_train
+    def _add_evaluations(self, run_name: str, encoder: Path) -> None:
+        from clsp.evaluate.cli import EVALUATIONS
 
-        out = self.run_dir / "ddpm"
-        args = self._dataset_args() + ["--out", str(out), "--preset", cfg["preset"], "--steps", str(cfg["steps"]),
-                                       "--batch-size", str(cfg["batch_size"]), "--seed", str(self.config["seed"])]
-        fp = self._stage("diffusion", _fingerprint(self.config["dataset"], cfg, self.config["seed"]),
-                         [out / "config.json"], lambda: self._invoke(ddpm_train, args))
-        return str(out), fp
+        e, ds = self.config.evaluate, self.config.dataset
+        out = self.run_dir / "eval" / run_name
+        common = {"encoder": str(encoder), "out": str(out), "data_root": ds.data_root, "seed": self.config.seed}
+        wanted: dict[str, dict[str, Any]] = {}
+        if e.linear:
+            wanted["linear"] = {"dataset": ds.name, "protocol": e.linear_protocol, "epochs": e.linear_epochs,
+                                "lr": e.linear_lr}
+        if e.knn:
+            wanted["knn"] = {"dataset": ds.name}
+        if e.positives:
+            wanted["positives"] = {"shards": str(self.run_dir / "shards")}
+        if e.embed_plot:
+            wanted["embed-plot"] = {"dataset": ds.name, "png": str(out / "tsne.png")}
+        if e.transfer:
+            wanted["transfer"] = {"datasets": ",".join(e.transfer)}
+        for command, values in wanted.items():
+            model, run = EVALUATIONS[command]
+            job = parse(model, {**common, **values}, where="evaluate")
+            self._add(Stage(f"eval:{run_name}:{command}", job, lambda run=run, job=job: run(job),
+                            upstream=[f"train:{run_name}"], outputs=[out / "results.json"],
+                            identity=job.model_dump(exclude={"out", "cache_dir", "data_root", "batch_size"})))
 
-    def _generate(self, unet: str | None, shards: Path) -> None:
-        from clsp.generate.cli import gen
+    # ---- checks and bookkeeping ---------------------------------------------------------------------------
+    def check(self) -> list[str]:
+        """Every check a stage would make before work; returns notes on what could not be checked here."""
+        from clsp.datasets import dataset_info
+        from clsp.generate.unet import check_compatible, resolve_unet, unet_config
 
-        g = self.config["generate"]
-        args = self._dataset_args() + ["--shards", str(shards), "--seed", str(self.config["seed"])] + _opt("unet", unet)
-        for key in ("candidates", "weight", "steps", "eta", "batch_size", "shard_size", "precision", "limit",
-                    "share_anchor_pass"):
-            args += _opt(key.replace("_", "-"), g[key])
-        args += _opt("split", self.config["dataset"]["split"])
-        self._invoke(gen, args)
+        cfg, notes = self.config, []
+        for stage in self.stages.values():
+            if isinstance(stage.job, TrainJob):
+                stage.job.resolved(cfg.dataset.name)
+        gen = self.stages["generate"].job
+        info = dataset_info(cfg.dataset.name)
+        size = cfg.dataset.image_size or (info.image_size if info is not None else None)
+        if cfg.diffusion.train:
+            from clsp.generate.ddpm_presets import check_image_size, get_preset
 
-    def _train(self, shards: Path, out: Path, weight: float | None) -> None:
-        from clsp.train.cli import train
+            if size is not None:
+                check_image_size(get_preset(self.stages["diffusion"].job.preset), size)
+        else:
+            ref = resolve_unet(gen.unet, cfg.dataset.name)
+            config = unet_config(ref)
+            if config is None:
+                notes.append(f"diffusion model {ref} is not in the local cache: its fit to the data is checked "
+                             "when generation loads it")
+            elif size is not None:
+                check_compatible(config, size)
+        return notes
 
-        t = self.config["train"]
-        args = ["--shards", str(shards), "--out", str(out), "--data-root", self.config["dataset"]["data_root"],
-                "--seed", str(self.config["seed"])] + _opt("clsp-weight", weight)
-        for key in ("method", "backbone", "epochs", "batch_size", "lr", "optimizer", "warmup_epochs", "precision",
-                    "workers", "augment", "crop_min_scale"):
-            args += _opt(key.replace("_", "-"), t[key])
-        args.append("--flip" if t["flip"] else "--no-flip")
-        if self.config["generate"]["limit"]:
-            args.append("--allow-partial")
-        self._invoke(train, args)
+    def _state(self) -> dict[str, str]:
+        if not self.state_file.is_file():
+            return {}
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{self.state_file} is damaged; delete it (finished stages then rerun, resuming from "
+                            "their outputs)") from None
+        if not isinstance(state, dict) or not all(isinstance(v, str) for v in state.values()):
+            raise UserError(f"{self.state_file} is not a stage -> fingerprint mapping; delete it")
+        return state
 
-    def _evaluate(self, shards: Path, encoders: dict[str, Path], upstream: str) -> Path:
-        from clsp.evaluate import cli as eval_cli
-        from clsp.evaluate.features import file_hash
+    def _record(self, name: str, value: str) -> None:
+        """Record a finished stage under a lock: several cluster jobs may finish at once."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = os.open(self.run_dir / ".pipeline_state.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            state = self._state()
+            state[name] = value
+            write_json_atomic(self.state_file, state)
+        finally:
+            os.close(lock)
+
+    def fingerprints(self) -> dict[str, str]:
+        """Each stage's fingerprint: its identity plus its upstream stages' fingerprints."""
+        prints: dict[str, str] = {}
+        for name, stage in self.stages.items():
+            prints[name] = fingerprint(name, stage.identity, [prints[up] for up in stage.upstream])
+        return prints
+
+    def done(self, name: str, prints: dict[str, str], state: dict[str, str]) -> bool:
+        stage = self.stages[name]
+        return state.get(name) == prints[name] and all(path.exists() for path in stage.outputs)
+
+    def run(self, only: str | None = None) -> Path | None:
+        """Run what is not done (or only the stage ``only``); returns the report path after a full run."""
+        if only is not None and only not in self.stages:
+            raise UserError(f"--only {only!r} is not a stage of this configuration; stages: "
+                            f"{', '.join(self.stages)}")
+        prints, state = self.fingerprints(), self._state()
+        names = [only] if only else list(self.stages)
+        for name in names:
+            stage = self.stages[name]
+            missing = [up for up in stage.upstream if not self.done(up, prints, state)]
+            if missing:
+                raise UserError(f"stage {name} needs {', '.join(missing)} finished first; run them (clsp run "
+                                f"CONFIG --only {missing[0]}) or run the whole pipeline")
+            if self.done(name, prints, state):
+                self.echo(f"[clsp run] {name}: done already, skipped")
+                continue
+            self.echo(f"[clsp run] {name}: running")
+            start = time.time()
+            stage.run()
+            if name == "generate" and not self._generation_complete():
+                self.echo(f"[clsp run] {name}: this worker's shards are written; others are still missing")
+                continue
+            if _main_process():
+                self._record(name, prints[name])
+            state[name] = prints[name]
+            self.ran.append(name)
+            self.echo(f"[clsp run] {name}: finished in {time.time() - start:.0f} s")
+        if only is not None or not _main_process():
+            return None
+        return self._report()
+
+    def _generation_complete(self) -> bool:
+        from clsp.shards.reader import ShardDirectory
+
+        store = ShardDirectory.open(self.stages["generate"].job.shards)
+        return len(store.verified_shards()) == store.num_shards
+
+    def _report(self) -> Path:
         from clsp.evaluate.report import write_report
 
-        e, ds = self.config["evaluate"], self.config["dataset"]
-        data = ["--dataset", ds["name"], "--data-root", ds["data_root"]]
-        eval_dirs = {}
-        for run_name, encoder in encoders.items():
-            out = self.run_dir / "eval" / run_name
-            eval_dirs[run_name] = out
-            common = ["--encoder", str(encoder), "--out", str(out)]
-            steps: list[tuple[str, list[str]]] = []
-            if e["linear"]:
-                steps.append(("linear", common + data + ["--epochs", str(e["linear_epochs"])]))
-            if e["knn"]:
-                steps.append(("knn", common + data))
-            if e["positives"]:
-                steps.append(("positives", common + ["--shards", str(shards), "--data-root", ds["data_root"]]))
-            if e["embed_plot"]:
-                steps.append(("embed-plot", common + data + ["--png", str(out / "tsne.png")]))
-            if e["transfer"]:
-                steps.append(("transfer", common + ["--datasets", ",".join(e["transfer"]), "--data-root", ds["data_root"]]))
-            weights_fp = file_hash(encoder / "encoder.safetensors", encoder / "encoder.json")
-            for command, args in steps:
-                self._stage(f"eval:{run_name}:{command}", _fingerprint(upstream, e, weights_fp, command),
-                            [out / "results.json"],
-                            lambda command=command, args=args: self._invoke(eval_cli.evaluate.get_command(None, command), args))
+        eval_dirs = {name: self.run_dir / "eval" / name for name in self.config.train.runs}
         report = self.run_dir / "report.md"
-        write_report(eval_dirs, report, dataset=ds["name"])
+        write_report(eval_dirs, report, dataset=self.config.dataset.name)
         return report
 
 
-@click.command(cls=Command, context_settings={"show_default": True})
+def _main_process() -> bool:
+    """Rank 0 of an ``accelerate launch`` group (or a plain process): the one that records state."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@click.command(cls=Command, context_settings=SETTINGS)
 @click.argument("config", type=click.Path(dir_okay=False), default="pipeline.yaml")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a configuration key, e.g. --set train.epochs=5 (repeatable).")
-@click.option("--check", is_flag=True, help="Only validate the configuration and print it resolved.")
-def run(config: str, overrides: tuple[str, ...], check: bool) -> None:
+@click.option("--check", is_flag=True, help="Validate everything a stage would check, print the resolved "
+                                            "configuration and the stages, and do no work.")
+@click.option("--only", default=None, metavar="STAGE",
+              help="Run only this stage (generate, train:NAME, eval:NAME:COMMAND, diffusion), e.g. in a "
+                   "cluster job; a later clsp run skips it.")
+def run(config: str, overrides: tuple[str, ...], check: bool, only: str | None) -> None:
     """Run the experiment described by CONFIG: generate -> train -> evaluate -> report.md."""
     resolved = load_config(config, overrides)
-    if check:
-        click.echo(yaml.safe_dump(resolved, sort_keys=False))
-        return
     pipeline = Pipeline(resolved)
-    report = pipeline.run()
+    notes = pipeline.check()
+    if check:
+        click.echo(yaml.safe_dump(resolved.model_dump(), sort_keys=False))
+        click.echo("stages: " + ", ".join(pipeline.stages))
+        for note in notes:
+            click.echo(f"note: {note}")
+        return
+    if _main_process():
+        write_json_atomic(pipeline.run_dir / "pipeline.json", resolved.model_dump())
+    report = pipeline.run(only)
     done = ", ".join(pipeline.ran) if pipeline.ran else "nothing (everything was done already)"
     click.echo(f"[clsp run] ran: {done}")
-    click.echo(f"[clsp run] report: {report}")
+    if report is not None:
+        click.echo(f"[clsp run] report: {report}")

@@ -20,7 +20,7 @@ def embed_plot(encoder: FrozenEncoder, dataset: str, out: str | Path, *, root: s
     from matplotlib.figure import Figure
     from sklearn.manifold import TSNE
 
-    test = test_split(dataset, root=root, download=download, image_size=encoder.arch.get("image_size"))
+    test = test_split(dataset, root=root, download=download, image_size=encoder.card.image_size)
     features = extract_features(encoder, test, cache_dir=cache_dir, batch_size=batch_size)
     labels = test.labels()
     rng = np.random.default_rng(seed)
@@ -45,8 +45,7 @@ def embed_plot(encoder: FrozenEncoder, dataset: str, out: str | Path, *, root: s
         ax.scatter(points[labelled, 0], points[labelled, 1], c=labels[labelled], cmap="nipy_spectral", s=6)
     ax.set_xticks([])
     ax.set_yticks([])
-    arch = encoder.arch
-    ax.set_title(f"t-SNE of {dataset} ({test.split}) features, {arch.get('method', arch['backbone'])}")
+    ax.set_title(f"t-SNE of {dataset} ({test.split}) features, {encoder.card.method or encoder.card.backbone}")
     path = save_figure(figure, out)
     return {"dataset": dataset, "png": str(path), "points": int(len(points)), "split": test.split,
             "encoder": encoder.describe()}

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clsp.datasets import TEST_SPLITS, ImageDataset, get_dataset
+from clsp.datasets import ImageDataset, dataset_info, get_dataset
 from clsp.errors import UserError
 from clsp.io import atomic_path
 from clsp.runtime import progress
-from clsp.train.backbones import load_encoder
+from clsp.train.backbones import EncoderCard, load_encoder
 
 CACHE_VERSION = 1
 
@@ -43,25 +43,24 @@ class FrozenEncoder:
     """An exported encoder in eval mode, with the hash of its weights."""
 
     module: nn.Module
-    arch: dict
+    card: EncoderCard
     fingerprint: str
     path: Path
     device: torch.device
 
     def input_spec(self, dataset: ImageDataset) -> InputSpec:
         """The encoder's training size and statistics; the dataset's where the encoder records none."""
-        size = int(self.arch.get("image_size") or dataset.image_size)
-        mean = tuple(float(v) for v in (self.arch.get("mean") or dataset.mean))
-        std = tuple(float(v) for v in (self.arch.get("std") or dataset.std))
+        size = int(self.card.image_size or dataset.image_size)
+        mean = tuple(float(v) for v in (self.card.mean or dataset.mean))
+        std = tuple(float(v) for v in (self.card.std or dataset.std))
         return InputSpec(size, mean, std)
 
     def describe(self) -> dict:
         """What results record about the encoder."""
-        keys = ("backbone", "small_stem", "feature_dim", "method", "clsp_weight", "image_size")
-        info = {k: self.arch[k] for k in keys if k in self.arch}
-        if isinstance(self.arch.get("dataset"), dict):
-            info["trained_on"] = self.arch["dataset"].get("name")
-        return {"path": str(self.path), "fingerprint": self.fingerprint, **info}
+        info = self.card.model_dump(include={"backbone", "small_stem", "feature_dim", "method", "clsp_lambda",
+                                             "image_size", "probe_lr"})
+        return {"path": str(self.path), "fingerprint": self.fingerprint, "trained_on": self.card.dataset.get("name"),
+                **info}
 
     @torch.no_grad()
     def embed(self, images: np.ndarray, spec: InputSpec, flip: bool = False) -> np.ndarray:
@@ -93,27 +92,25 @@ def file_hash(*paths: Path) -> str:
 
 def load_frozen_encoder(path: str | Path, device: str | torch.device | None = None) -> FrozenEncoder:
     """Load an exported encoder and check that it takes RGB images of its recorded size."""
-    module, arch = load_encoder(path)
+    module, card = load_encoder(path)
     path = Path(path)
     directory = path if path.is_dir() else path.parent
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     first_conv = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
     if first_conv is None or first_conv.in_channels != 3:
         raise UserError(f"encoder {directory} does not take 3-channel RGB images; export an RGB backbone")
-    size = arch.get("image_size") or 32
-    if not isinstance(size, int) or size < 8:
-        raise UserError(f"encoder {directory} records image_size {size!r}; encoder.json needs an integer >= 8")
+    size = card.image_size or 32
     module = module.to(device)
     try:
         with torch.no_grad():
             out = module(torch.zeros(2, 3, size, size, device=device))
     except RuntimeError as err:
         raise UserError(f"encoder {directory} cannot run on {size}x{size} images: {str(err).splitlines()[0]}") from None
-    if out.shape != (2, arch.get("feature_dim", out.shape[1])):
+    if out.shape != (2, card.feature_dim):
         raise UserError(f"encoder {directory} gives features of shape {tuple(out.shape[1:])} but encoder.json says "
-                        f"feature_dim {arch.get('feature_dim')}; re-export the encoder")
+                        f"feature_dim {card.feature_dim}; re-export the encoder")
     fingerprint = file_hash(directory / "encoder.safetensors", directory / "encoder.json")
-    return FrozenEncoder(module.eval(), arch, fingerprint, directory, device)
+    return FrozenEncoder(module.eval(), card, fingerprint, directory, device)
 
 
 def cache_key(encoder: FrozenEncoder, dataset: ImageDataset, spec: InputSpec, flip: bool) -> str:
@@ -126,7 +123,7 @@ def cache_key(encoder: FrozenEncoder, dataset: ImageDataset, spec: InputSpec, fl
 def embed_batches(encoder: FrozenEncoder, count: int, fetch: Callable[[np.ndarray], np.ndarray], spec: InputSpec,
                   *, batch_size: int = 256, flip: bool = False, desc: str = "features") -> np.ndarray:
     """float32 features of ``count`` images that ``fetch(indices)`` returns as uint8 ``[n, H, W, 3]``."""
-    chunks = [np.zeros((0, encoder.arch.get("feature_dim", 0)), np.float32)]
+    chunks = [np.zeros((0, encoder.card.feature_dim), np.float32)]
     bar = progress(total=count, desc=desc, unit="img")
     for start in range(0, count, batch_size):
         indices = np.arange(start, min(start + batch_size, count))
@@ -167,11 +164,11 @@ def test_split(name: str, *, root: str | Path, download: bool, image_size: int |
             raise UserError(f"{name} has no test/ sub-folder; evaluation needs {folder}/train and {folder}/test, "
                             "each with one sub-folder of images per class")
         return get_dataset(name, "test", root=root, download=download, image_size=image_size)
-    if name not in TEST_SPLITS:
-        get_dataset(name, root=root, download=download, image_size=image_size)  # unknown names: registry's line
-        raise UserError(f"dataset {name} has no test split; use one of: {', '.join(sorted(TEST_SPLITS))} "
+    split = dataset_info(name).test_split  # unknown names: the registry's line
+    if split is None:
+        raise UserError(f"dataset {name} has no test split; use one with labelled train and test splits "
                         "or imagefolder:PATH with train/ and test/ sub-folders")
-    return get_dataset(name, TEST_SPLITS[name], root=root, download=download, image_size=image_size)
+    return get_dataset(name, split, root=root, download=download, image_size=image_size)
 
 
 def labelled_splits(name: str, protocol: str, *, root: str | Path, download: bool,

@@ -1,13 +1,14 @@
 """Linear probe: one linear layer on frozen backbone features (METHOD.md section 4).
 
-SGD (lr 1.0, momentum 0.9, no weight decay), 100 epochs, lr x0.1 at 60% and 80% of the epochs.
-With ``flip`` the training features of each epoch come from randomly flipped images. The backbone
-is frozen and deterministic in eval mode, so that equals re-extracting features every epoch, but
-it needs only two extractions (plain and flipped, both cached) instead of one per epoch.
+Two named protocols:
 
-Features are standardised with the training split's per-dimension mean and std first (a
-BatchNorm without affine parameters, as in MAE's linear probe): the classifier is still linear in
-the features, and lr 1.0 then means the same thing for every encoder whatever its feature scale.
+- ``authors`` (default; the protocol behind the paper's numbers): raw backbone features, a random
+  horizontal flip of each training image every epoch, one ``nn.Linear`` with PyTorch's default init,
+  SGD without momentum or weight decay, batch 256, lr x0.1 at 60 % and 80 % of the epochs; top-1 and
+  top-5 of the last epoch. The backbone is frozen and in eval mode, so a flip in front of it equals
+  choosing, per image and epoch, between its plain and its flipped features: both are extracted once.
+- ``standardized``: features standardised with the training split's mean and std, zero-initialised
+  layer, SGD momentum 0.9, no flips. Its numbers are not comparable with the paper's.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from clsp.datasets import ImageDataset
+from clsp.errors import UserError
 from clsp.runtime import progress
 from clsp.evaluate.features import FrozenEncoder, extract_features
 
@@ -30,22 +32,29 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
 
 
 def train_linear(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
-                 test_labels: np.ndarray, *, num_classes: int, epochs: int = 100, lr: float = 1.0,
-                 batch_size: int = 256, seed: int = 0, flipped_train_features: np.ndarray | None = None,
+                 test_labels: np.ndarray, *, num_classes: int, protocol: str = "authors", epochs: int = 100,
+                 lr: float = 1.0, batch_size: int = 256, seed: int = 0, flipped_train_features: np.ndarray | None = None,
                  log_dir: str | Path | None = None) -> dict:
-    """Fit the linear classifier and return top-1/top-5 (%) on the test features."""
+    """Fit the linear classifier under ``protocol`` and return top-1/top-5 (%) on the test features.
+
+    ``flipped_train_features`` (the training images' features, flipped) is required by ``authors``."""
+    authors = protocol == "authors"
+    if authors and flipped_train_features is None:
+        raise ValueError("the authors' protocol needs the flipped training features")
     generator = torch.Generator().manual_seed(seed)
     x_plain = torch.as_tensor(train_features, dtype=torch.float32)
-    mean, std = x_plain.mean(0), x_plain.std(0).clamp_min(1e-6)
+    mean, std = (torch.zeros(x_plain.shape[1]), torch.ones(x_plain.shape[1])) if authors else \
+        (x_plain.mean(0), x_plain.std(0).clamp_min(1e-6))
     x_plain = (x_plain - mean) / std
-    x_flip = None
-    if flipped_train_features is not None:
-        x_flip = (torch.as_tensor(flipped_train_features, dtype=torch.float32) - mean) / std
+    x_flip = (torch.as_tensor(flipped_train_features, dtype=torch.float32) - mean) / std if authors else None
     y = torch.as_tensor(train_labels, dtype=torch.long)
-    classifier = nn.Linear(x_plain.shape[1], num_classes)
-    nn.init.zeros_(classifier.weight)
-    nn.init.zeros_(classifier.bias)
-    optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        classifier = nn.Linear(x_plain.shape[1], num_classes)  # PyTorch's default init, seeded
+    if not authors:
+        nn.init.zeros_(classifier.weight)
+        nn.init.zeros_(classifier.bias)
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.0 if authors else 0.9, weight_decay=0.0)
     milestones = sorted({max(1, round(epochs * 0.6)), max(1, round(epochs * 0.8))})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     writer = None
@@ -69,6 +78,9 @@ def train_linear(train_features: np.ndarray, train_labels: np.ndarray, test_feat
             optimizer.step()
             total += loss.item() * len(idx)
         loss_value = total / len(x)
+        if not np.isfinite(loss_value):
+            raise UserError(f"the linear probe's loss became {loss_value} in epoch {epoch + 1}: lr {lr:g} is too "
+                            "high for these features; pass a lower --lr")
         if writer is not None:
             writer.add_scalar("linear/train_loss", loss_value, epoch)
             writer.add_scalar("linear/lr", optimizer.param_groups[0]["lr"], epoch)
@@ -77,8 +89,8 @@ def train_linear(train_features: np.ndarray, train_labels: np.ndarray, test_feat
         logits = classifier((torch.as_tensor(test_features, dtype=torch.float32) - mean) / std)
     test_y = torch.as_tensor(test_labels, dtype=torch.long)
     result = {"top1": topk_accuracy(logits, test_y, 1), "top5": topk_accuracy(logits, test_y, 5),
-              "train_loss": loss_value, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-              "milestones": milestones, "flip": x_flip is not None, "seed": seed,
+              "train_loss": loss_value, "protocol": protocol, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+              "milestones": milestones, "flip": authors, "seed": seed,
               "train_size": len(x_plain), "test_size": len(test_y), "num_classes": num_classes}
     if writer is not None:
         writer.add_scalar("linear/test_top1", result["top1"], epochs)
@@ -87,14 +99,17 @@ def train_linear(train_features: np.ndarray, train_labels: np.ndarray, test_feat
     return result
 
 
-def linear_protocol(encoder: FrozenEncoder, train: ImageDataset, test: ImageDataset, *, epochs: int = 100,
-                    lr: float = 1.0, batch_size: int = 256, flip: bool = False, seed: int = 0,
+def linear_protocol(encoder: FrozenEncoder, train: ImageDataset, test: ImageDataset, *, protocol: str = "authors",
+                    epochs: int = 100, lr: float | None = None, batch_size: int = 256, seed: int = 0,
                     cache_dir: str | Path | None = None, log_dir: str | Path | None = None) -> dict:
-    """Linear evaluation of ``encoder`` on a labelled train/test pair (see ``features.labelled_splits``)."""
+    """Linear evaluation of ``encoder`` on a labelled train/test pair (see ``features.labelled_splits``);
+    ``lr`` None takes the encoder's recipe value (1.0; 10.0 for CIFAR-100 MoCo)."""
+    lr = lr if lr is not None else (encoder.card.probe_lr or 1.0)
     features = extract_features(encoder, train, cache_dir=cache_dir, batch_size=batch_size)
-    flipped = extract_features(encoder, train, cache_dir=cache_dir, flip=True, batch_size=batch_size) if flip else None
+    flipped = extract_features(encoder, train, cache_dir=cache_dir, flip=True, batch_size=batch_size) \
+        if protocol == "authors" else None
     test_features = extract_features(encoder, test, cache_dir=cache_dir, batch_size=batch_size)
     result = train_linear(features, train.labels(), test_features, test.labels(), num_classes=train.num_classes,
-                          epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, flipped_train_features=flipped,
-                          log_dir=log_dir)
+                          protocol=protocol, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                          flipped_train_features=flipped, log_dir=log_dir)
     return {"dataset": train.name, **result, "encoder": encoder.describe()}

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from clsp.shards import reader
-from clsp.train.augment import CROP_MIN_SCALE, FLIP, augment_images, cpu_transform
+from clsp.shards.schema import ShardSample
+from clsp.train.augment import augment_images, cpu_transform, view_augmentations
 from clsp.evaluate.features import FrozenEncoder, embed_batches, extract_features
 from clsp.evaluate.knn import cosine_index, normalized
 from clsp.evaluate.report import save_figure
@@ -35,8 +36,8 @@ def summary(values: np.ndarray) -> dict:
             "std": float(values.std()), "min": float(values.min()), "max": float(values.max())}
 
 
-def _groups(samples: Iterable[dict], size: int) -> Iterator[list[dict]]:
-    group: list[dict] = []
+def _groups(samples: Iterable[ShardSample], size: int) -> Iterator[list[ShardSample]]:
+    group: list[ShardSample] = []
     for sample in samples:
         group.append(sample)
         if len(group) == size:
@@ -54,10 +55,8 @@ def _mean_pairwise(matrix: np.ndarray) -> float:
 def augmented_similarity(encoder: FrozenEncoder, images: np.ndarray, anchor_features: np.ndarray, spec,
                          *, seed: int = 0, batch_size: int = 256) -> np.ndarray:
     """Cosine similarity of each image's features to those of one random training-style view of it."""
-    arch = encoder.arch  # the encoder's own training augmentation where encoder.json records it
-    transform = cpu_transform(spec.size, spec.mean, spec.std,
-                              crop_min_scale=float(arch.get("crop_min_scale", CROP_MIN_SCALE)),
-                              flip=bool(arch.get("flip", FLIP)))
+    view = view_augmentations(encoder.card.method, encoder.card.settings)[0]  # the encoder's own training view
+    transform = cpu_transform(spec.size, spec.mean, spec.std, view)
     out = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -74,22 +73,22 @@ def positives_stats(encoder: FrozenEncoder, shards: str | Path, *, data_root: st
     """Similarities, label agreement and candidate diversity of the positives in ``shards``."""
     from sklearn.metrics import pairwise_distances
 
-    manifest = reader.read_manifest(shards)
-    dataset = reader.load_dataset(manifest, data_root)
+    store = reader.ShardDirectory.open(shards)
+    dataset = reader.load_dataset(store.manifest, data_root)
     spec = encoder.input_spec(dataset)
     real = normalized(extract_features(encoder, dataset, cache_dir=cache_dir, batch_size=batch_size))
     index = cosine_index(real)
     labels = dataset.labels() if dataset.has_labels else None
 
     anchors, synthetic, agree, is_anchor, cos_div, pix_div = [], [], [], [], [], []
-    samples = islice(reader.iter_samples(shards), limit)
+    samples = islice(store.samples(), limit)  # verified shards only: a damaged one is an error naming it
     for group in _groups(samples, max(1, batch_size // 4)):
-        flat = np.concatenate([s["positives"] for s in group])
+        flat = np.concatenate([s.positives for s in group])
         feats = normalized(embed_batches(encoder, len(flat), flat.__getitem__, spec, batch_size=batch_size))
         _, nearest = index.search(feats, 1)
         offset = 0
         for sample in group:
-            a, k = int(sample["anchor_index"]), len(sample["positives"])
+            a, k = sample.anchor_index, len(sample.positives)
             own, own_nearest = feats[offset:offset + k], nearest[offset:offset + k, 0]
             offset += k
             anchors.append(a)
@@ -99,7 +98,7 @@ def positives_stats(encoder: FrozenEncoder, shards: str | Path, *, data_root: st
                 agree.append(labels[own_nearest] == labels[a])
             if k >= 2:
                 cos_div.append(_mean_pairwise(np.clip(1.0 - own @ own.T, 0.0, 2.0)))
-                pixels = sample["positives"].reshape(k, -1).astype(np.float64) / 255.0
+                pixels = sample.positives.reshape(k, -1).astype(np.float64) / 255.0
                 pix_div.append(_mean_pairwise(pairwise_distances(pixels)))
     anchors = np.asarray(anchors, dtype=np.int64)
 
@@ -117,7 +116,7 @@ def positives_stats(encoder: FrozenEncoder, shards: str | Path, *, data_root: st
               "synthetic": np.concatenate(synthetic) if synthetic else np.zeros(0)}
     stats = {name: summary(v) for name, v in values.items()}
     result = {
-        "shards": str(shards), "dataset": manifest["dataset"]["name"], "anchors": int(len(anchors)),
+        "shards": str(shards), "dataset": store.manifest.dataset.name, "anchors": int(len(anchors)),
         "positives": stats["synthetic"]["n"], "similarity": stats,
         "synthetic_harder_than_neighbour": (None if stats["synthetic"]["mean"] is None
                                             or stats["nearest_neighbour"]["mean"] is None

@@ -1,7 +1,8 @@
 """Where evaluation results go: ``results.json`` and ``report.md`` in a run directory, and the
 side-by-side report of CLSP and baseline runs beside the paper's numbers.
 
-``results.json`` is ``{command: {dataset: payload}}``; each command merges its entry in atomically.
+``results.json`` is ``{command: {dataset: payload}}``; each command merges its entry in atomically,
+under a lock.
 """
 
 from __future__ import annotations
@@ -11,21 +12,16 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from clsp.datasets import DATASETS, dataset_info
 from clsp.errors import UserError
-from clsp.io import atomic_path, write_bytes_atomic, write_json_atomic
+from clsp.io import atomic_path, exclusive_lock, write_bytes_atomic, write_json_atomic
 
 RESULTS_FILE = "results.json"
+RESULTS_LOCK = ".results.lock"
 REPORT_FILE = "report.md"
 
-# METHOD.md section 5: linear top-1 (%), ResNet-18, 1000 epochs (CLSP paper and solo-learn).
-PAPER_LINEAR_TOP1: dict[str, dict[str, float]] = {
-    "cifar10": {"SimCLR": 91.45, "CLSP-SimCLR": 94.45, "MoCo": 92.29, "CLSP-MoCo": 94.62,
-                "NNCLR": 91.88, "All4One": 93.24},
-    "cifar100": {"SimCLR": 68.10, "CLSP-SimCLR": 72.41, "MoCo": 68.91, "CLSP-MoCo": 72.33,
-                 "NNCLR": 69.62, "All4One": 72.17},
-}
-# The same paper's ResNet-50 CLSP-MoCo runs.
-PAPER_LINEAR_TOP1_RESNET50 = {"cifar10": {"CLSP-MoCo": 96.04}, "cifar100": {"CLSP-MoCo": 76.43}}
+PROTOCOL_NAMES = {"authors": "authors' protocol (METHOD.md section 4)",
+                  "standardized": "standardised-feature probe (not comparable with the paper)"}
 
 
 def load_results(run_dir: str | Path) -> dict[str, Any]:
@@ -39,19 +35,28 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
 
 
 def record_result(run_dir: str | Path, command: str, dataset: str, payload: Mapping[str, Any]) -> Path:
-    """Merge ``payload`` into ``results.json`` under ``[command][dataset]`` (atomic rewrite)."""
-    results = load_results(run_dir)
-    results.setdefault(command, {})[dataset] = dict(payload)
+    """Merge ``payload`` into ``results.json`` under ``[command][dataset]``.
+
+    Read-modify-rename under an exclusive lock, so concurrent commands writing one run directory never
+    lose each other's entries.
+    """
     path = Path(run_dir) / RESULTS_FILE
-    write_json_atomic(path, results)
+    with exclusive_lock(Path(run_dir) / RESULTS_LOCK):
+        results = load_results(run_dir)
+        results.setdefault(command, {})[dataset] = dict(payload)
+        write_json_atomic(path, results)
     return path
 
 
-def append_report(run_dir: str | Path, title: str, body: str) -> Path:
-    """Append a ``## title`` section to the run's ``report.md`` (rewritten atomically)."""
+def write_section(run_dir: str | Path, title: str, body: str) -> Path:
+    """Put a ``## title`` section into the run's ``report.md``, replacing a section of the same title
+    (rerunning a command updates its section instead of adding another); rewritten atomically."""
     path = Path(run_dir) / REPORT_FILE
     old = path.read_text() if path.is_file() else "# Evaluation report\n"
-    write_bytes_atomic(path, f"{old.rstrip()}\n\n## {title}\n\n{body.rstrip()}\n".encode())
+    head, *sections = old.split("\n## ")
+    kept = [section for section in sections if section.split("\n", 1)[0].strip() != title]
+    text = "\n## ".join([head.rstrip() + "\n", *[section.rstrip() + "\n" for section in kept]])
+    write_bytes_atomic(path, f"{text.rstrip()}\n\n## {title}\n\n{body.rstrip()}\n".encode())
     return path
 
 
@@ -70,25 +75,23 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], digits
     return "\n".join(lines)
 
 
-def paper_column(method: str | None, clsp_weight: float | None) -> str | None:
+def paper_column(method: str | None, clsp_lambda: float | None) -> str | None:
     """The METHOD.md column a run corresponds to (``CLSP-SimCLR``, ``MoCo``, ...), if any."""
-    if not method:
-        return None
-    base = method.lower()
-    name = "SimCLR" if base.startswith("simclr") else "MoCo" if base.startswith("moco") else \
-        "NNCLR" if base.startswith("nnclr") else None
+    name = {"simclr": "SimCLR", "moco": "MoCo", "nnclr": "NNCLR"}.get((method or "").lower())
     if name is None:
         return None
-    return f"CLSP-{name}" if clsp_weight else name
+    return f"CLSP-{name}" if clsp_lambda else name
 
 
-def paper_linear_top1(dataset: str, method: str | None, clsp_weight: float | None,
+def paper_linear_top1(dataset: str, method: str | None, clsp_lambda: float | None,
                       backbone: str | None = None) -> float | None:
     """The paper's linear top-1 for this dataset and method, or None where it reports none."""
-    column = paper_column(method, clsp_weight)
-    if backbone == "resnet50":
-        return PAPER_LINEAR_TOP1_RESNET50.get(dataset, {}).get(column)
-    return PAPER_LINEAR_TOP1.get(dataset, {}).get(column)
+    info = dataset_info(dataset) if dataset in DATASETS else None
+    if info is None:
+        return None
+    column = paper_column(method, clsp_lambda)
+    table = info.paper_linear_top1_resnet50 if backbone == "resnet50" else info.paper_linear_top1
+    return table.get(column)
 
 
 def _encoder_info(results: Mapping[str, Any], dataset: str) -> dict[str, Any]:
@@ -109,23 +112,33 @@ def write_report(run_dirs: Mapping[str, str | Path], out: str | Path, dataset: s
     if out.is_dir():
         out = out / REPORT_FILE
     all_results = {label: load_results(path) for label, path in run_dirs.items()}
-    rows, linear = [], {}
+    rows, linear, protocols = [], {}, set()
     for label, results in all_results.items():
         enc = _encoder_info(results, dataset)
         lin = results.get("linear", {}).get(dataset, {})
         knn = results.get("knn", {}).get(dataset, {})
         linear[label] = lin.get("top1")
-        paper = paper_linear_top1(dataset, enc.get("method"), enc.get("clsp_weight"), enc.get("backbone"))
-        column = paper_column(enc.get("method"), enc.get("clsp_weight"))
-        weight = enc.get("clsp_weight")
+        protocols.add(lin.get("protocol"))
+        paper = paper_linear_top1(dataset, enc.get("method"), enc.get("clsp_lambda"), enc.get("backbone"))
+        column = paper_column(enc.get("method"), enc.get("clsp_lambda"))
+        weight = enc.get("clsp_lambda")
         rows.append([label, enc.get("method"), None if weight is None else f"{weight:g}", enc.get("backbone"),
                      lin.get("top1"), lin.get("top5"), knn.get("best_top1"), knn.get("best_k"),
                      f"{paper:.2f} ({column})" if paper is not None else "n/a"])
+    protocols.discard(None)
+    authors = protocols == {"authors"}
+    headers = ["run", "method", "lambda", "backbone", "linear top-1", "linear top-5", "kNN top-1", "best k"]
+    if authors:
+        headers.append("paper linear top-1")
+    else:
+        rows = [row[:-1] for row in rows]
+    named = ", ".join(PROTOCOL_NAMES.get(p, p) for p in sorted(protocols)) or "no linear probe"
     parts = [f"# CLSP evaluation: {dataset}",
-             "Linear probe and kNN top-1 (%) on the test split; the paper column is METHOD.md section 5 "
-             "(ResNet-18, 1000 epochs), n/a where the paper reports no number for this dataset.",
-             markdown_table(["run", "method", "clsp weight", "backbone", "linear top-1", "linear top-5",
-                             "kNN top-1", "best k", "paper linear top-1"], rows)]
+             f"Linear probe ({named}) and kNN top-1 (%) on the test split."
+             + (" The paper column is METHOD.md section 5 (ResNet-18, 1000 epochs), n/a where the paper reports "
+                "no number for this dataset." if authors else
+                " The paper's numbers are not shown: they were measured with the authors' protocol."),
+             markdown_table(headers, rows)]
     labels = [label for label, value in linear.items() if value is not None]
     if len(labels) >= 2:
         first = labels[0]
@@ -160,7 +173,7 @@ def save_figure(figure, path: str | Path) -> Path:
 
 def _encoder_line(encoder: Mapping[str, Any]) -> str:
     method = encoder.get("method") or "unknown method"
-    weight = encoder.get("clsp_weight")
+    weight = encoder.get("clsp_lambda")
     method += f" + CLSP (lambda {weight:g})" if weight else ""
     return (f"Encoder `{encoder.get('path')}`: {encoder.get('backbone')}, {method}, "
             f"weights {encoder.get('fingerprint')}.")
@@ -178,10 +191,13 @@ def command_section(command: str, payload: Mapping[str, Any], run_dir: str | Pat
                 for r in payload["rows"]]
         return "linear transfer", "\n\n".join([
             _encoder_line(payload["rows"][0]["encoder"]),
-            f"Linear probe on each dataset: {payload['rows'][0]['epochs']} epochs, top-1/top-5 (%) on its test split.",
+            f"Linear probe ({PROTOCOL_NAMES.get(payload['rows'][0].get('protocol'), 'standardized')}) on each "
+            f"dataset: {payload['rows'][0]['epochs']} epochs, top-1/top-5 (%) on its test split.",
             markdown_table(["dataset", "classes", "train", "test", "top-1", "top-5"], rows)])
     parts = [_encoder_line(payload["encoder"])]
     if command == "linear":
+        protocol = payload.get("protocol", "standardized")
+        parts.append(f"Protocol: {PROTOCOL_NAMES.get(protocol, protocol)}.")
         parts.append(markdown_table(
             ["top-1", "top-5", "epochs", "lr", "milestones", "batch", "flip", "train", "test"],
             [[payload["top1"], payload["top5"], payload["epochs"], payload["lr"],

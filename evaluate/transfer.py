@@ -22,7 +22,7 @@ def transfer_protocol(encoder: FrozenEncoder, datasets: Sequence[str], *, root: 
                       log_dir: str | Path | None = None, **linear_options) -> list[dict]:
     """The linear protocol on each dataset; every dataset is loaded and checked before any training."""
     pairs = [labelled_splits(name, "linear transfer", root=root, download=download,
-                             image_size=encoder.arch.get("image_size")) for name in datasets]
+                             image_size=encoder.card.image_size) for name in datasets]
     rows = []
     for i, (train, test) in enumerate(pairs):
         run_log = None if log_dir is None else Path(log_dir) / f"transfer-{i}"

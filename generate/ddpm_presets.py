@@ -12,6 +12,7 @@ from typing import Any
 
 from diffusers import UNet2DModel
 
+from clsp.datasets import dataset_info
 from clsp.errors import UserError
 
 
@@ -72,7 +73,6 @@ TINY = Preset(
 )
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (DDPM_CIFAR, DIGITS, TINY)}
-_DATASET_PRESETS = {"digits": "digits"}
 
 
 def get_preset(name: str) -> Preset:
@@ -83,14 +83,20 @@ def get_preset(name: str) -> Preset:
 
 def preset_for_dataset(dataset_name: str) -> Preset:
     """The preset ``--preset auto`` picks: ``digits`` for digits, the DDPM CIFAR architecture otherwise."""
-    return PRESETS[_DATASET_PRESETS.get(dataset_name, DDPM_CIFAR.name)]
+    info = dataset_info(dataset_name)
+    return PRESETS[info.ddpm_preset if info is not None else DDPM_CIFAR.name]
 
 
-def build_unet(preset: Preset, image_size: int) -> UNet2DModel:
-    """A freshly initialised U-Net of the preset's shape for ``image_size`` x ``image_size`` images."""
+def check_image_size(preset: Preset, image_size: int) -> None:
+    """Refuse an image size the preset cannot halve at each of its levels."""
     levels = len(preset.unet["block_out_channels"])
     factor = 2 ** (levels - 1)
     if image_size % factor:
         raise UserError(f"preset {preset.name} halves the image {levels - 1} times, so the image size must be a "
                         f"multiple of {factor}, not {image_size}; pass --image-size {max(factor, image_size // factor * factor)}")
+
+
+def build_unet(preset: Preset, image_size: int) -> UNet2DModel:
+    """A freshly initialised U-Net of the preset's shape for ``image_size`` x ``image_size`` images."""
+    check_image_size(preset, image_size)
     return UNet2DModel(sample_size=image_size, **preset.unet)

@@ -19,11 +19,9 @@ Output folder (a ``DDPMPipeline`` folder, readable by ``load_unet`` and ``DDPMPi
 
 from __future__ import annotations
 
-import hashlib
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +31,14 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from accelerate.utils import gather_object
 from diffusers.training_utils import EMAModel
 
-from clsp.datasets import DEFAULT_DATA_ROOT, get_dataset
+from clsp.datasets import get_dataset
 from clsp.errors import UserError
 from clsp.generate.ddpm_presets import build_unet, get_preset, preset_for_dataset
 from clsp.generate.unet import sample_images, save_grid
-from clsp.io import load_torch, save_torch_atomic, write_json_atomic
-from clsp.runtime import make_accelerator, progress
+from clsp.generate.config import DDPMJob
+from clsp.io import write_json_atomic
+from clsp.resume import load_checkpoint, resume_settings, save_checkpoint, set_rng_state, weights_digest
+from clsp.runtime import make_accelerator, progress, resolve_precision
 
 CHECKPOINT = "checkpoint.pt"
 GRID_IMAGES = 64
@@ -49,44 +49,19 @@ def make_ddpm_scheduler() -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
 
 
-@dataclass
-class TrainConfig:
-    """Settings of one training run; ``None`` fields take the preset's default."""
-
-    dataset: str
-    out: str
-    preset: str = "auto"
-    steps: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    warmup_steps: int | None = None
-    ema_decay: float | None = None
-    flip: bool | None = None
-    grad_clip: float = 1.0
-    checkpoint_every: int = 500
-    sample_every: int = 500
-    log_every: int = 10
-    image_size: int | None = None
-    data_root: str = DEFAULT_DATA_ROOT
-    precision: str = "auto"
-    seed: int = 0
-
-    def resolved(self) -> "TrainConfig":
-        """A copy with the preset's defaults filled in (and the preset named, not ``auto``)."""
-        preset = preset_for_dataset(self.dataset) if self.preset == "auto" else get_preset(self.preset)
-        fields = asdict(self)
-        fields["preset"] = preset.name
-        for name in ("steps", "batch_size", "lr", "warmup_steps", "ema_decay", "flip"):
-            if fields[name] is None:
-                fields[name] = getattr(preset, name)
-        for name in ("steps", "batch_size", "checkpoint_every", "sample_every", "log_every"):
-            if fields[name] <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, not {fields[name]}")
-        return TrainConfig(**fields)
+def resolve_ddpm(job: DDPMJob) -> DDPMJob:
+    """A copy with the preset's defaults filled in (and the preset named, not ``auto``)."""
+    preset = preset_for_dataset(job.name) if job.preset == "auto" else get_preset(job.preset)
+    values = job.model_dump()
+    values["preset"] = preset.name
+    for name in ("steps", "batch_size", "lr", "warmup_steps", "ema_decay", "flip"):
+        if values[name] is None:
+            values[name] = getattr(preset, name)
+    return DDPMJob.model_validate(values)
 
 
-# Settings a resumed run must share with the checkpoint (steps may grow: resume and train longer).
-_RESUME_KEYS = ("dataset", "preset", "batch_size", "image_size", "seed", "flip")
+# Settings that do not change the weights, so a run may resume with other values (steps may grow too).
+_NOT_RESUMED = ("out", "data_root", "steps", "checkpoint_every", "sample_every", "log_every")
 
 
 def _images(dataset) -> torch.Tensor:
@@ -98,7 +73,7 @@ def _step_generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
 
 
-def _batch(images: torch.Tensor, cfg: TrainConfig, step: int, rank: int, world: int, num_timesteps: int):
+def _batch(images: torch.Tensor, cfg: DDPMJob, step: int, rank: int, world: int, num_timesteps: int):
     """This rank's share of the global batch of ``step``: clean images in [-1, 1], timesteps, noise."""
     n = len(images)
     order = torch.randperm(n, generator=_step_generator(cfg.seed, step))
@@ -111,27 +86,6 @@ def _batch(images: torch.Tensor, cfg: TrainConfig, step: int, rank: int, world: 
     t = torch.randint(0, num_timesteps, (len(x),), generator=g)
     noise = torch.randn(x.shape, generator=g)
     return x, t, noise
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _weights_digest(model: torch.nn.Module) -> str:
-    """sha256 of the parameters: every rank's digest is recorded, so a desynchronised replica shows."""
-    digest = hashlib.sha256()
-    for p in model.parameters():
-        digest.update(p.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _save_model(ema: EMAModel, template: UNet2DModel, scheduler: DDPMScheduler, out: Path) -> None:
@@ -159,21 +113,20 @@ def _draw_grid(ema: EMAModel, template: UNet2DModel, scheduler: DDPMScheduler, o
     save_grid(images, out / "samples.png", nrow=8, scale=scale)
 
 
-def train_ddpm(config: TrainConfig) -> dict:
+def train_ddpm(job: DDPMJob) -> dict:
     """Train (or resume) and return the summary also written to ``training.json``."""
-    cfg = config.resolved()
+    cfg = resolve_ddpm(job)
     out = Path(cfg.out)
-    cuda = torch.cuda.is_available()
-    # bf16 autocast pays off on GPUs; on CPUs fp32 is the safe default for training.
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
+    precision = resolve_precision(cfg.precision)
     accelerator = make_accelerator(precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} does not split over {world} processes; "
                         f"use a multiple of {world}")
-    dataset = get_dataset(cfg.dataset, split=None, root=cfg.data_root, image_size=cfg.image_size)
+    dataset = get_dataset(cfg.name, split=cfg.split, root=cfg.data_root, image_size=cfg.image_size)
     image_size = dataset.image_size
-    cfg.image_size = image_size
+    cfg = cfg.replace(image_size=image_size)
+    settings = resume_settings(cfg.model_dump(), _NOT_RESUMED)
     preset = get_preset(cfg.preset)
     torch.manual_seed(cfg.seed)
     unet = build_unet(preset, image_size)
@@ -183,18 +136,13 @@ def train_ddpm(config: TrainConfig) -> dict:
 
     step, elapsed, resumed_from = 0, 0.0, None
     ckpt_path = out / CHECKPOINT
-    if ckpt_path.is_file():
-        state = load_torch(ckpt_path)
-        theirs = state["config"]
-        diff = [k for k in _RESUME_KEYS if theirs.get(k) != getattr(cfg, k)]
-        if diff:
-            raise UserError(f"{out} holds a checkpoint of another run (it differs in {', '.join(diff)}); "
-                            f"pass a new --out or delete {ckpt_path}")
+    state = load_checkpoint(ckpt_path, settings)
+    if state is not None:
         unet.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         step, elapsed, resumed_from = int(state["step"]), float(state["elapsed_s"]), int(state["step"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         accelerator.print(f"resumed from {ckpt_path} at step {step}")
 
     model, optimizer = accelerator.prepare(unet, optimizer)
@@ -208,18 +156,17 @@ def train_ddpm(config: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         writer = SummaryWriter(str(out / "tensorboard"))
     params = sum(p.numel() for p in unet.parameters())
-    accelerator.print(f"training {preset.name} U-Net ({params / 1e6:.2f}M params) on {cfg.dataset} "
+    accelerator.print(f"training {preset.name} U-Net ({params / 1e6:.2f}M params) on {cfg.name} "
                       f"({len(dataset)} images, {image_size}x{image_size}) for {cfg.steps} steps, global batch "
                       f"{cfg.batch_size}, {world} process(es), {precision}; from step {step}")
 
     def checkpoint() -> None:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            save_torch_atomic(ckpt_path, {
+            save_checkpoint(ckpt_path, {
                 "model": accelerator.unwrap_model(model).state_dict(), "ema": ema.state_dict(),
                 "optimizer": optimizer.state_dict(), "step": step, "elapsed_s": elapsed + time.time() - started,
-                "rng": _rng_state(), "config": asdict(cfg),
-            })
+            }, settings)
         accelerator.wait_for_everyone()
 
     started = time.time()
@@ -261,11 +208,11 @@ def train_ddpm(config: TrainConfig) -> dict:
 
     summary = {
         "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "config": asdict(cfg), "preset": preset.name, "unet_config": dict(unet.config), "parameters": params,
+        "config": cfg.model_dump(), "preset": preset.name, "unet_config": dict(unet.config), "parameters": params,
         "dataset": dataset.describe(), "steps": step, "world_size": world, "precision": precision,
         "device": str(accelerator.device), "wall_time_s": round(elapsed + time.time() - started, 1),
         "resumed_from_step": resumed_from, "final_loss": float(np.mean(recent)) if recent else None,
-        "weights_sha256_by_rank": gather_object([_weights_digest(accelerator.unwrap_model(model))]),
+        "weights_sha256_by_rank": gather_object([weights_digest(accelerator.unwrap_model(model))]),
     }
     if accelerator.is_main_process:
         _save_model(ema, unet, scheduler, out)

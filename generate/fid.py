@@ -53,7 +53,7 @@ def compute_fid(unet: str, dataset: str, split: str | None = None, num_samples: 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     real = get_dataset(dataset, split=split, root=data_root)
     model, scheduler = load_unet(unet, device)
-    check_compatible(model, real.image_size)
+    check_compatible(model.config, real.image_size)
     fake = sample_images(model, scheduler, num_samples, steps=steps, seed=seed, batch_size=batch_size)
     metrics = fidelity.calculate_metrics(
         input1=_UInt8Images(fake), input2=_UInt8Images(real.array(range(len(real)))), fid=True,

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
@@ -23,44 +22,17 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from clsp.datasets import DEFAULT_DATA_ROOT, ImageDataset, dataset_names, get_dataset
+from clsp.datasets import ImageDataset, get_dataset
 from clsp.errors import UserError
 from clsp.generate.sampler import sample_positives
-from clsp.generate.unet import check_compatible, default_unet_for, load_unet
+from clsp.generate.config import GenerateJob
+from clsp.generate.unet import check_compatible, load_unet, resolve_unet
 from clsp.runtime import make_accelerator, progress, resolve_precision
 from clsp.shards import schema, verify, writer
 from clsp.shards.preview import preview_arrays, preview_grid
 
 T = TypeVar("T")
 PREVIEW_ANCHORS = 4
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """Everything ``clsp-gen`` takes; the defaults are METHOD.md's."""
-
-    dataset: str
-    shards: str
-    unet: str | None = None
-    candidates: int = 8
-    weight: float = 0.1
-    steps: int = 100
-    eta: float = 0.1
-    seed: int = 0
-    batch_size: int = 64
-    shard_size: int = 1000
-    split: str | None = None
-    data_root: str = DEFAULT_DATA_ROOT
-    image_size: int | None = None
-    precision: str = "auto"
-    share_anchor_pass: bool = False
-    compile: bool = False
-    store_anchors: bool = False
-    limit: int | None = None
-    num_workers: int | None = None
-    worker_index: int | None = None
-    overwrite: bool = False
-    preview: bool = True
 
 
 def anchor_seed(seed: int, anchor_index: int) -> int:
@@ -114,7 +86,7 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
 class _PositiveDrawer:
     """The model, the data and the settings that turn anchor indices into shard samples."""
 
-    def __init__(self, cfg: GenerationConfig, dataset: ImageDataset, unet, scheduler, precision: str):
+    def __init__(self, cfg: GenerateJob, dataset: ImageDataset, unet, scheduler, precision: str):
         self.cfg, self.dataset, self.unet, self.scheduler, self.precision = cfg, dataset, unet, scheduler, precision
         self.labels = dataset.labels()
 
@@ -124,7 +96,7 @@ class _PositiveDrawer:
         seeds = [anchor_seed(self.cfg.seed, i) for i in indices]
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         positives = _to_uint8(sample_positives(
-            self.unet, self.scheduler, _to_model_range(images), self.cfg.candidates, weight=self.cfg.weight,
+            self.unet, self.scheduler, _to_model_range(images), self.cfg.candidates, weight=self.cfg.interpolation,
             steps=self.cfg.steps, eta=self.cfg.eta, generator=generators, precision=self.precision,
             share_anchor_pass=self.cfg.share_anchor_pass))
         return [schema.ShardSample(anchor_index=i, positives=positives[j], label=int(self.labels[i]), seed=seeds[j],
@@ -175,15 +147,12 @@ def _preview(path: Path, gen: _PositiveDrawer, count: int, done: set[int]) -> No
         preview_arrays(path, gen.dataset.array(indices), np.stack([s.positives for s in gen.batch(indices)]))
 
 
-def _load(cfg: GenerationConfig, device: torch.device):
+def _load(cfg: GenerateJob, device: torch.device):
     """Dataset, model reference, model and scheduler, with every check that can be made before any work."""
-    unet_ref = cfg.unet or default_unet_for(cfg.dataset)
-    if unet_ref is None and (cfg.dataset in dataset_names() or cfg.dataset.startswith("imagefolder:")):
-        raise UserError(f"no diffusion model is known for {cfg.dataset}; train one with "
-                        f"`clsp ddpm train --dataset {cfg.dataset} --out MODEL_DIR` and pass --unet MODEL_DIR")
-    dataset = get_dataset(cfg.dataset, split=cfg.split, root=cfg.data_root, image_size=cfg.image_size)
+    unet_ref = resolve_unet(cfg.unet, cfg.name)
+    dataset = get_dataset(cfg.name, split=cfg.split, root=cfg.data_root, image_size=cfg.image_size)
     unet, scheduler = load_unet(unet_ref, device=device)
-    check_compatible(unet, dataset.image_size)
+    check_compatible(unet.config, dataset.image_size)
     timesteps = int(scheduler.config.num_train_timesteps)
     if cfg.steps > timesteps:
         raise UserError(f"--steps {cfg.steps} exceeds the model's {timesteps} training timesteps; "
@@ -193,22 +162,10 @@ def _load(cfg: GenerationConfig, device: torch.device):
     return dataset, unet_ref, unet, scheduler
 
 
-def _check_settings(cfg: GenerationConfig) -> None:
-    """Refuse impossible settings before loading anything (the sampler repeats these checks, later)."""
-    if not 0.0 <= cfg.weight <= 1.0:
-        raise UserError(f"--weight must be in [0, 1] (1 = plain sampling, 0 = anchor bottleneck only), "
-                        f"got {cfg.weight}")
-    if not 0.0 <= cfg.eta <= 1.0:
-        raise UserError(f"--eta must be in [0, 1] (0 = deterministic DDIM), got {cfg.eta}")
-    for flag, value in (("--candidates", cfg.candidates), ("--steps", cfg.steps), ("--batch-size", cfg.batch_size),
-                        ("--shard-size", cfg.shard_size), ("--limit", 1 if cfg.limit is None else cfg.limit)):
-        if value < 1:
-            raise UserError(f"{flag} must be at least 1, got {value}")
+def run_generation(cfg: GenerateJob, echo: Callable[[str], object] = print) -> dict:
+    """Generate the shards this process owns, wait for all, verify on the main process; returns a summary.
 
-
-def run_generation(cfg: GenerationConfig, echo: Callable[[str], object] = print) -> dict:
-    """Generate the shards this process owns, wait for all, verify on the main process; returns a summary."""
-    _check_settings(cfg)
+    Problems found by the final verification are an error naming the first (rerunning rewrites them)."""
     num_workers, worker_index = array_worker(cfg.num_workers, cfg.worker_index)
     accelerator = make_accelerator()  # device placement and process group only: the sampler does its own autocast
     try:
@@ -217,7 +174,7 @@ def run_generation(cfg: GenerationConfig, echo: Callable[[str], object] = print)
         accelerator.end_training()
 
 
-def _run(cfg: GenerationConfig, accelerator: Accelerator, num_workers: int, worker_index: int,
+def _run(cfg: GenerateJob, accelerator: Accelerator, num_workers: int, worker_index: int,
          echo: Callable[[str], object]) -> dict:
     # the main process loads first (it downloads what is missing), then the others read its copies
     dataset, unet_ref, unet, scheduler = _main_first(accelerator, lambda: _load(cfg, accelerator.device))
@@ -228,7 +185,7 @@ def _run(cfg: GenerationConfig, accelerator: Accelerator, num_workers: int, work
 
     def start() -> tuple[dict, set[int]]:
         generation = {"unet": unet_ref, "unet_sha256": model_fingerprint(unet, scheduler),
-                      "candidates": cfg.candidates, "weight": cfg.weight, "steps": cfg.steps, "eta": cfg.eta,
+                      "candidates": cfg.candidates, "interpolation": cfg.interpolation, "steps": cfg.steps, "eta": cfg.eta,
                       "seed": cfg.seed, "shard_size": cfg.shard_size, "share_anchor_pass": cfg.share_anchor_pass,
                       "precision": precision, "store_anchors": cfg.store_anchors, "limit": cfg.limit}
         manifest = writer.init_manifest(cfg.shards, dataset=dataset.describe(), generation=generation,
@@ -236,7 +193,7 @@ def _run(cfg: GenerationConfig, accelerator: Accelerator, num_workers: int, work
         return manifest, writer.completed_shards(cfg.shards)
 
     manifest, done = _main_first(accelerator, start, share=True)
-    total = writer.num_shards(manifest)
+    total = manifest.num_shards
     mine = assigned_shards(total, rank, world, done)
     if cfg.compile:
         _compile(unet)
@@ -251,10 +208,10 @@ def _run(cfg: GenerationConfig, accelerator: Accelerator, num_workers: int, work
             echo(f"wrote {path}: check the positives before the long run")
 
     began = time.perf_counter()
-    anchors = sum(len(writer.shard_anchor_range(manifest, i)) for i in mine)
+    anchors = sum(len(manifest.anchor_range(i)) for i in mine)
     with progress(total=anchors, desc="clsp-gen", main_process=accelerator.is_main_process, unit="anchor") as bar:
         for index in mine:
-            writer.write_shard(cfg.shards, index, gen.shard(writer.shard_anchor_range(manifest, index), bar.update),
+            writer.write_shard(cfg.shards, index, gen.shard(manifest.anchor_range(index), bar.update),
                                rank=rank, world_size=world)
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - began
@@ -272,4 +229,8 @@ def _run(cfg: GenerationConfig, accelerator: Accelerator, num_workers: int, work
         echo(f"wrote {summary['shards_written']} shards ({summary['anchors_written']} anchors x {cfg.candidates} "
              f"candidates) to {cfg.shards} in {seconds:.1f} s ({rate:.2f} anchors/s); "
              f"{summary['shards_skipped']} were already complete; {checked}")
+    problems = broadcast_object_list([summary["problems"]])[0]
+    if problems:
+        raise UserError(f"{len(problems)} problems in {cfg.shards} after generation (first: {problems[0]}); rerun "
+                        "the same command to rewrite the damaged shards")
     return summary

@@ -16,19 +16,22 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
+from clsp.datasets import dataset_info
 from clsp.errors import UserError
 from clsp.io import atomic_path
 from clsp.runtime import autocast
 
-SHIPPED_MODELS: dict[str, Path] = {"digits": Path(__file__).parent / "pretrained" / "digits-ddpm"}
-_HUB_DEFAULTS = {"cifar10": "google/ddpm-cifar10-32"}
-
-
-def default_unet_for(dataset_name: str) -> str | None:
-    """The model ``--unet`` defaults to for a dataset: a shipped folder or a hub id; None where there is none."""
-    if dataset_name in SHIPPED_MODELS:
-        return str(SHIPPED_MODELS[dataset_name])
-    return _HUB_DEFAULTS.get(dataset_name)
+def resolve_unet(unet: str | None, dataset_name: str) -> str:
+    """``unet`` as given, else the dataset's known model (a shipped folder or a hub id); refused in one line
+    where the dataset has none."""
+    if unet:
+        return unet
+    info = dataset_info(dataset_name)
+    known = info.default_unet() if info is not None else None
+    if known is None:
+        raise UserError(f"no diffusion model is known for {dataset_name}; train one with `clsp ddpm train "
+                        f"--dataset {dataset_name} --out MODEL_DIR` and pass --unet MODEL_DIR")
+    return known
 
 
 def _local_layout(folder: Path) -> tuple[Path, Path]:
@@ -81,14 +84,27 @@ def load_unet(id_or_path: str, device: str | torch.device = "cpu") -> tuple[UNet
     return unet.to(device).eval(), scheduler
 
 
-def check_compatible(unet: UNet2DModel, image_size: int, channels: int = 3) -> None:
-    """Refuse a U-Net whose image size or channel count does not match the dataset's images."""
-    name = unet.config.get("_name_or_path") or "the U-Net"
-    cfg = unet.config
-    if cfg.in_channels != channels or cfg.out_channels != channels:
-        raise UserError(f"{name} maps {cfg.in_channels} to {cfg.out_channels} channels but the dataset's images "
-                        f"have {channels}; use a model trained on {channels}-channel images")
-    size = cfg.sample_size
+def unet_config(id_or_path: str) -> dict | None:
+    """The U-Net's config without loading weights: from a local folder, or from the local hub cache
+    (None when a hub model is not cached: then only loading it can tell)."""
+    path = Path(id_or_path).expanduser()
+    if path.is_dir():
+        return dict(UNet2DModel.load_config(_local_layout(path)[0]))
+    for subfolder in (None, "unet"):
+        try:
+            return dict(UNet2DModel.load_config(id_or_path, subfolder=subfolder, local_files_only=True))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def check_compatible(config: dict, image_size: int, channels: int = 3) -> None:
+    """Refuse a U-Net (its ``config``) whose image size or channel count does not match the dataset's."""
+    name = config.get("_name_or_path") or "the U-Net"
+    if config["in_channels"] != channels or config["out_channels"] != channels:
+        raise UserError(f"{name} maps {config['in_channels']} to {config['out_channels']} channels but the dataset's "
+                        f"images have {channels}; use a model trained on {channels}-channel images")
+    size = config["sample_size"]
     size = size if isinstance(size, int) else size[0] if len(set(size)) == 1 else tuple(size)
     if size != image_size:
         fix = f"pass --image-size {size}" if isinstance(size, int) else "use a model for square images"

@@ -30,22 +30,21 @@ def shards() -> None:
 def info(directory: Path) -> None:
     """Summarise DIRECTORY: dataset, settings, progress and size."""
     from clsp.shards.reader import read_manifest
-    from clsp.shards.writer import num_shards
 
     manifest = read_manifest(directory)
-    data, records = manifest["dataset"], list(manifest["shards"].values())
-    candidates = sorted({r.get("candidates") for r in records if r.get("candidates")})
+    data, records = manifest.dataset, list(manifest.shards.values())
+    candidates = sorted({r.candidates for r in records})
     rows = [
         ("directory", str(directory)),
-        ("dataset", f"{data.get('name')} / {data.get('split')}: {data.get('size')} images of "
-                    f"{data.get('image_size')}x{data.get('image_size')}, {data.get('num_classes')} classes"),
-        ("fingerprint", str(data.get("fingerprint"))),
-        ("schema", str(manifest["schema_version"])),
-        ("generation", " ".join(f"{k}={v}" for k, v in sorted(manifest["generation"].items())) or "-"),
-        ("shards", f"{len(records)} of {num_shards(manifest)} done ({manifest['shard_size']} anchors each)"),
-        ("anchors", f"{sum(r['samples'] for r in records)} of {manifest['num_anchors']}"),
+        ("dataset", f"{data.name} / {data.split}: {data.size} images of "
+                    f"{data.image_size}x{data.image_size}, {data.num_classes} classes"),
+        ("fingerprint", data.fingerprint),
+        ("schema", str(manifest.schema_version)),
+        ("generation", " ".join(f"{k}={v}" for k, v in sorted(manifest.generation.items())) or "-"),
+        ("shards", f"{len(records)} of {manifest.num_shards} done ({manifest.shard_size} anchors each)"),
+        ("anchors", f"{sum(r.samples for r in records)} of {manifest.num_anchors}"),
         ("candidates", ", ".join(map(str, candidates)) + " per anchor" if candidates else "-"),
-        ("bytes", _size(sum(r["bytes"] for r in records))),
+        ("bytes", _size(sum(r.bytes for r in records))),
     ]
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
@@ -69,7 +68,7 @@ def verify(directory: Path) -> None:
     if problems:
         raise UserError(f"{len(problems)} problem(s) in {directory}; regenerate the shards listed with clsp-gen")
     manifest = read_manifest(directory)
-    click.echo(f"OK: {len(manifest['shards'])} shards, {manifest['num_anchors']} anchors in {directory} "
+    click.echo(f"OK: {len(manifest.shards)} shards, {manifest.num_anchors} anchors in {directory} "
                f"match the manifest")
 
 
@@ -83,9 +82,9 @@ def verify(directory: Path) -> None:
 def preview(directory: Path, out_png: Path, num_anchors: int, data_root: str) -> None:
     """Write a PNG of anchors (left column) beside their synthetic positives."""
     from clsp.shards.preview import preview_grid
-    from clsp.shards.reader import iter_samples, load_dataset, read_manifest
+    from clsp.shards.reader import ShardDirectory, load_dataset
 
-    manifest = read_manifest(directory)
-    first = next(iter_samples(directory))
-    dataset = None if first["anchor"] is not None else load_dataset(manifest, data_root)
-    click.echo(f"wrote {preview_grid(directory, out_png, num_anchors, dataset)}")
+    store = ShardDirectory.open(directory)
+    first = next(store.samples())
+    dataset = None if first.anchor is not None else load_dataset(store.manifest, data_root)
+    click.echo(f"wrote {preview_grid(store, out_png, num_anchors, dataset)}")

@@ -15,38 +15,40 @@ from torchvision.utils import make_grid
 from clsp.errors import UserError
 from clsp.io import write_bytes_atomic
 from clsp.shards import schema
-from clsp.shards.reader import iter_samples
+from clsp.shards.reader import ShardDirectory
 
 PAD = 2  # white pixels between cells
 ANCHOR_GAP = 4  # extra white pixels between the anchor column and the positives
 MIN_CELL = 64  # smaller images are enlarged (nearest neighbour) to at least this many pixels
 
 
-def _anchor_image(sample: dict, dataset, size: tuple[int, int]) -> np.ndarray:
-    anchor = sample["anchor"]
+def _anchor_image(sample: schema.ShardSample, dataset, size: tuple[int, int]) -> np.ndarray:
+    anchor = sample.anchor
     if anchor is None:
-        anchor = np.asarray(dataset.array([sample["anchor_index"]])[0])
+        anchor = np.asarray(dataset.array([sample.anchor_index])[0])
     if anchor.shape[:2] != size:
         anchor = np.asarray(Image.fromarray(anchor).resize(size[::-1], Image.BICUBIC))
     return anchor
 
 
-def preview_grid(directory: str | os.PathLike, out_png: str | os.PathLike, num_anchors: int = 8,
+def preview_grid(directory: str | os.PathLike | ShardDirectory, out_png: str | os.PathLike, num_anchors: int = 8,
                  dataset=None) -> Path:
     """Write one PNG with a row per anchor: the anchor, a gap, then its k positives.
 
-    Anchors come from the shards when stored there, else from ``dataset`` (an ``ImageDataset``).
+    Anchors come from the shards when stored there, else from ``dataset`` (an ``ImageDataset``). Only
+    verified shards are read (a damaged one is a ShardError naming it).
     Cells are enlarged by an integer factor (nearest neighbour) to at least ``MIN_CELL`` pixels.
     """
     if num_anchors < 1:
         raise UserError(f"--num-anchors must be at least 1, got {num_anchors}")
-    samples = list(islice(iter_samples(directory), num_anchors))
-    if dataset is None and any(s["anchor"] is None for s in samples):
-        raise UserError(f"the shards in {directory} do not store anchor images; pass the dataset (--data-root) "
+    store = directory if isinstance(directory, ShardDirectory) else ShardDirectory.open(directory)
+    samples = list(islice(store.samples(), num_anchors))
+    if dataset is None and any(s.anchor is None for s in samples):
+        raise UserError(f"the shards in {store.path} do not store anchor images; pass the dataset (--data-root) "
                         f"so they can be shown")
-    size = samples[0]["positives"].shape[1:3]
+    size = samples[0].positives.shape[1:3]
     anchors = np.stack([_anchor_image(s, dataset, size) for s in samples])
-    return preview_arrays(out_png, anchors, np.stack([s["positives"] for s in samples]))
+    return preview_arrays(out_png, anchors, np.stack([s.positives for s in samples]))
 
 
 def preview_arrays(out_png: str | os.PathLike, anchors: np.ndarray, positives: np.ndarray) -> Path:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
-import tarfile
 from pathlib import Path
 
+from clsp.errors import ShardError
+from clsp.io import file_digest
 from clsp.runtime import progress
 from clsp.shards import schema
-from clsp.shards.reader import raw_samples, read_manifest
-from clsp.shards.writer import file_digest, num_shards, shard_anchor_range
+from clsp.shards.reader import ShardDirectory, read_bounded, tar_samples
 
 
 def _spans(values: list[int], limit: int = 8) -> str:
@@ -25,11 +24,17 @@ def _spans(values: list[int], limit: int = 8) -> str:
     return text + (" ..." if len(runs) > limit else "")
 
 
-def _read_record(path: Path) -> dict | None:
+def _record_problem(path: Path, recorded: schema.ShardRecord) -> str | None:
+    """Why a ``shard-NNNNNN.json`` record is unusable or disagrees with the manifest, or None."""
+    if not path.is_file():
+        return f"{path.name}: missing (the manifest records its shard)"
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+        record = schema.parse_json(schema.ShardRecord, read_bounded(path, schema.MAX_SHARD_RECORD_BYTES),
+                                   limit=schema.MAX_SHARD_RECORD_BYTES, where=path.name, what="the shard record",
+                                   fix="regenerate the shard with clsp-gen")
+    except ShardError as err:
+        return str(err)
+    return None if record == recorded else f"{path.name}: disagrees with the manifest"
 
 
 def _has_end_marker(path: Path) -> bool:
@@ -42,72 +47,69 @@ def _has_end_marker(path: Path) -> bool:
         return f.read() == bytes(1024)
 
 
-def _check_shard(path: Path, record: dict, anchors: range, seen: dict[int, str], shapes: set) -> list[str]:
-    """Problems of one recorded shard; adds its anchors to ``seen`` and positive shapes to ``shapes``."""
+def _check_shard(store: ShardDirectory, index: int, seen: dict[int, str]) -> list[str]:
+    """Problems of one recorded shard (read even when altered, to say what is wrong); adds its anchors to ``seen``."""
+    path, record, anchors = store.shard_path(index), store.record(index), store.anchor_range(index)
     name = path.name
     if not path.is_file():
         return [f"{name}: missing (the manifest records it)"]
     problems = []
     size, sha256 = file_digest(path)
-    if size != record["bytes"]:
-        problems.append(f"{name}: {size} bytes, the manifest records {record['bytes']} (truncated or altered)")
-    elif sha256 != record["sha256"]:
+    if size != record.bytes:
+        problems.append(f"{name}: {size} bytes, the manifest records {record.bytes} (truncated or altered)")
+    elif sha256 != record.sha256:
         problems.append(f"{name}: sha256 differs from the manifest (altered)")
     count = 0
     try:
-        for raw in raw_samples([str(path)], select_files=None):
+        for key, members, unread in tar_samples(path, store.manifest.image_shape):
             count += 1
-            ignored = sorted(k for k in raw if not k.startswith("__") and not schema.is_readable_member(f".{k}"))
-            if ignored:
-                problems.append(f"{name}: sample {raw['__key__']} has members no reader loads: {', '.join(ignored)}")
+            if unread:
+                problems.append(f"{name}: sample {key} has members no reader loads: {', '.join(sorted(unread))}")
             try:
-                sample = schema.decode_sample(raw)
-            except ValueError as err:
-                problems.append(f"{name}: {err}")
+                sample = schema.decode_sample(key, members, shape=store.manifest.image_shape,
+                                              candidates=record.candidates, where=name)
+            except ShardError as err:
+                problems.append(str(err))
                 continue
-            anchor = sample["anchor_index"]
+            anchor = sample.anchor_index
             if anchor not in anchors:
                 problems.append(f"{name}: anchor {anchor} is outside its range {anchors.start}-{anchors.stop - 1}")
             if anchor in seen:
                 problems.append(f"{name}: anchor {anchor} is duplicated (also in {seen[anchor]})")
             seen.setdefault(anchor, name)
-            shapes.add(sample["positives"].shape)
-    except (tarfile.TarError, ValueError, OSError) as err:
-        problems.append(f"{name}: truncated or not a valid tar ({str(err).split(' @ ')[0]})")
+    except ShardError as err:
+        problems.append(f"{name}: {err}")
     else:
         if not _has_end_marker(path):
             problems.append(f"{name}: truncated or not a valid tar (no end-of-archive blocks)")
-    if count != record["samples"]:
-        problems.append(f"{name}: {count} samples, the manifest records {record['samples']}")
+    if count != record.samples:
+        problems.append(f"{name}: {count} samples, the manifest records {record.samples}")
     return problems
 
 
 def verify_shards(directory: str | os.PathLike) -> list[str]:
-    """Everything wrong with a shard directory, one line each; empty when all is well."""
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    recorded = manifest["shards"]
-    planned = {schema.shard_name(i): i for i in range(num_shards(manifest))}
-    problems = [f"{name}: recorded in the manifest but not one of its {len(planned)} planned shards"
-                for name in sorted(set(recorded) - set(planned))]
+    """Everything wrong with a shard directory, one line each; empty when all is well.
+
+    A manifest that is itself malformed is a ShardError (nothing else can be checked without it).
+    """
+    store = ShardDirectory.open(directory)
+    recorded = store.manifest.shards
     seen: dict[int, str] = {}
-    shapes: set = set()
     expected: list[int] = []
-    for name, index in progress(planned.items(), total=len(planned), desc="verify", unit="shard"):
+    problems: list[str] = []
+    for index in progress(range(store.num_shards), total=store.num_shards, desc="verify", unit="shard"):
+        name = schema.shard_name(index)
         if name not in recorded:
             problems.append(f"{name}: not written yet (planned, not in the manifest)")
             continue
-        anchors = shard_anchor_range(manifest, index)
-        expected += anchors
-        problems += _check_shard(directory / name, recorded[name], anchors, seen, shapes)
-        record_path = directory / schema.record_name(index)
-        if _read_record(record_path) != recorded[name]:
-            problems.append(f"{record_path.name}: missing or disagrees with the manifest")
+        expected += store.anchor_range(index)
+        problems += _check_shard(store, index, seen)
+        problem = _record_problem(store.path / schema.record_name(index), recorded[name])
+        if problem:
+            problems.append(problem)
     missing = [a for a in expected if a not in seen]
     if missing:
         problems.append(f"anchors missing from their shards: {_spans(missing)} ({len(missing)} in all)")
-    if len(shapes) > 1:
-        problems.append(f"positives differ in shape across samples: {sorted(shapes)}")
     problems += [f"{path.name}: stray shard file, not recorded in the manifest"
-                 for path in sorted(directory.glob("*.tar")) if path.name not in recorded]
+                 for path in sorted(store.path.glob("*.tar")) if path.name not in recorded]
     return problems

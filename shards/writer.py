@@ -4,47 +4,34 @@ A shard is written under a temporary name, renamed into place only when complete
 first in its own ``shard-NNNNNN.json``, then in ``manifest.json``. Manifest updates are
 read-modify-rename under an exclusive ``flock``, so any number of processes (ranks of one job, or
 Slurm array tasks) can finish shards of one directory at once. A writer killed mid-shard leaves
-only a hidden temporary file that nothing registers; the next writer of that shard removes it.
+only a hidden temporary file, named after its process, that nothing registers; it is removed once
+that process is dead (``clsp.io.remove_stale_temporaries``), never while its writer is alive.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
-import math
 import os
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import webdataset as wds
+from pydantic import ValidationError
 
 from clsp.errors import UserError
-from clsp.io import atomic_path, write_json_atomic
+from clsp.io import atomic_file, exclusive_lock, file_digest, remove_stale_temporaries, write_json_atomic
 from clsp.shards import schema
-from clsp.shards.reader import MANIFEST, read_manifest
+from clsp.shards.reader import MANIFEST, ShardDirectory, read_manifest
 
 LOCK = ".manifest.lock"
 TAR_MTIME = 0  # a fixed member time makes the same samples give byte-identical shards
 _SETTINGS = ("dataset", "generation", "num_anchors", "shard_size")
 
 
-@contextmanager
-def _manifest_lock(directory: Path) -> Iterator[None]:
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _normalised(value):
-    """The value as it reads back from JSON (tuples become lists), so settings compare as stored."""
-    return json.loads(json.dumps(value, sort_keys=True))
+def _manifest_lock(directory: Path):
+    """The directory's manifest lock (a symlink in its place is refused, never followed)."""
+    return exclusive_lock(directory / LOCK)
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -62,30 +49,36 @@ def _differences(old: dict, new: dict) -> list[str]:
 def _remove_shard_files(directory: Path) -> None:
     for path in directory.glob("shard-*.*"):
         path.unlink()
-    for path in directory.glob(".shard-*"):
-        path.unlink()
+    remove_stale_temporaries(directory, "shard-*")
+
+
+def _settings(*, dataset: dict, generation: dict, num_anchors: int, shard_size: int) -> schema.Manifest:
+    """A fresh manifest of these settings; UserError naming the problem when they are not valid."""
+    try:
+        return schema.new_manifest(dataset=json.loads(json.dumps(dataset)), generation=json.loads(json.dumps(generation)),
+                                   num_anchors=int(num_anchors), shard_size=int(shard_size))
+    except ValidationError as err:
+        raise UserError(f"cannot start a shard directory with these settings: {schema.validation_summary(err)}; "
+                        f"pass at least one anchor, a positive shard size and the dataset's description") from None
 
 
 def init_manifest(directory: str | os.PathLike, *, dataset: dict, generation: dict, num_anchors: int,
-                  shard_size: int, overwrite: bool = False) -> dict:
+                  shard_size: int, overwrite: bool = False) -> schema.Manifest:
     """Create ``manifest.json``, or return the existing one when it was made with the same settings.
 
     Settings are the dataset identity (``ImageDataset.describe()``), the generation settings, the
     anchor count and the shard size. Other settings in an existing manifest are refused unless
     ``overwrite``; then its shards and records are removed and the directory starts over. With the same
     settings the existing manifest is returned (resume), whatever ``overwrite`` says, so concurrent
-    workers never wipe each other's shards.
+    workers never wipe each other's shards. Temporaries of dead writers are removed first.
     """
-    if num_anchors < 1 or shard_size < 1:
-        raise UserError(f"need at least one anchor and a positive shard size, got {num_anchors} and {shard_size}")
     directory = Path(directory)
-    fresh = _normalised({"schema_version": schema.SCHEMA_VERSION, "dataset": dataset, "generation": generation,
-                         "num_anchors": int(num_anchors), "shard_size": int(shard_size),
-                         "num_shards": math.ceil(num_anchors / shard_size), "shards": {}})
+    fresh = _settings(dataset=dataset, generation=generation, num_anchors=num_anchors, shard_size=shard_size)
     with _manifest_lock(directory):
+        remove_stale_temporaries(directory)
         if (directory / MANIFEST).exists():
             existing = read_manifest(directory)
-            diffs = _differences(existing, fresh)
+            diffs = _differences(existing.model_dump(mode="json"), fresh.model_dump(mode="json"))
             if not diffs:
                 return existing
             if not overwrite:
@@ -93,29 +86,8 @@ def init_manifest(directory: str | os.PathLike, *, dataset: dict, generation: di
                 raise UserError(f"{directory} holds shards made with other settings ({shown}); "
                                 f"pass --overwrite to replace them, or write to another directory")
             _remove_shard_files(directory)
-        write_json_atomic(directory / MANIFEST, fresh)
+        write_json_atomic(directory / MANIFEST, fresh.model_dump(mode="json"))
     return fresh
-
-
-def num_shards(manifest: dict) -> int:
-    return math.ceil(int(manifest["num_anchors"]) / int(manifest["shard_size"]))
-
-
-def shard_anchor_range(manifest: dict, shard_index: int) -> range:
-    """The anchors shard ``shard_index`` holds: ``[i * shard_size, min((i + 1) * shard_size, num_anchors))``."""
-    if not 0 <= shard_index < num_shards(manifest):
-        raise ValueError(f"shard index {shard_index} is outside 0..{num_shards(manifest) - 1}")
-    size = int(manifest["shard_size"])
-    return range(shard_index * size, min((shard_index + 1) * size, int(manifest["num_anchors"])))
-
-
-def file_digest(path: Path) -> tuple[int, str]:
-    """(bytes, sha256 hex) of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return path.stat().st_size, digest.hexdigest()
 
 
 def _checked(samples: Iterable[schema.ShardSample], anchors: range) -> Iterator[schema.ShardSample]:
@@ -138,53 +110,54 @@ def _checked(samples: Iterable[schema.ShardSample], anchors: range) -> Iterator[
                          f"{anchors.start}..{anchors.stop - 1}")
 
 
-def _register(directory: Path, name: str, record: dict) -> None:
+def _register(directory: Path, name: str, record: schema.ShardRecord) -> None:
     """Add a finished shard's record to the manifest: read-modify-rename under the lock."""
     with _manifest_lock(directory):
-        for stale in directory.glob(f".{MANIFEST}.*"):  # left by a writer killed mid-update; we hold the lock
-            stale.unlink()
-        manifest = read_manifest(directory)
-        manifest["shards"][name] = record
-        write_json_atomic(directory / MANIFEST, manifest)
+        remove_stale_temporaries(directory, MANIFEST)  # left by a writer killed mid-update
+        manifest = read_manifest(directory).model_dump(mode="json")
+        manifest["shards"][name] = record.model_dump(mode="json")
+        write_json_atomic(directory / MANIFEST, schema.Manifest.model_validate(manifest).model_dump(mode="json"))
 
 
 def write_shard(directory: str | os.PathLike, shard_index: int, samples: Iterable[schema.ShardSample], *,
-                rank: int = 0, world_size: int = 1) -> dict:
+                rank: int = 0, world_size: int = 1) -> schema.ShardRecord:
     """Write shard ``shard_index`` from its samples (its whole anchor range, in order) and record it.
 
     Returns the shard's record. If the samples raise, or the process dies, nothing is registered and
-    a rerun writes the shard afresh.
+    a rerun writes the shard afresh. Positives must have the manifest's image size.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    anchors = shard_anchor_range(manifest, shard_index)
+    anchors = manifest.anchor_range(shard_index)
     name = schema.shard_name(shard_index)
-    for stale in directory.glob(f".{Path(name).stem}.*"):  # temporaries of an earlier, killed writer
-        stale.unlink(missing_ok=True)
+    remove_stale_temporaries(directory, name)  # of an earlier, killed writer; a live one's are kept
     candidates = 0
-    with atomic_path(directory / name) as tmp:
-        with open(tmp, "wb") as stream:
-            with wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME) as tar:
-                for sample in _checked(samples, anchors):
-                    candidates = len(sample.positives)
-                    tar.write(schema.encode_sample(sample))
-            stream.flush()
-            os.fsync(stream.fileno())
-        size, sha256 = file_digest(tmp)
-    record = {"index": shard_index, "samples": len(anchors), "first_anchor": anchors.start,
-              "last_anchor": anchors.stop - 1, "candidates": candidates, "bytes": size, "sha256": sha256,
-              "rank": rank, "world_size": world_size}
-    write_json_atomic(directory / schema.record_name(shard_index), record)
+    with atomic_file(directory / name) as stream:
+        with wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME) as tar:
+            for sample in _checked(samples, anchors):
+                _check_shape(sample, manifest.image_shape)
+                candidates = len(sample.positives)
+                tar.write(schema.encode_sample(sample))
+        stream.flush()
+        size, sha256 = file_digest(stream)
+    record = schema.ShardRecord(index=shard_index, samples=len(anchors), first_anchor=anchors.start,
+                                last_anchor=anchors.stop - 1, candidates=candidates, bytes=size, sha256=sha256,
+                                rank=rank, world_size=world_size)
+    write_json_atomic(directory / schema.record_name(shard_index), record.model_dump(mode="json"))
     _register(directory, name, record)
     return record
 
 
+def _check_shape(sample: schema.ShardSample, shape: tuple[int, int]) -> None:
+    """Refuse positives or an anchor of another size than the manifest's: a reader would refuse the shard."""
+    sizes = {tuple(np.shape(sample.positives)[1:3])}
+    if sample.anchor is not None:
+        sizes.add(tuple(np.shape(sample.anchor)[:2]))
+    if sizes != {shape}:
+        raise ValueError(f"anchor {sample.anchor_index} has images of {sorted(sizes)}, the manifest's image size "
+                         f"is {list(shape)}")
+
+
 def completed_shards(directory: str | os.PathLike) -> set[int]:
     """Shards recorded in the manifest whose file is present with the recorded size and sha256."""
-    directory = Path(directory)
-    done = set()
-    for name, record in read_manifest(directory)["shards"].items():
-        path = directory / name
-        if path.is_file() and path.stat().st_size == record["bytes"] and file_digest(path)[1] == record["sha256"]:
-            done.add(int(record["index"]))
-    return done
+    return ShardDirectory.open(directory).verified_shards()

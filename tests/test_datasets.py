@@ -39,7 +39,7 @@ def test_digits_image_size_option_changes_size_and_fingerprint():
 def test_unknown_dataset_and_split_are_one_line_errors():
     with pytest.raises(UserError, match="unknown dataset 'cifar11'.*digits"):
         get_dataset("cifar11")
-    with pytest.raises(UserError, match="splits train and test"):
+    with pytest.raises(UserError, match="splits train, test"):
         get_dataset("digits", "validation")
     assert "imagefolder:PATH" in dataset_names()
 

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from diffusers import DDPMPipeline
 
 from clsp.generate.ddpm_presets import TINY, build_unet
-from clsp.generate.ddpm_training import CHECKPOINT, TrainConfig, make_ddpm_scheduler, train_ddpm
+from clsp.generate.config import DDPMJob
+from clsp.generate.ddpm_training import CHECKPOINT, make_ddpm_scheduler, train_ddpm
 from clsp.generate.unet import check_compatible, load_unet
 from clsp.io import load_torch
 
@@ -45,13 +46,13 @@ def _denoising_loss(unet) -> float:
 
 def test_training_lowers_the_loss_and_writes_a_loadable_pipeline(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    summary = train_ddpm(TrainConfig(dataset="digits", out=str(out), preset="tiny", steps=60, batch_size=16,
+    summary = train_ddpm(DDPMJob(name="digits", out=str(out), preset="tiny", steps=60, batch_size=16,
                                      lr=3e-3, warmup_steps=5, ema_decay=0.9, checkpoint_every=1000, sample_every=60))
     assert summary["steps"] == 60 and summary["world_size"] == 1 and summary["config"]["flip"] is True
     torch.manual_seed(0)
     fresh = build_unet(TINY, 16).eval()
     trained, scheduler = load_unet(str(out))
-    check_compatible(trained, 16)
+    check_compatible(trained.config, 16)
     assert _denoising_loss(trained) < 0.6 * _denoising_loss(fresh)
     pipe = DDPMPipeline.from_pretrained(out)  # diffusers' own loader reads the same folder
     assert pipe.scheduler.config.beta_end == pytest.approx(0.02)
@@ -92,9 +93,9 @@ def test_resume_refuses_a_different_run(tmp_path: Path) -> None:
     from clsp.errors import UserError
 
     out = tmp_path / "run"
-    train_ddpm(TrainConfig(dataset="digits", out=str(out), preset="tiny", steps=2, batch_size=4, sample_every=1000))
-    with pytest.raises(UserError, match="batch_size"):
-        train_ddpm(TrainConfig(dataset="digits", out=str(out), preset="tiny", steps=4, batch_size=8))
+    train_ddpm(DDPMJob(name="digits", out=str(out), preset="tiny", steps=2, batch_size=4, sample_every=1000))
+    with pytest.raises(UserError, match="other settings.*batch_size"):
+        train_ddpm(DDPMJob(name="digits", out=str(out), preset="tiny", steps=4, batch_size=8))
 
 
 @pytest.mark.slow

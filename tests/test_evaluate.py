@@ -20,7 +20,7 @@ from clsp.evaluate.linear import train_linear
 from clsp.evaluate.positives import positives_stats
 from clsp.evaluate.report import record_result, write_report
 from clsp.shards import schema, writer
-from clsp.train.backbones import build_backbone, export_encoder
+from clsp.train.backbones import EncoderCard, build_backbone, export_encoder
 
 SIZE = 16
 
@@ -28,8 +28,8 @@ SIZE = 16
 def make_encoder(directory: Path, seed: int = 0, **arch) -> Path:
     torch.manual_seed(seed)
     net = build_backbone("resnet-narrow")
-    return export_encoder(net, directory, {"backbone": "resnet-narrow", "small_stem": True, "image_size": SIZE,
-                                           **arch})
+    return export_encoder(net, directory, EncoderCard(backbone="resnet-narrow", small_stem=True,
+                                                      feature_dim=net.feature_dim, image_size=SIZE, **arch))
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,8 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def encoders(workdir: Path) -> dict[str, Path]:
     """A CLSP-SimCLR and a SimCLR encoder (fixed random weights) and a shared feature cache."""
-    return {"clsp": make_encoder(workdir / "clsp", 0, method="simclr", clsp_weight=1.0),
-            "baseline": make_encoder(workdir / "baseline", 1, method="simclr", clsp_weight=0.0)}
+    return {"clsp": make_encoder(workdir / "clsp", 0, method="simclr", clsp_lambda=1.0),
+            "baseline": make_encoder(workdir / "baseline", 1, method="simclr", clsp_lambda=0.0)}
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,8 @@ def test_linear_probe_matches_logistic_regression(encoders, cache, digits):
     train, test = digits
     x_train = extract_features(encoder, train, cache_dir=cache)
     x_test = extract_features(encoder, test, cache_dir=cache)
-    ours = train_linear(x_train, train.labels(), x_test, test.labels(), num_classes=10, epochs=10)
+    ours = train_linear(x_train, train.labels(), x_test, test.labels(), num_classes=10, epochs=10,
+                        protocol="standardized")
     # the same model (standardised features, softmax regression), weakly regularised, fitted by L-BFGS
     reference = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, C=100.0)).fit(x_train, train.labels())
     ref_top1 = reference.score(x_test, test.labels()) * 100
@@ -102,7 +103,7 @@ def test_linear_probe_matches_logistic_regression(encoders, cache, digits):
     assert ours["top1"] > 50  # far above chance (10%): the probe learned something
     assert abs(ours["top1"] - ref_top1) < 4, (ours["top1"], ref_top1)
     assert abs(ours["top5"] - ref_top5) < 4, (ours["top5"], ref_top5)
-    assert ours["milestones"] == [6, 8]
+    assert ours["milestones"] == [6, 8] and ours["protocol"] == "standardized"
 
 
 def test_knn_matches_brute_force_weighted_vote():
@@ -159,9 +160,9 @@ def make_positive_shards(directory: Path, dataset, source: str) -> None:
     labels = dataset.labels()
     manifest = writer.init_manifest(directory, dataset=dataset.describe(), generation={"source": source},
                                     num_anchors=12, shard_size=6)
-    for shard in range(writer.num_shards(manifest)):
+    for shard in range(manifest.num_shards):
         samples = []
-        for a in writer.shard_anchor_range(manifest, shard):
+        for a in manifest.anchor_range(shard):
             donor = a if source == "anchor" else int(np.flatnonzero(labels != labels[a])[a])
             samples.append(schema.ShardSample(a, np.repeat(dataset.array([donor]), 3, axis=0), label=int(labels[a])))
         writer.write_shard(directory, shard, samples)
@@ -225,7 +226,7 @@ def test_bad_inputs_give_one_error_line(case, encoders, folders, tmp_path):
 def test_transfer_flip_and_embed_plot_on_image_folders(encoders, folders, cache, workdir):
     run, name, five = workdir / "transfer-run", f"imagefolder:{folders['labelled']}", f"imagefolder:{folders['five']}"
     result = invoke("transfer", "--encoder", encoders["clsp"], "--datasets", f"{name},{five}", "--epochs", 3,
-                    "--flip", "--out", run, "--cache-dir", cache)
+                    "--protocol", "authors", "--out", run, "--cache-dir", cache)
     assert result.exit_code == 0, result.output
     rows = json.loads((run / "results.json").read_text())["transfer"]
     assert set(rows) == {name, five}
@@ -236,8 +237,8 @@ def test_transfer_flip_and_embed_plot_on_image_folders(encoders, folders, cache,
     assert "## linear transfer" in report
     assert f"| {name} | 10 | 80 | 40 |" in report and f"| {five} | 5 | 20 | 10 |" in report
 
-    result = invoke("embed-plot", "--encoder", encoders["clsp"], "--dataset", name, "--out", run / "tsne.png",
-                    "--cache-dir", cache)
+    result = invoke("embed-plot", "--encoder", encoders["clsp"], "--dataset", name, "--out", run,
+                    "--png", run / "tsne.png", "--cache-dir", cache)
     assert result.exit_code == 0, result.output
     with Image.open(run / "tsne.png") as png:
         assert png.format == "PNG"

@@ -70,26 +70,26 @@ def recorded(directory: Path) -> bool:
 
 
 def records(directory: Path) -> dict[int, dict]:
-    return {r["index"]: r for r in reader.read_manifest(directory)["shards"].values()}
+    return {r.index: r.model_dump() for r in reader.read_manifest(directory).shards.values()}
 
 
 def test_one_process_run_writes_verified_shards_with_labels_seeds_and_preview(reference):
-    manifest = reader.read_manifest(reference)
+    manifest = reader.read_manifest(reference).model_dump(mode="json")
     assert manifest["num_shards"] == NUM_SHARDS and len(shard_bytes(reference)) == NUM_SHARDS
     assert verify.verify_shards(reference) == []
     generation = manifest["generation"]
-    assert (generation["candidates"], generation["weight"], generation["steps"], generation["limit"]) == (2, 0.1, 3, 24)
+    assert (generation["candidates"], generation["interpolation"], generation["steps"], generation["limit"]) == (2, 0.1, 3, 24)
     assert len(generation["unet_sha256"]) == 16
     assert {(r["rank"], r["world_size"]) for r in records(reference).values()} == {(0, 1)}
     labels = get_dataset("digits").labels()
-    samples = list(reader.iter_samples(reference))
-    assert [s["anchor_index"] for s in samples] == list(range(LIMIT))
-    assert all(s["positives"].shape == (CANDIDATES, 16, 16, 3) for s in samples)
-    assert [s["label"] for s in samples] == labels[:LIMIT].tolist()
-    assert [s["seed"] for s in samples] == [anchor_seed(0, i) for i in range(LIMIT)]
-    assert len({s["seed"] for s in samples}) == LIMIT
+    samples = list(reader.ShardDirectory.open(reference).samples())
+    assert [s.anchor_index for s in samples] == list(range(LIMIT))
+    assert all(s.positives.shape == (CANDIDATES, 16, 16, 3) for s in samples)
+    assert [s.label for s in samples] == labels[:LIMIT].tolist()
+    assert [s.seed for s in samples] == [anchor_seed(0, i) for i in range(LIMIT)]
+    assert len({s.seed for s in samples}) == LIMIT
     # an anchor's candidates differ from each other (each from its own x_T)
-    assert all(not np.array_equal(s["positives"][0], s["positives"][1]) for s in samples)
+    assert all(not np.array_equal(s.positives[0], s.positives[1]) for s in samples)
     with Image.open(reference / "preview.png") as png:  # 4 rows of anchor + k positives, enlarged to MIN_CELL
         assert png.format == "PNG"
         assert png.height == 4 * (MIN_CELL + PAD) + PAD and png.width >= (CANDIDATES + 1) * MIN_CELL
@@ -171,10 +171,10 @@ def test_array_worker_reads_slurm_variables_and_refuses_an_index_outside_the_arr
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--weight", "1.5"], "--weight must be in [0, 1]"),
-    (["--weight", "-0.1"], "--weight must be in [0, 1]"),
-    (["--candidates", "0"], "--candidates must be at least 1"),
-    (["--steps", "1001"], "exceeds the model's 1000 training timesteps"),
+    (["--interpolation", "1.5"], "--interpolation: input should be less than or equal to 1 (got 1.5)"),
+    (["--interpolation", "-0.1"], "--interpolation: input should be greater than or equal to 0 (got -0.1)"),
+    (["--candidates", "0"], "--candidates: input should be greater than or equal to 1 (got 0)"),
+    (["--steps", "1001"], "--steps: input should be less than or equal to 1000 (got 1001)"),
     (["--image-size", "24"], "trained on 16x16 images but the dataset's are 24x24"),
     (["--dataset", "no-such-data"], "unknown dataset 'no-such-data'"),
 ])
@@ -197,16 +197,16 @@ def test_a_dataset_without_a_known_model_says_how_to_train_one(tmp_path):
 def test_other_settings_are_refused_unless_overwrite(reference, model_dir, one_thread, tmp_path):
     shards = tmp_path / "shards"
     shutil.copytree(reference, shards)
-    refused = run_gen(shards, model_dir, "--weight", "0.2")
+    refused = run_gen(shards, model_dir, "--interpolation", "0.2")
     assert refused.exit_code == 1 and refused.output.startswith("Error: ") and "--overwrite" in refused.output
-    assert "generation.weight: 0.1 -> 0.2" in refused.output
+    assert "generation.interpolation: 0.1 -> 0.2" in refused.output
     assert shard_bytes(shards) == shard_bytes(reference)  # untouched
     same = run_gen(shards, model_dir, "--no-preview")  # same settings: nothing to redo
     assert same.exit_code == 0 and "wrote 0 shards" in same.output
     assert f"{NUM_SHARDS} were already complete" in same.output
-    replaced = run_gen(shards, model_dir, "--weight", "0.2", "--overwrite", "--no-preview")
+    replaced = run_gen(shards, model_dir, "--interpolation", "0.2", "--overwrite", "--no-preview")
     assert replaced.exit_code == 0, replaced.output
-    assert reader.read_manifest(shards)["generation"]["weight"] == 0.2
+    assert reader.read_manifest(shards).generation["interpolation"] == 0.2
     new, old = shard_bytes(shards), shard_bytes(reference)
     assert new.keys() == old.keys() and all(new[k] != old[k] for k in new)
     assert verify.verify_shards(shards) == []

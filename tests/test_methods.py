@@ -11,10 +11,16 @@ from torch import nn
 from clsp.errors import UserError
 from clsp.train.backbones import build_backbone
 from clsp.train.memory import FIFOQueue
-from clsp.train.methods import DEFAULT_CLSP_WEIGHT, METHODS, build_method
+from clsp.train.config import TrainJob
+from clsp.train.methods import METHODS, build_method
 from clsp.train.methods.moco import cosine_momentum, ema_update
+from clsp.train.recipes import RECIPES
 
 SMALL = {"proj_hidden_dim": 32, "proj_output_dim": 16}
+
+
+def _job(name: str, **settings) -> TrainJob:
+    return TrainJob(method=name, shards="unused", out="unused", **settings).resolved("digits")
 
 
 def _small_method(name: str, **kwargs):
@@ -24,7 +30,7 @@ def _small_method(name: str, **kwargs):
         sizes["queue_size"] = 32
     if name == "nnclr":
         sizes["pred_hidden_dim"] = 32
-    return build_method(name, build_backbone("resnet-narrow"), **{**sizes, **kwargs})
+    return build_method(_job(name, **{**sizes, **kwargs}), build_backbone("resnet-narrow"))
 
 
 def _views(n: int = 3, batch: int = 8, seed: int = 1) -> list[torch.Tensor]:
@@ -51,7 +57,7 @@ def test_forward_backward_gives_finite_losses_and_backbone_gradients(name: str, 
     assert out["features"].shape == (8, method.backbone.feature_dim) and not out["features"].requires_grad
     for key in ("loss", "loss_base", "loss_clsp"):
         assert out[key].ndim == 0 and torch.isfinite(out[key])
-    expected = out["loss_base"] + DEFAULT_CLSP_WEIGHT[name] * out["loss_clsp"]
+    expected = out["loss_base"] + RECIPES[name].clsp_lambda * out["loss_clsp"]
     torch.testing.assert_close(out["loss"], expected)
     assert (out["loss_clsp"] > 0) if with_x3 else (out["loss_clsp"] == 0)
     out["loss"].backward()
@@ -62,8 +68,8 @@ def test_forward_backward_gives_finite_losses_and_backbone_gradients(name: str, 
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_clsp_weight_zero_skips_view_three(name: str):
-    method = _small_method(name, clsp_weight=0.0)
+def test_clsp_lambda_zero_skips_view_three(name: str):
+    method = _small_method(name, clsp_lambda=0.0)
     calls = _count_backbone_calls(method)
     out = method(*_views(), labels=torch.zeros(8, dtype=torch.long))
     assert calls[0] == 2
@@ -72,7 +78,7 @@ def test_clsp_weight_zero_skips_view_three(name: str):
 
 
 def test_the_clsp_term_uses_the_projections_of_view_one_and_three():
-    method = _small_method("simclr", clsp_weight=2.0)
+    method = _small_method("simclr", clsp_lambda=2.0)
     x1, x2, x3 = _views()
     method.eval()  # deterministic BatchNorm, so the projections can be recomputed
     out = method(x1, x2, x3)
@@ -82,44 +88,45 @@ def test_the_clsp_term_uses_the_projections_of_view_one_and_three():
     assert same["loss_clsp"].item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_build_method_defaults_and_bad_options():
-    with pytest.raises(UserError, match="simclr, moco, nnclr"):
-        build_method("byol", build_backbone("resnet-narrow"))
-    with pytest.raises(UserError, match="queue_size applies only to moco and nnclr"):
-        build_method("simclr", build_backbone("resnet-narrow"), queue_size=128)
-    with pytest.raises(UserError, match="pred_hidden_dim"):
-        build_method("moco", build_backbone("resnet-narrow"), pred_hidden_dim=128)
-    with pytest.raises(UserError, match="flat, ivf, hnsw"):
-        build_method("nnclr", build_backbone("resnet-narrow"), nn_index="lsh")
-    with pytest.raises(UserError, match="CLSP weight"):
-        build_method("simclr", build_backbone("resnet-narrow"), clsp_weight=-1)
+def test_recipe_heads_and_memories_and_bad_options():
+    with pytest.raises(UserError, match="queue-size applies only to moco and nnclr"):
+        _job("simclr", queue_size=128)
+    with pytest.raises(UserError, match="pred-hidden-dim"):
+        _job("moco", pred_hidden_dim=128)
+    with pytest.raises(UserError, match="momentum"):
+        _job("nnclr", momentum=0.9)
     backbone = build_backbone("resnet-narrow")
-    nnclr = build_method("nnclr", backbone)
+    nnclr = build_method(_job("nnclr"), backbone)
     linears = [m for m in nnclr.projector if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(backbone.feature_dim, 2048), (2048, 2048),
                                                                   (2048, 256)]
     assert isinstance(nnclr.projector[-1], nn.BatchNorm1d)
     assert [m.out_features for m in nnclr.predictor if isinstance(m, nn.Linear)] == [4096, 256]
-    assert nnclr.support_set.embeddings.shape == (65536, 256) and len(nnclr.support_set) == 0
-    assert nnclr.clsp_weight == 1.0 and nnclr.temperature == 0.2
-    moco = build_method("moco", build_backbone("resnet-narrow"))
-    assert moco.queue1.embeddings.shape == (32768, 256) and moco.clsp_weight == 0.5
-    assert moco.base_momentum == 0.99
-    simclr = build_method("simclr", build_backbone("resnet-narrow"))
-    assert [m.out_features for m in simclr.projector if isinstance(m, nn.Linear)] == [2048, 256]
+    # solo-learn's support set starts full of random unit vectors
+    assert nnclr.support_set.embeddings.shape == (65536, 256)
+    torch.testing.assert_close(nnclr.support_set.embeddings.norm(dim=1), torch.ones(65536))
+    assert nnclr.clsp_lambda == 1.0 and nnclr.temperature == 0.2
+    moco = build_method(_job("moco"), build_backbone("resnet-narrow"))
+    assert moco.queue1.embeddings.shape == (32768, 256) and moco.clsp_lambda == 0.5
+    assert (moco.base_momentum, moco.end_momentum) == (0.99, 0.999)
+    for method in ("simclr", "moco"):  # the authors' projector: 512-4096-256, ReLU, no BatchNorm
+        built = build_method(_job(method), build_backbone("resnet18"))
+        assert [type(m) for m in built.projector] == [nn.Linear, nn.ReLU, nn.Linear]
+        assert [(m.in_features, m.out_features) for m in built.projector if isinstance(m, nn.Linear)] == \
+            [(512, 4096), (4096, 256)]
 
 
 def test_fifo_queue_wraps_around_and_keeps_the_newest_rows():
     queue = FIFOQueue(size=5, dim=1)
-    assert len(queue) == 0 and queue.filled()[0].shape == (0, 1)
+    assert queue.contents()[0].shape == (5, 1) and queue.labels.tolist() == [-1] * 5
     queue.push(torch.tensor([[1.0], [2.0], [3.0]]), labels=torch.tensor([1, 2, 3]))
-    assert len(queue) == 3 and queue.filled()[0][:, 0].tolist() == [1, 2, 3]
+    assert queue.contents()[0][:3, 0].tolist() == [1, 2, 3]
     slots = queue.push(torch.tensor([[4.0], [5.0], [6.0]]))
-    assert slots.tolist() == [3, 4, 0] and len(queue) == 5 and int(queue.ptr) == 1
+    assert slots.tolist() == [3, 4, 0] and int(queue.ptr) == 1
     assert queue.embeddings[:, 0].tolist() == [6, 2, 3, 4, 5]
     assert queue.labels.tolist() == [-1, 2, 3, -1, -1]
     queue.push(torch.arange(10.0, 17.0).unsqueeze(1))  # more rows than slots: the last five stay
-    assert sorted(queue.embeddings[:, 0].tolist()) == [12, 13, 14, 15, 16] and len(queue) == 5
+    assert sorted(queue.embeddings[:, 0].tolist()) == [12, 13, 14, 15, 16]
     restored = FIFOQueue(size=5, dim=1)
     restored.load_state_dict(queue.state_dict())
     assert torch.equal(restored.embeddings, queue.embeddings) and int(restored.ptr) == int(queue.ptr)
@@ -127,7 +134,6 @@ def test_fifo_queue_wraps_around_and_keeps_the_newest_rows():
 
 def test_moco_queue_starts_full_of_unit_vectors_and_receives_the_keys():
     method = _small_method("moco")
-    assert len(method.queue1) == 32
     torch.testing.assert_close(method.queue1.embeddings.norm(dim=1), torch.ones(32))
     x1, x2, _ = _views()
     keys1, keys2 = method.keys(x1), method.keys(x2)
@@ -138,10 +144,10 @@ def test_moco_queue_starts_full_of_unit_vectors_and_receives_the_keys():
 
 
 def test_momentum_schedule_and_update_math():
-    assert cosine_momentum(0.99, 0.0) == pytest.approx(0.99)
-    assert cosine_momentum(0.99, 0.5) == pytest.approx(0.995)
-    assert cosine_momentum(0.99, 1.0) == pytest.approx(1.0)
-    assert cosine_momentum(0.99, 0.25) == pytest.approx(1 - 0.01 * (math.cos(math.pi / 4) + 1) / 2)
+    assert cosine_momentum(0.99, 0.999, 0.0) == pytest.approx(0.99)
+    assert cosine_momentum(0.99, 0.999, 0.5) == pytest.approx(0.9945)
+    assert cosine_momentum(0.99, 0.999, 1.0) == pytest.approx(0.999)
+    assert cosine_momentum(0.99, 0.999, 0.25) == pytest.approx(0.999 - 0.009 * (math.cos(math.pi / 4) + 1) / 2)
     online, target = nn.Linear(3, 2), nn.Linear(3, 2)
     before = [p.detach().clone() for p in target.parameters()]
     ema_update(target, online, 0.9)
@@ -150,7 +156,7 @@ def test_momentum_schedule_and_update_math():
 
 
 def test_moco_momentum_network_follows_the_online_one_and_is_not_trained():
-    method = _small_method("moco", momentum=0.9)
+    method = _small_method("moco", momentum=0.9, momentum_end=0.9)
     trainable = {id(p) for group in method.parameter_groups(1e-4) for p in group["params"]}
     momentum_params = list(method.momentum_backbone.parameters()) + list(method.momentum_projector.parameters())
     assert all(not p.requires_grad and id(p) not in trainable for p in momentum_params)
@@ -173,19 +179,18 @@ def test_nnclr_support_set_and_nearest_neighbour_accuracy():
     x1, x2, _ = _views()
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     first = method(x1, x2, labels=labels)
-    assert "nn_acc" not in first  # the support set was empty: nothing stored to compare labels with
-    assert len(method.support_set) == 8 and method.support_set.labels[:8].tolist() == labels.tolist()
+    assert first["nn_acc"].item() == 0.0  # the random initial entries carry no label
+    assert method.support_set.labels[:8].tolist() == labels.tolist()
     stored = method.support_set.embeddings[:8].clone()
     # Same images again: each view-1 projection finds itself (BatchNorm uses the same batch statistics),
     # so the accuracy is the agreement between the stored labels and the ones given now.
     relabelled = torch.roll(labels, 1)
     second = method(x1, x2, labels=relabelled)
     assert second["nn_acc"].item() == pytest.approx((labels == relabelled).float().mean().item())
-    assert len(method.support_set) == 16
     torch.testing.assert_close(method.support_set.embeddings[8:16], stored)
     for _ in range(3):  # 40 rows pushed into 32 slots: the oldest are overwritten
         method(x1, x2, labels=labels)
-    assert len(method.support_set) == 32 and int(method.support_set.ptr) == 8
+    assert int(method.support_set.ptr) == 8
     assert "support_set.embeddings" in method.state_dict()
 
 
@@ -197,9 +202,18 @@ def test_nnclr_with_an_approximate_index_trains():
     assert torch.isfinite(out["loss"]) and "nn_acc" in out
 
 
+def test_sgd_recipes_decay_every_parameter():
+    method = _small_method("simclr")
+    groups = method.parameter_groups(1e-4, "all")
+    assert [g["name"] for g in groups] == ["decay"] and groups[0]["weight_decay"] == 1e-4
+    assert len(groups[0]["params"]) == len([p for p in method.parameters() if p.requires_grad])
+    assert RECIPES["simclr"].weight_decay_scope == RECIPES["moco"].weight_decay_scope == "all"
+
+
 def test_parameter_groups_exclude_bias_and_norm_from_weight_decay():
     method = _small_method("nnclr")
-    groups = {g["name"]: g for g in method.parameter_groups(1e-5)}
+    assert RECIPES["nnclr"].weight_decay_scope == "weights"
+    groups = {g["name"]: g for g in method.parameter_groups(1e-5, "weights")}
     assert groups["decay"]["weight_decay"] == 1e-5 and groups["decay"]["lars_exclude"] is False
     assert groups["no_decay"]["weight_decay"] == 0.0 and groups["no_decay"]["lars_exclude"] is True
     assert all(p.ndim > 1 for p in groups["decay"]["params"])

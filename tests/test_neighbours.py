@@ -1,5 +1,5 @@
 """FAISS neighbours: exact search equals brute force, approximate indexes keep a high recall, and a memory
-bank hands out only its filled slots."""
+bank (full of random unit vectors from the start) returns its own rows."""
 
 from __future__ import annotations
 
@@ -59,21 +59,28 @@ def test_bad_arguments_are_refused():
 
 
 @pytest.mark.parametrize("index", ["flat", "hnsw"])
-def test_support_set_never_returns_an_empty_slot(index: str):
+def test_a_pushed_row_is_its_own_nearest_neighbour(index: str):
     support = SupportSet(size=16, dim=4, index=index)
-    stored = torch.eye(4)[:2]  # e0, e1; the 14 empty slots hold zeros
+    stored = torch.eye(4)[:2]  # e0, e1; the other 14 slots keep their random unit vectors
     support.push(stored, labels=torch.tensor([3, 5]))
-    assert len(support) == 2
-    # every query scores below 0 against the stored rows, so an empty (zero) slot would win if searched
-    queries = -torch.tensor([[1.0, 0.1, 0, 0], [0.1, 1.0, 0, 0], [0.5, 1.0, 0, 0]])
-    neighbours, labels = support.nearest(queries)
-    torch.testing.assert_close(neighbours, stored[[1, 0, 0]])
-    assert labels.tolist() == [5, 3, 3]
+    bank, bank_labels = support.contents()
+    assert bank.shape == (16, 4) and bank_labels.shape == (16,)
+    assert (bank_labels == -1).sum().item() == 14
+    neighbours, labels = support.nearest(stored)
+    torch.testing.assert_close(neighbours, stored)
+    assert labels.tolist() == [3, 5]
 
 
-def test_an_empty_support_set_refuses_a_search():
-    with pytest.raises(RuntimeError, match="empty"):
-        SupportSet(size=4, dim=2).nearest(torch.ones(1, 2))
+def test_a_fresh_support_set_returns_one_of_its_random_unit_vectors():
+    torch.manual_seed(0)
+    support = SupportSet(size=4, dim=2)
+    bank, bank_labels = support.contents()
+    torch.testing.assert_close(bank.norm(dim=1), torch.ones(4))
+    assert bank_labels.tolist() == [-1] * 4
+    query = torch.ones(1, 2)
+    neighbours, labels = support.nearest(query)
+    torch.testing.assert_close(neighbours, bank[(query @ bank.T).argmax(dim=1)])
+    assert labels.tolist() == [-1]
 
 
 @pytest.mark.parametrize("index", ["ivf", "hnsw"])
@@ -90,7 +97,7 @@ def test_an_approximate_support_set_follows_the_bank_as_it_is_overwritten(index:
         support.push(batch(96), labels=torch.full((96,), step))
         queries = batch(32)
         neighbours, labels = support.nearest(queries)
-        bank, bank_labels = support.filled()
+        bank, bank_labels = support.contents()
         _, exact = nearest_neighbours(queries, bank)
         hits += (neighbours == bank[exact[:, 0]]).all(dim=1).sum().item()
         total += len(queries)

@@ -34,22 +34,24 @@ def _reduced_config(tmp_path: Path, model_dir: Path, run_dir: Path) -> Path:
 
 def test_repository_default_is_valid_and_describes_clsp_and_baseline():
     config = load_config(REPO / "pipeline.yaml")
-    assert config["dataset"]["name"] == "digits"
-    weights = config["train"]["runs"]
+    assert config.dataset.name == "digits"
+    weights = config.train.runs
     assert len(weights) == 2 and 0.0 in weights.values() and any(w != 0 for w in weights.values())
     for preset in sorted((REPO / "configs").glob("*.yaml")):
-        assert load_config(preset)["dataset"]["name"] in preset.stem
+        assert load_config(preset).dataset.name in preset.stem
 
 
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.epoch=5", "unknown key 'train.epoch' in the pipeline configuration (did you mean 'train.epochs'?)"),
-        ("generate.weight=1.5", "'generate.weight' must lie in [0, 1]"),
-        ("generate.candidates=three", "'generate.candidates' must be int"),
-        ("train.method=byol", "'train.method' must be one of simclr, moco, nnclr"),
-        ("train.runs.clsp=-1", "'train.runs.clsp' is the CLSP weight"),
-        ("evaluate=5", "'evaluate' must be a mapping"),
+        ("train.epoch=5", "unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
+        ("generate.interpolation=1.5", "'generate.interpolation': input should be less than or equal to 1 (got 1.5)"),
+        ("generate.weight=0.2", "unknown key 'generate.weight'"),  # renamed to generate.interpolation
+        ("generate.candidates=three",
+         "'generate.candidates': input should be a valid integer, unable to parse string as an integer (got 'three')"),
+        ("train.method=byol", "'train.method': input should be 'simclr', 'moco' or 'nnclr' (got 'byol')"),
+        ("train.runs.clsp=-1", "run 'clsp': clsp_lambda: input should be greater than or equal to 0 (got -1.0)"),
+        ("evaluate=5", "'evaluate': input should be a valid dictionary or instance of EvaluateSettings (got 5)"),
     ],
 )
 def test_bad_configuration_is_one_line_naming_the_key(override, message, tmp_path):
@@ -64,8 +66,8 @@ def test_bad_configuration_is_one_line_naming_the_key(override, message, tmp_pat
 def test_set_overrides_nested_keys_with_yaml_types():
     config = load_config(REPO / "pipeline.yaml", ("train.epochs=5", "generate.share_anchor_pass=true",
                                                   "train.runs={clsp: 0.5, baseline: 0}"))
-    assert config["train"]["epochs"] == 5 and config["generate"]["share_anchor_pass"] is True
-    assert config["train"]["runs"] == {"clsp": 0.5, "baseline": 0}
+    assert config.train.epochs == 5 and config.generate.share_anchor_pass is True
+    assert config.train.runs == {"clsp": 0.5, "baseline": 0}
 
 
 def _clsp_run(config: Path, env: dict, **kwargs) -> subprocess.Popen:

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from clsp.errors import UserError
+from clsp.errors import ShardError, UserError
+from clsp.io import file_digest
 from clsp.shards import reader, schema, verify, writer
 
 K, SIZE = 3, 8
-DATASET = {"name": "digits", "split": "train", "size": 23, "fingerprint": "0123456789abcdef", "image_size": SIZE,
+DATASET = {"name": "digits", "split": "train", "size": 100, "fingerprint": "0123456789abcdef", "image_size": SIZE,
            "num_classes": 10}
 GENERATION = {"w": 0.1, "steps": 100, "eta": 0.1, "candidates": K, "seed": 0}
 
@@ -35,8 +36,8 @@ def anchor_image(anchor: int, size: int = SIZE) -> np.ndarray:
     return np.random.default_rng(10_000 + anchor).integers(0, 256, (size, size, 3), dtype=np.uint8)
 
 
-def samples_for(manifest: dict, shard_index: int, with_anchor: bool = True):
-    for a in writer.shard_anchor_range(manifest, shard_index):
+def samples_for(manifest: schema.Manifest, shard_index: int, with_anchor: bool = True):
+    for a in manifest.anchor_range(shard_index):
         yield schema.ShardSample(a, positives_of(a), label=a % 10, seed=1000 + a,
                                  anchor=anchor_image(a) if with_anchor else None)
 
@@ -46,9 +47,9 @@ def settings(num_anchors: int = 23, shard_size: int = 10, **generation) -> dict:
             "shard_size": shard_size}
 
 
-def make_shards(directory: Path, with_anchor: bool = True, **kw) -> dict:
+def make_shards(directory: Path, with_anchor: bool = True, **kw) -> schema.Manifest:
     manifest = writer.init_manifest(directory, **settings(**kw))
-    for i in range(writer.num_shards(manifest)):
+    for i in range(manifest.num_shards):
         writer.write_shard(directory, i, samples_for(manifest, i, with_anchor))
     return reader.read_manifest(directory)
 
@@ -59,7 +60,7 @@ def rewrite_shard(directory: Path, index: int, raw_samples: list[dict]) -> None:
     with wds.TarWriter(str(path), encoder=False) as tar:
         for raw in raw_samples:
             tar.write(raw)
-    size, sha256 = writer.file_digest(path)
+    size, sha256 = file_digest(path)
     manifest = json.loads((directory / "manifest.json").read_text())
     manifest["shards"][path.name].update(bytes=size, sha256=sha256)
     (directory / "manifest.json").write_text(json.dumps(manifest))
@@ -68,34 +69,17 @@ def rewrite_shard(directory: Path, index: int, raw_samples: list[dict]) -> None:
 
 def test_round_trip_is_bit_exact(tmp_path):
     manifest = make_shards(tmp_path)
-    assert manifest["num_shards"] == 3 and sorted(manifest["shards"]) == [schema.shard_name(i) for i in range(3)]
-    assert [manifest["shards"][schema.shard_name(i)]["samples"] for i in range(3)] == [10, 10, 3]
-    samples = list(reader.iter_samples(tmp_path))
-    assert [s["anchor_index"] for s in samples] == list(range(23))
+    assert manifest.num_shards == 3 and sorted(manifest.shards) == [schema.shard_name(i) for i in range(3)]
+    assert [manifest.shards[schema.shard_name(i)].samples for i in range(3)] == [10, 10, 3]
+    samples = list(reader.ShardDirectory.open(tmp_path).samples())
+    assert [s.anchor_index for s in samples] == list(range(23))
     for s in samples:
-        a = s["anchor_index"]
-        assert s["positives"].dtype == np.uint8 and np.array_equal(s["positives"], positives_of(a))
-        assert np.array_equal(s["anchor"], anchor_image(a))
-        assert (s["label"], s["seed"]) == (a % 10, 1000 + a)
-    indices, positives = reader.load_positives(tmp_path)
-    assert np.array_equal(indices, np.arange(23))
-    assert np.array_equal(positives, np.stack([positives_of(a) for a in range(23)]))
-    piped = {s["anchor_index"]: s["positives"] for s in reader.shard_pipeline(tmp_path, shuffle_buffer=8, seed=1)}
-    assert sorted(piped) == list(range(23)) and all(np.array_equal(piped[a], positives_of(a)) for a in piped)
+        a = s.anchor_index
+        assert s.positives.dtype == np.uint8 and np.array_equal(s.positives, positives_of(a))
+        assert np.array_equal(s.anchor, anchor_image(a))
+        assert (s.label, s.seed, s.scores) == (a % 10, 1000 + a, None)
     assert writer.completed_shards(tmp_path) == {0, 1, 2}
     assert verify.verify_shards(tmp_path) == []
-
-
-def test_shard_pipeline_shuffles_reproducibly_and_splits_by_node(tmp_path, monkeypatch):
-    make_shards(tmp_path, num_anchors=40, shard_size=4)
-    order = lambda **kw: [s["anchor_index"] for s in reader.shard_pipeline(tmp_path, **kw)]  # noqa: E731
-    assert order(seed=3) == order(seed=3) != list(range(40))
-    assert order(seed=3) != order(seed=4)
-    assert order(shuffle_shards=False, shuffle_buffer=0) == list(range(40))
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    rank1 = sorted(order(seed=0))
-    assert rank1 == [a for a in range(40) if (a // 4) % 2 == 1]  # the odd shards
 
 
 def test_same_samples_give_byte_identical_shards(tmp_path):
@@ -115,8 +99,8 @@ def test_writer_rejects_samples_outside_the_shard_range(tmp_path):
     short = [schema.ShardSample(a, positives_of(a)) for a in range(5)]
     with pytest.raises(ValueError, match="ended before anchor 5"):
         writer.write_shard(tmp_path, 0, short)
-    assert reader.read_manifest(tmp_path)["shards"] == {} and not list(tmp_path.glob("*shard-*"))
-    assert manifest["num_shards"] == 3
+    assert reader.read_manifest(tmp_path).shards == {} and not list(tmp_path.glob("*shard-*"))
+    assert manifest.num_shards == 3
 
 
 def test_interrupted_writer_registers_nothing_and_rerun_completes(tmp_path):
@@ -131,10 +115,10 @@ def test_interrupted_writer_registers_nothing_and_rerun_completes(tmp_path):
     with pytest.raises(RuntimeError, match="generator crashed"):
         writer.write_shard(tmp_path, 1, dies_midway())
     assert sorted(p.name for p in tmp_path.iterdir()) == [".manifest.lock", "manifest.json"]
-    assert reader.read_manifest(tmp_path)["shards"] == {} and writer.completed_shards(tmp_path) == set()
+    assert reader.read_manifest(tmp_path).shards == {} and writer.completed_shards(tmp_path) == set()
     writer.write_shard(tmp_path, 1, samples_for(manifest, 1))
     assert writer.completed_shards(tmp_path) == {1}
-    assert [s["anchor_index"] for s in reader.iter_samples(tmp_path)] == list(range(10, 20))
+    assert [s.anchor_index for s in reader.ShardDirectory.open(tmp_path).samples()] == list(range(10, 20))
 
 
 KILLED_WRITER = textwrap.dedent("""
@@ -171,18 +155,18 @@ def test_writer_killed_with_sigkill_leaves_nothing_registered(tmp_path, cli_env)
     leftovers = [p.name for p in directory.iterdir()]
     assert any(name.startswith(".shard-000000.tar.") for name in leftovers)  # the killed writer's temp file
     assert not (directory / "shard-000000.tar").exists() and not (directory / "shard-000000.json").exists()
-    assert reader.read_manifest(directory)["shards"] == {} and writer.completed_shards(directory) == set()
+    assert reader.read_manifest(directory).shards == {} and writer.completed_shards(directory) == set()
     assert verify.verify_shards(directory) == ["shard-000000.tar: not written yet (planned, not in the manifest)"]
 
     writer.write_shard(directory, 0, (schema.ShardSample(a, np.full((2, 8, 8, 3), a, np.uint8))
-                                      for a in writer.shard_anchor_range(manifest, 0)))
+                                      for a in manifest.anchor_range(0)))
     assert not any(p.name.startswith(".shard-") for p in directory.iterdir())  # stale temp removed
     assert writer.completed_shards(directory) == {0} and verify.verify_shards(directory) == []
 
 
 def _write_as_worker(directory: str, rank: int, world_size: int) -> None:
     manifest = writer.init_manifest(directory, **settings(num_anchors=24, shard_size=2))
-    for i in range(rank, writer.num_shards(manifest), world_size):
+    for i in range(rank, manifest.num_shards, world_size):
         writer.write_shard(directory, i, samples_for(manifest, i), rank=rank, world_size=world_size)
 
 
@@ -197,9 +181,8 @@ def test_concurrent_writers_all_recorded(tmp_path):
         w.join(timeout=120)
     assert [w.exitcode for w in workers] == [0] * world_size
     manifest = reader.read_manifest(tmp_path)
-    assert len(manifest["shards"]) == 12 == manifest["num_shards"]
-    assert all(r["rank"] == r["index"] % world_size and r["world_size"] == world_size
-               for r in manifest["shards"].values())
+    assert len(manifest.shards) == 12 == manifest.num_shards
+    assert all(r.rank == r.index % world_size and r.world_size == world_size for r in manifest.shards.values())
     assert verify.verify_shards(tmp_path) == []
     assert not list(tmp_path.glob(".*.tmp-*"))
 
@@ -207,15 +190,15 @@ def test_concurrent_writers_all_recorded(tmp_path):
 def test_init_manifest_resumes_same_settings_and_refuses_others(tmp_path):
     make_shards(tmp_path)
     resumed = writer.init_manifest(tmp_path, **settings())
-    assert len(resumed["shards"]) == 3
-    assert len(writer.init_manifest(tmp_path, **settings(), overwrite=True)["shards"]) == 3  # same settings: kept
+    assert len(resumed.shards) == 3
+    assert len(writer.init_manifest(tmp_path, **settings(), overwrite=True).shards) == 3  # same settings: kept
     with pytest.raises(UserError, match=r"other settings \(generation.w: 0.1 -> 0.5\)"):
         writer.init_manifest(tmp_path, **settings(w=0.5))
     other = dict(settings(), dataset={**DATASET, "fingerprint": "ffffffffffffffff"})
     with pytest.raises(UserError, match="dataset.fingerprint"):
         writer.init_manifest(tmp_path, **other)
     fresh = writer.init_manifest(tmp_path, **settings(w=0.5), overwrite=True)
-    assert fresh["shards"] == {} and fresh["generation"]["w"] == 0.5
+    assert fresh.shards == {} and fresh.generation["w"] == 0.5
     assert sorted(p.name for p in tmp_path.iterdir()) == [".manifest.lock", "manifest.json"]
 
 
@@ -285,11 +268,8 @@ def test_pickle_members_are_never_unpickled(tmp_path):
     raws = [{**schema.encode_sample(s), "pyd": payload, "pickle": payload} for s in samples_for(manifest, 0)]
     rewrite_shard(directory, 0, raws)
 
-    samples = list(reader.iter_samples(directory))
-    assert [s["anchor_index"] for s in samples] == list(range(23))
-    assert all(set(s) == {"__key__", "anchor_index", "label", "seed", "positives", "anchor"} for s in samples)
-    assert sorted(s["anchor_index"] for s in reader.shard_pipeline(directory)) == list(range(23))
-    reader.load_positives(directory)
+    samples = list(reader.ShardDirectory.open(directory).samples())
+    assert [s.anchor_index for s in samples] == list(range(23))
     assert not pwned.exists()
     problems = verify.verify_shards(directory)
     assert "shard-000000.tar: sample 000000000 has members no reader loads: pickle, pyd" in problems
@@ -302,8 +282,8 @@ def test_missing_or_newer_manifest_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="no manifest.json"):
         writer.write_shard(tmp_path, 0, [])
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": schema.SCHEMA_VERSION + 1}))
-    with pytest.raises(UserError, match=r"schema version 2, newer than this clsp understands \(1\); upgrade clsp"):
+    with pytest.raises(ShardError, match=r"schema version 2, newer than this clsp understands \(1\) \(.*\): upgrade clsp"):
         reader.read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(UserError, match="not a clsp shard manifest"):
+    with pytest.raises(ShardError, match="shard manifest is malformed"):
         verify.verify_shards(tmp_path)

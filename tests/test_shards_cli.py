@@ -75,9 +75,9 @@ def test_preview_takes_anchors_from_the_dataset(tmp_path):
     manifest = writer.init_manifest(tmp_path, dataset=dataset.describe(), generation={"candidates": 2},
                                     num_anchors=6, shard_size=4)
     images = dataset.array(np.arange(6))
-    for i in range(writer.num_shards(manifest)):
+    for i in range(manifest.num_shards):
         writer.write_shard(tmp_path, i, (schema.ShardSample(a, np.stack([255 - images[a], images[a, :, ::-1]]))
-                                         for a in writer.shard_anchor_range(manifest, i)))
+                                         for a in manifest.anchor_range(i)))
     out = tmp_path / "digits.png"
     result = run("preview", tmp_path, "--out", out, "--data-root", tmp_path / "data")
     assert result.exit_code == 0, result.output
@@ -105,4 +105,5 @@ def test_bad_directory_is_one_error_line(tmp_path, command):
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 7}))
     newer = run(name, tmp_path, *rest)
     assert newer.exit_code == 1 and len(newer.output.strip().splitlines()) == 1
-    assert newer.output.startswith("Error: ") and "newer than this clsp understands (1); upgrade clsp" in newer.output
+    assert newer.output.startswith("Error: ") and "newer than this clsp understands (1)" in newer.output
+    assert newer.output.rstrip().endswith(f"({tmp_path / 'manifest.json'}): upgrade clsp")

@@ -12,10 +12,14 @@ import torch
 from clsp.datasets import get_dataset
 from clsp.errors import UserError
 from clsp.shards import schema, writer
-from clsp.train.augment import DeviceAugment, augment_images, cpu_transform
+from clsp.config import parse
+from clsp.train.augment import DeviceAugment, augment_images, cpu_transform, view_augmentations
+from clsp.train.config import TrainJob
 from clsp.train.data import ContrastiveStream, make_loader, open_shards, plan_epoch
+from clsp.train.recipes import ViewAugmentation
 
 NUM_ANCHORS = 40
+CPU_VIEWS = view_augmentations("simclr", {})  # views on CPU workers; views=None: raw images for the device
 SHARD_SIZE = 12
 K = 3
 
@@ -36,8 +40,8 @@ def make_train_shards(directory: Path, *, num_anchors: int = NUM_ANCHORS, shard_
     dataset = get_dataset(dataset_name)
     manifest = writer.init_manifest(directory, dataset=dataset.describe(), generation={"fabricated": True},
                                     num_anchors=num_anchors, shard_size=shard_size)
-    for index in range(writer.num_shards(manifest)) if shards is None else shards:
-        anchors = writer.shard_anchor_range(manifest, index)
+    for index in range(manifest.num_shards) if shards is None else shards:
+        anchors = manifest.anchor_range(index)
         images = dataset.array(list(anchors))
         writer.write_shard(directory, index, (
             schema.ShardSample(anchor_index=a, positives=fabricated_positives(img, a), label=int(dataset.labels()[a]),
@@ -63,7 +67,7 @@ def collect(stream: ContrastiveStream) -> list[dict]:
 def test_cpu_views_shapes_normalisation_and_per_sample_randomness(digits):
     images = torch.from_numpy(np.repeat(digits.array([5])[None], 64, 0)[:, 0].transpose(0, 3, 1, 2).copy())
     torch.manual_seed(0)
-    views = augment_images(cpu_transform(16, digits.mean, digits.std), images)
+    views = augment_images(cpu_transform(16, digits.mean, digits.std, ViewAugmentation()), images)
     assert views.shape == (64, 3, 16, 16) and views.dtype == torch.float32
     # same image, independent draws: views differ from one another
     assert len({v.numpy().tobytes() for v in views}) > 32
@@ -75,7 +79,7 @@ def test_cpu_views_shapes_normalisation_and_per_sample_randomness(digits):
 def test_device_views_draw_parameters_per_sample(digits):
     images = torch.from_numpy(np.repeat(digits.array([5]), 64, 0).transpose(0, 3, 1, 2).copy())
     torch.manual_seed(0)
-    views = DeviceAugment(16, digits.mean, digits.std)(images)
+    views = DeviceAugment(16, digits.mean, digits.std, ViewAugmentation())(images)
     assert views.shape == (64, 3, 16, 16) and views.dtype == torch.float32
     assert len({v.numpy().tobytes() for v in views}) > 32
     # one sample's parameters do not leak to another: flips, crops and greyscale differ across the batch
@@ -95,9 +99,10 @@ def test_no_flip_and_full_crops_keep_the_image_whole_and_the_right_way_round(dig
 
     def views(crop_min_scale: float, flip: bool) -> torch.Tensor:
         torch.manual_seed(0)
+        view = ViewAugmentation(crop_min_scale=crop_min_scale, flip=flip)
         if augment == "cpu":
-            return augment_images(cpu_transform(16, digits.mean, digits.std, crop_min_scale, flip), images)
-        return DeviceAugment(16, digits.mean, digits.std, crop_min_scale=crop_min_scale, flip=flip)(images)
+            return augment_images(cpu_transform(16, digits.mean, digits.std, view), images)
+        return DeviceAugment(16, digits.mean, digits.std, view)(images)
 
     def left_brighter(v: torch.Tensor) -> torch.Tensor:
         return v[..., :8].mean(dim=(1, 2, 3)) > v[..., 8:].mean(dim=(1, 2, 3))
@@ -112,10 +117,11 @@ def test_no_flip_and_full_crops_keep_the_image_whole_and_the_right_way_round(dig
     assert not edge_in_the_middle(views(0.08, flip=False)).all()  # METHOD.md's small crops move or lose the edge
 
 
-def test_crop_min_scale_outside_0_1_is_refused(digits):
+def test_crop_min_scale_outside_0_1_is_refused(tmp_path):
     for bad in (0.0, -0.1, 1.5):
-        with pytest.raises(UserError, match="crop-min-scale"):
-            cpu_transform(16, digits.mean, digits.std, crop_min_scale=bad)
+        with pytest.raises(UserError, match="--crop-min-scale"):
+            parse(TrainJob, {"shards": str(tmp_path), "out": str(tmp_path / "out"), "crop_min_scale": bad})
+    assert parse(TrainJob, {"shards": str(tmp_path), "out": str(tmp_path / "out"), "crop_min_scale": 1.0})
 
 
 @pytest.mark.parametrize("world_size,batch_size", [(1, 8), (2, 4), (2, 5)])
@@ -123,7 +129,7 @@ def test_an_epoch_covers_each_anchor_once_across_ranks(shard_dir, world_size, ba
     shards = open_shards(shard_dir)
     per_rank = [np.concatenate([plan.anchors(s) for s in range(len(plan.batches))])
                 for plan in (plan_epoch(shards, seed=3, epoch=1, batch_size=batch_size, rank=r,
-                                        world_size=world_size, mix_anchors=16) for r in range(world_size))]
+                                        world_size=world_size, num_workers=2) for r in range(world_size))]
     assert len({len(seen) for seen in per_rank}) == 1  # every rank runs the same number of steps
     seen = np.concatenate(per_rank)
     assert len(set(seen.tolist())) == len(seen)  # no anchor twice
@@ -135,7 +141,7 @@ def test_an_epoch_covers_each_anchor_once_across_ranks(shard_dir, world_size, ba
 
 def test_order_changes_with_epoch_and_dropped_tail_differs(shard_dir):
     shards = open_shards(shard_dir)
-    plans = [plan_epoch(shards, seed=0, epoch=e, batch_size=6, mix_anchors=12) for e in range(3)]
+    plans = [plan_epoch(shards, seed=0, epoch=e, batch_size=6) for e in range(3)]
     seen = [set(np.concatenate(p.chunks).tolist()) for p in plans]
     dropped = [frozenset(range(NUM_ANCHORS)) - s for s in seen]
     assert all(len(d) == NUM_ANCHORS % 6 for d in dropped)
@@ -145,7 +151,7 @@ def test_order_changes_with_epoch_and_dropped_tail_differs(shard_dir):
 
 def test_workers_split_without_duplicates_and_views_match_in_process(shard_dir, digits):
     shards = open_shards(shard_dir)
-    kw = dict(batch_size=4, seed=1, augment="cpu", mix_anchors=8)
+    kw = dict(batch_size=4, seed=1, views=CPU_VIEWS)
     with_workers = ContrastiveStream(shards, digits, num_workers=2, **kw)
     batches = collect(with_workers)
     indices = torch.cat([b["index"] for b in batches]).tolist()
@@ -163,7 +169,7 @@ def test_workers_split_without_duplicates_and_views_match_in_process(shard_dir, 
 
 def test_positive_is_one_of_the_candidates_drawn_anew_each_epoch(shard_dir, digits):
     shards = open_shards(shard_dir)
-    stream = ContrastiveStream(shards, digits, batch_size=8, augment="device", mix_anchors=8)
+    stream = ContrastiveStream(shards, digits, batch_size=8, views=None)
     drawn = []
     for epoch in range(4):
         stream.set_epoch(epoch)
@@ -184,7 +190,7 @@ def test_positive_is_one_of_the_candidates_drawn_anew_each_epoch(shard_dir, digi
 
 def test_resume_skips_done_steps_exactly(shard_dir, digits):
     shards = open_shards(shard_dir)
-    stream = ContrastiveStream(shards, digits, batch_size=4, augment="cpu", num_workers=2, mix_anchors=8, seed=5)
+    stream = ContrastiveStream(shards, digits, batch_size=4, views=CPU_VIEWS, num_workers=2, seed=5)
     stream.set_epoch(2)
     full = collect(stream)
     stream.set_epoch(2, start_step=3)
@@ -194,7 +200,7 @@ def test_resume_skips_done_steps_exactly(shard_dir, digits):
 
 
 def test_baseline_reads_no_positives(shard_dir, digits):
-    stream = ContrastiveStream(open_shards(shard_dir), digits, batch_size=8, augment="cpu", positives=False)
+    stream = ContrastiveStream(open_shards(shard_dir), digits, batch_size=8, views=CPU_VIEWS, positives=False)
     batch = next(iter(make_loader(stream)))
     assert "x3" not in batch and batch["x1"].shape == (8, 3, 16, 16)
 
@@ -204,14 +210,14 @@ def test_incomplete_shard_set_is_refused_unless_partial(tmp_path, digits):
     with pytest.raises(UserError, match="--allow-partial"):
         open_shards(directory)
     shards = open_shards(directory, allow_partial=True)
-    stream = ContrastiveStream(shards, digits, batch_size=4, augment="device")
+    stream = ContrastiveStream(shards, digits, batch_size=4, views=None)
     seen = sorted(torch.cat([b["index"] for b in collect(stream)]).tolist())
     assert seen == list(range(0, 12)) + list(range(24, 36))
 
 
 def test_shard_anchor_is_used_when_the_shard_holds_it(tmp_path, digits):
     directory = make_train_shards(tmp_path / "with-anchor", num_anchors=8, shard_size=8, with_anchor=True)
-    stream = ContrastiveStream(open_shards(directory), digits, batch_size=8, augment="device")
+    stream = ContrastiveStream(open_shards(directory), digits, batch_size=8, views=None)
     batch = next(iter(make_loader(stream)))
     assert torch.equal(batch["anchor"], torch.from_numpy(digits.array(batch["index"].numpy()).transpose(0, 3, 1, 2).copy()))
 

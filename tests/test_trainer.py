@@ -54,17 +54,22 @@ def test_warmup_then_cosine_schedule():
 
 def test_baseline_run_exports_a_loadable_encoder_and_logs(shard_dir, tmp_path):
     out = tmp_path / "run"
-    result = CliRunner().invoke(train, ["--shards", str(shard_dir), "--out", str(out), "--clsp-weight", "0",
+    result = CliRunner().invoke(train, ["--shards", str(shard_dir), "--out", str(out), "--clsp-lambda", "0",
                                         "--epochs", "2", "--augment", "device", *tiny("simclr")])
     assert result.exit_code == 0, result.output
     assert "trained simclr resnet-narrow on digits/train: 2 epochs, 12 steps" in result.output
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["world_size"] == 1 and summary["final"]["loss_clsp"] == 0.0  # baseline: no CLSP term
     assert 0.0 <= summary["final"]["probe_acc"] <= 1.0
-    encoder, arch = load_encoder(out)
-    assert arch["method"] == "simclr" and arch["clsp_weight"] == 0.0 and arch["small_stem"] is True
-    assert arch["dataset"]["fingerprint"] == get_dataset("digits").fingerprint and arch["image_size"] == 16
-    assert arch["crop_min_scale"] == 0.08 and arch["flip"] is True  # METHOD.md's augmentation, recorded
+    assert summary["clsp_lambda"] == 0.0 and summary["batch_size"] == 8  # the global batch
+    assert summary["settings"]["crop_min_scale"] == 0.08 and summary["settings"]["flip"] is True
+    encoder, card = load_encoder(out)
+    assert card.method == "simclr" and card.clsp_lambda == 0.0 and card.small_stem is True
+    assert card.backbone == "resnet-narrow"
+    assert card.dataset["fingerprint"] == get_dataset("digits").fingerprint and card.image_size == 16
+    assert card.settings["crop_min_scale"] == 0.08 and card.settings["flip"] is True  # METHOD.md's augmentation, recorded
+    card_json = json.loads((out / "encoder.json").read_text())
+    assert card_json["clsp_lambda"] == 0.0 and "clsp_weight" not in card_json
     assert encoder(torch.zeros(2, 3, 16, 16)).shape == (2, encoder.feature_dim)
     exported = load_file(str(out / "encoder.safetensors"))
     checkpoint = load_torch(out / "checkpoint.pt")
@@ -73,25 +78,25 @@ def test_baseline_run_exports_a_loadable_encoder_and_logs(shard_dir, tmp_path):
     assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     # a rerun finds the finished checkpoint and trains nothing more
-    again = CliRunner().invoke(train, ["--shards", str(shard_dir), "--out", str(out), "--clsp-weight", "0",
+    again = CliRunner().invoke(train, ["--shards", str(shard_dir), "--out", str(out), "--clsp-lambda", "0",
                                        "--epochs", "2", "--augment", "device", *tiny("simclr")])
     assert again.exit_code == 0 and torch.equal(load_file(str(out / "encoder.safetensors"))["conv1.weight"],
                                                 exported["conv1.weight"])
     # ... but not with another augmentation
-    other = CliRunner().invoke(train, ["--shards", str(shard_dir), "--out", str(out), "--clsp-weight", "0",
+    other = CliRunner().invoke(train, ["--shards", str(shard_dir), "--out", str(out), "--clsp-lambda", "0",
                                        "--epochs", "2", "--augment", "device", "--no-flip", *tiny("simclr")])
-    assert other.exit_code != 0 and "flip: True -> False" in other.output, other.output
+    assert other.exit_code != 0 and "flip: True there, False now" in other.output, other.output
 
 
 KILL_MID_EPOCH = """
 import os, signal
 import clsp.train.trainer as trainer
-save = trainer.save_torch_atomic
-def save_then_die(path, state):
-    save(path, state)
+save = trainer.save_checkpoint
+def save_then_die(path, state, settings):
+    save(path, state, settings)
     if state["epoch"] == 1 and state["step_in_epoch"] > 0:
         os.kill(os.getpid(), signal.SIGKILL)
-trainer.save_torch_atomic = save_then_die
+trainer.save_checkpoint = save_then_die
 """
 
 
@@ -123,7 +128,7 @@ def test_two_processes_train_in_sync(shard_dir, tmp_path, cli_env):
     run = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] == NUM_ANCHORS // 16
+    assert summary["world_size"] == 2 and summary["batch_size"] == 8 and summary["steps"] == NUM_ANCHORS // 8  # global batch 8 = 2 x 4
     assert len(summary["rank_checksums"]) == 2 and summary["ranks_in_sync"] is True
     assert "nn_acc" in summary["final"]
     load_encoder(out)
@@ -162,5 +167,5 @@ def test_bad_inputs_give_one_error_line(case, shard_dir, tmp_path):
     assert "Traceback" not in result.output and not isinstance(result.exception, (RuntimeError, ValueError, KeyError))
     expected = {"other-dataset": "fingerprint", "empty": "no manifest", "unverified": "passes verification",
                 "unknown-method": "byol", "batch-too-large": "larger than the 48 anchors",
-                "crop-min-scale": "--crop-min-scale must be in (0, 1], got 0.0"}[case]
+                "crop-min-scale": "--crop-min-scale: input should be greater than 0"}[case]
     assert expected in errors[0]

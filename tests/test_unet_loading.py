@@ -13,7 +13,8 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from clsp.errors import UserError
 from clsp.generate.ddpm_presets import PRESETS, build_unet
-from clsp.generate.unet import SHIPPED_MODELS, check_compatible, default_unet_for, load_unet, sample_images
+from clsp.errors import UserError
+from clsp.generate.unet import check_compatible, load_unet, resolve_unet, sample_images
 from conftest import make_scheduler, make_tiny_unet
 
 CLSP = str(Path(sys.executable).parent / "clsp")  # the installed console script
@@ -29,7 +30,7 @@ def test_loads_a_save_pretrained_folder(tiny_model_dir: Path) -> None:
     assert not unet.training
     assert _same_weights(unet, make_tiny_unet())
     assert scheduler.config.beta_schedule == "linear" and scheduler.config.beta_end == pytest.approx(0.02)
-    check_compatible(unet, 16)
+    check_compatible(unet.config, 16)
 
 
 def test_loads_a_ddpm_pipeline_folder(tmp_path: Path) -> None:
@@ -58,12 +59,12 @@ def test_folder_without_model_is_refused(tmp_path: Path) -> None:
 
 def test_mismatched_image_size_names_the_fitting_one(tiny_unet: UNet2DModel) -> None:
     with pytest.raises(UserError, match="--image-size 16"):
-        check_compatible(tiny_unet, 32)
+        check_compatible(tiny_unet.config, 32)
 
 
 def test_mismatched_channels_are_refused(tiny_unet: UNet2DModel) -> None:
     with pytest.raises(UserError, match="channels"):
-        check_compatible(tiny_unet, 16, channels=1)
+        check_compatible(tiny_unet.config, 16, channels=1)
 
 
 def test_offline_uncached_hub_id_is_one_clear_line(tmp_path: Path, cli_env: dict) -> None:
@@ -77,9 +78,11 @@ def test_offline_uncached_hub_id_is_one_clear_line(tmp_path: Path, cli_env: dict
 
 
 def test_defaults_per_dataset() -> None:
-    assert default_unet_for("cifar10") == "google/ddpm-cifar10-32"
-    assert default_unet_for("digits") == str(SHIPPED_MODELS["digits"])
-    assert default_unet_for("stl10") is None
+    assert resolve_unet(None, "cifar10") == "google/ddpm-cifar10-32"
+    assert Path(resolve_unet(None, "digits")).name == "digits-ddpm"
+    assert resolve_unet("my/model", "digits") == "my/model"
+    with pytest.raises(UserError, match="clsp ddpm train --dataset stl10"):
+        resolve_unet(None, "stl10")
 
 
 def test_ddpm_cifar_preset_is_the_35_7m_model() -> None:
@@ -88,11 +91,11 @@ def test_ddpm_cifar_preset_is_the_35_7m_model() -> None:
 
 
 def test_shipped_digits_model_loads_offline_and_draws_images() -> None:
-    path = Path(default_unet_for("digits"))
+    path = Path(resolve_unet(None, "digits"))
     weights = path / "diffusion_pytorch_model.safetensors"
     assert weights.is_file() and weights.stat().st_size < 8 * 2**20
     unet, scheduler = load_unet(str(path))
-    check_compatible(unet, 16)
+    check_compatible(unet.config, 16)
     images = sample_images(unet, scheduler, 4, steps=5)
     assert images.shape == (4, 16, 16, 3) and images.std() > 10  # not a blank or constant image
 

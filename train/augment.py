@@ -1,10 +1,9 @@
 """The contrastive augmentation of METHOD.md, on CPU workers or batched on the training device.
 
-Every view (two of the real anchor, one of a synthetic positive) gets RandomResizedCrop(size,
-scale 0.08-1), ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, RandomGrayscale p 0.2, a horizontal flip
-and normalisation with the dataset's mean and std. The crop's lower scale and the flip are
-settable: they suit natural images, but an 8%-area crop of a small handwritten digit no longer
-shows the digit and a flip can change which digit it is. Two implementations of the same list:
+Each view gets RandomResizedCrop, ColorJitter with probability p, RandomGrayscale, an optional horizontal
+flip, an optional solarization and normalisation with the dataset's mean and std; the parameters of each
+list are a ``ViewAugmentation`` of the method's recipe (``clsp.train.recipes``). Two implementations of
+the same list:
 
 - ``cpu``: torchvision.transforms.v2, one image at a time, run in DataLoader workers.
 - ``device``: kornia.augmentation on whole uint8 batches already on the training device. Each
@@ -14,38 +13,37 @@ shows the digit and a flip can change which digit it is. Two implementations of 
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from clsp.errors import UserError
+from clsp.train.recipes import RECIPES, ViewAugmentation
 
 AUGMENTS = ("cpu", "device")
-CROP_MIN_SCALE = 0.08
-FLIP = True
-JITTER = (0.4, 0.4, 0.4, 0.1)
-JITTER_P = 0.8
-GRAYSCALE_P = 0.2
 
 
-def crop_scale(crop_min_scale: float) -> tuple[float, float]:
-    """RandomResizedCrop's area range ``(crop_min_scale, 1)``; UserError unless the bound is in (0, 1]."""
-    if not 0.0 < crop_min_scale <= 1.0:
-        raise UserError(f"--crop-min-scale must be in (0, 1], got {crop_min_scale}")
-    return (float(crop_min_scale), 1.0)
+def view_augmentations(method: str | None, settings: Mapping[str, Any]) -> tuple[ViewAugmentation, ViewAugmentation]:
+    """The two real views' lists of a run: its method's recipe with the run's crop scale and flip
+    (``settings`` as a resolved training configuration or an encoder card records them)."""
+    recipe = RECIPES.get(method or "")
+    first = recipe.augmentation if recipe else ViewAugmentation()
+    second = recipe.second_view if recipe and recipe.second_view else first
+    chosen = {key: settings[key] for key in ("crop_min_scale", "flip") if settings.get(key) is not None}
+    return dataclasses.replace(first, **chosen), dataclasses.replace(second, **chosen)
 
 
-def cpu_transform(size: int, mean: Sequence[float], std: Sequence[float], crop_min_scale: float = CROP_MIN_SCALE,
-                  flip: bool = FLIP) -> nn.Module:
+def cpu_transform(size: int, mean: Sequence[float], std: Sequence[float], view: ViewAugmentation) -> nn.Module:
     """Per-image transform: uint8 ``[3, H, W]`` tensor -> normalised float32 ``[3, size, size]``."""
     from torchvision.transforms import v2
 
     return v2.Compose([
-        v2.RandomResizedCrop(size, scale=crop_scale(crop_min_scale), antialias=True),
-        v2.RandomApply([v2.ColorJitter(*JITTER)], p=JITTER_P),
-        v2.RandomGrayscale(p=GRAYSCALE_P),
-        *([v2.RandomHorizontalFlip()] if flip else []),
+        v2.RandomResizedCrop(size, scale=(view.crop_min_scale, 1.0), antialias=True),
+        v2.RandomApply([v2.ColorJitter(view.brightness, view.contrast, view.saturation, view.hue)], p=view.jitter_p),
+        v2.RandomGrayscale(p=view.grayscale_p),
+        *([v2.RandomHorizontalFlip()] if view.flip else []),
+        *([v2.RandomSolarize(threshold=128, p=view.solarize_p)] if view.solarize_p > 0 else []),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(list(mean), list(std)),
     ])
@@ -64,17 +62,18 @@ class DeviceAugment(nn.Module):
     same views.
     """
 
-    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float],
-                 crop_min_scale: float = CROP_MIN_SCALE, flip: bool = FLIP) -> None:
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], view: ViewAugmentation) -> None:
         super().__init__()
         import kornia.augmentation as K
 
         self.pipeline = nn.Sequential(
             # "resample" crops the whole batch with one batched warp; "slice" loops over samples.
-            K.RandomResizedCrop((size, size), scale=crop_scale(crop_min_scale), cropping_mode="resample"),
-            K.ColorJitter(*JITTER, p=JITTER_P),
-            K.RandomGrayscale(p=GRAYSCALE_P),
-            *([K.RandomHorizontalFlip()] if flip else []),
+            K.RandomResizedCrop((size, size), scale=(view.crop_min_scale, 1.0), cropping_mode="resample"),
+            K.ColorJitter(view.brightness, view.contrast, view.saturation, view.hue, p=view.jitter_p),
+            K.RandomGrayscale(p=view.grayscale_p),
+            *([K.RandomHorizontalFlip()] if view.flip else []),
+            # threshold exactly 0.5 of the [0, 1] range, as torchvision's 128 of 255
+            *([K.RandomSolarize(thresholds=0.0, additions=0.0, p=view.solarize_p)] if view.solarize_p > 0 else []),
             K.Normalize(torch.tensor(mean), torch.tensor(std)),
         )
 

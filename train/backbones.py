@@ -8,15 +8,59 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Literal, get_args
 
 import torchvision
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clsp.errors import UserError
 from clsp.io import atomic_path, write_json_atomic
+from clsp.train.config import Backbone
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet-narrow")
+BACKBONES: tuple[str, ...] = get_args(Backbone)
+CARD_VERSION = 2
+
+
+class EncoderCard(BaseModel):
+    """``encoder.json``: what a frozen encoder is and how its inputs are prepared (schema version 2).
+
+    Version 1 cards (no ``schema_version``, lambda stored as ``clsp_weight``) still load.
+    """
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    schema_version: Literal[2] = CARD_VERSION
+    backbone: Backbone
+    small_stem: bool = True
+    feature_dim: int = Field(ge=1, le=1 << 16)
+    method: str | None = Field(None, max_length=64)
+    clsp_lambda: float | None = Field(None, ge=0)
+    dataset: dict[str, Any] = Field(default_factory=dict)
+    image_size: int | None = Field(None, ge=1, le=4096)
+    mean: list[float] | None = Field(None, min_length=3, max_length=3)
+    std: list[float] | None = Field(None, min_length=3, max_length=3)
+    probe_lr: float | None = Field(None, gt=0)  # the recipe's linear-probe learning rate
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: Path) -> EncoderCard:
+        """Parse a card, converting version 1; one line naming the file when it is not a card."""
+        try:
+            raw = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+            raise UserError(f"{path} is not valid JSON ({type(error).__name__}); re-export the encoder with "
+                            "clsp-train") from None
+        if isinstance(raw, dict) and "schema_version" not in raw:  # version 1
+            raw = {**raw, "schema_version": CARD_VERSION, "clsp_lambda": raw.get("clsp_weight")}
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(map(str, first["loc"])) or "the card"
+            raise UserError(f"{path} is not an encoder card ({where}: {first['msg'].lower()}); re-export the "
+                            "encoder with clsp-train") from None
 
 
 def build_backbone(name: str = "resnet18", small_stem: bool = True) -> nn.Module:
@@ -56,31 +100,35 @@ def _narrow(net: nn.Module, base: int) -> None:
     net.fc = nn.Linear(base * 8, 1000)
 
 
-def export_encoder(backbone: nn.Module, directory: str | Path, arch: dict) -> Path:
-    """Write ``encoder.safetensors`` and ``encoder.json`` (``arch`` holds at least ``backbone`` and
-    ``small_stem``; training adds the dataset identity, image size and normalisation)."""
+def export_encoder(backbone: nn.Module, directory: str | Path, card: EncoderCard) -> Path:
+    """Write ``encoder.safetensors`` and its card ``encoder.json`` (the card last: it marks a complete export)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     with atomic_path(directory / "encoder.safetensors") as tmp:
         save_file(state, str(tmp))
-    write_json_atomic(directory / "encoder.json", {**arch, "feature_dim": backbone.feature_dim})
+    write_json_atomic(directory / "encoder.json", card.model_dump())
     return directory
 
 
-def load_encoder(path: str | Path) -> tuple[nn.Module, dict]:
-    """Load an exported encoder (a directory or its ``encoder.json``) in eval mode, with its arch."""
+def load_encoder(path: str | Path) -> tuple[nn.Module, EncoderCard]:
+    """Load an exported encoder (a directory or its ``encoder.json``) in eval mode, with its card."""
     path = Path(path)
     directory = path if path.is_dir() else path.parent
     arch_file, weights = directory / "encoder.json", directory / "encoder.safetensors"
     if not arch_file.is_file() or not weights.is_file():
         raise UserError(f"{directory} is not an exported encoder (needs encoder.json and encoder.safetensors); "
                         "pass the directory that clsp-train wrote")
-    arch = json.loads(arch_file.read_text())
-    net = build_backbone(arch["backbone"], arch.get("small_stem", True))
+    card = EncoderCard.read(arch_file)
+    net = build_backbone(card.backbone, card.small_stem)
     try:
-        net.load_state_dict(load_file(str(weights)))
+        state = load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise UserError(f"{weights} cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                        "re-export the encoder with clsp-train") from None
+    try:
+        net.load_state_dict(state)
     except RuntimeError as err:
-        raise UserError(f"{weights} does not match the {arch['backbone']} architecture in {arch_file}: "
+        raise UserError(f"{weights} does not match the {card.backbone} architecture in {arch_file}: "
                         f"{str(err).splitlines()[0]}") from None
-    return net.eval(), arch
+    return net.eval(), card

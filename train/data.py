@@ -3,17 +3,16 @@
 The order of an epoch is a pure function of ``(seed, epoch)`` and the shard set, so every rank
 computes it alone, DataLoader workers split it without duplicates, and a resumed run replays it:
 
-1. The usable shards are shuffled with ``(seed, epoch)``; their anchors, concatenated in that order,
-   form the epoch's stream of ``N`` anchors.
+1. All anchors of the usable shards are permuted with ``(seed, epoch)``: one shuffle over the whole
+   epoch, so a batch mixes anchors from everywhere (a class-sorted folder still gives mixed batches).
 2. Every rank runs ``steps = N // (world * batch)`` steps. Rank ``r`` takes the contiguous block
-   ``stream[r * steps * batch : (r + 1) * steps * batch]``, so ranks read disjoint parts and mostly
-   disjoint shards. The tail of fewer than ``world * batch`` anchors is dropped, like
-   ``DistributedSampler(drop_last=True)``; it is the end of a shuffled order, so a different tail
-   each epoch. When ``N`` is divisible by ``world * batch`` every anchor is seen exactly once.
-3. A rank's block is cut into chunks of about ``mix_anchors`` anchors (whole batches). A chunk is
-   read from the few shards it spans and permuted, so a batch mixes anchors of several shards.
-4. Chunks go round-robin to the DataLoader workers; the DataLoader hands batches back round-robin,
-   which fixes the delivered order for a given number of workers.
+   ``stream[r * steps * batch : (r + 1) * steps * batch]`` of that order. The tail of fewer than
+   ``world * batch`` anchors is dropped, like ``DistributedSampler(drop_last=True)``; it is the end of
+   a shuffled order, so a different tail each epoch.
+3. A rank's block is cut into one chunk of whole batches per DataLoader worker; a worker reads the
+   shards its chunk spans once per epoch, keeping only the positives its anchors drew.
+4. The DataLoader hands batches back round-robin over the workers, which fixes the delivered order
+   for a given number of workers.
 
 Each anchor's positive is one of its k candidates drawn uniformly with ``(seed, epoch)``, and the
 augmentation of step ``s`` is seeded with ``(seed, epoch, rank, s)``: batch contents never depend
@@ -33,26 +32,33 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clsp.datasets import ImageDataset
 from clsp.errors import UserError
-from clsp.shards import reader, writer
-from clsp.train.augment import CROP_MIN_SCALE, FLIP, augment_images, cpu_transform
-
-DEFAULT_MIX_ANCHORS = 4096
+from clsp.shards import reader
+from clsp.train.augment import augment_images, cpu_transform
+from clsp.train.recipes import ViewAugmentation
 
 
 @dataclass(frozen=True)
 class ShardSet:
     """The verified shards of a directory and the anchors each holds."""
 
-    directory: Path
-    manifest: dict
+    store: reader.ShardDirectory
     shards: tuple[int, ...]
 
     @property
+    def directory(self) -> Path:
+        return self.store.path
+
+    @property
+    def manifest(self) -> dict:
+        """The validated manifest as JSON data, as run summaries record it."""
+        return self.store.manifest.model_dump(mode="json")
+
+    @property
     def shard_size(self) -> int:
-        return int(self.manifest["shard_size"])
+        return self.store.manifest.shard_size
 
     def anchors(self, shard: int) -> range:
-        return writer.shard_anchor_range(self.manifest, shard)
+        return self.store.anchor_range(shard)
 
     @property
     def num_anchors(self) -> int:
@@ -61,17 +67,16 @@ class ShardSet:
 
 def open_shards(directory: str | Path, *, allow_partial: bool = False) -> ShardSet:
     """The shards that pass verification; refuses a directory with none, or with gaps unless allowed."""
-    directory = Path(directory)
-    manifest = reader.read_manifest(directory)
-    expected = writer.num_shards(manifest)
-    done = writer.completed_shards(directory)
+    store = reader.ShardDirectory.open(directory)
+    expected = store.num_shards
+    done = store.verified_shards()
     if not done:
         raise UserError(f"{directory} has no finished shard that passes verification; generate the positives "
                         f"with clsp-gen (`clsp shards verify {directory}` shows what is wrong)")
     missing = sorted(set(range(expected)) - done)
-    shards = ShardSet(directory, manifest, tuple(sorted(done)))
+    shards = ShardSet(store, tuple(sorted(done)))
     if missing and not allow_partial:
-        uncovered = int(manifest["num_anchors"]) - shards.num_anchors
+        uncovered = store.manifest.num_anchors - shards.num_anchors
         raise UserError(f"{len(missing)} of {expected} shards in {directory} are missing or fail verification "
                         f"(first: shard {missing[0]}), so {uncovered} anchors have no positives; finish them "
                         f"with clsp-gen, or pass --allow-partial to train on the {shards.num_anchors} covered anchors")
@@ -102,18 +107,16 @@ class EpochPlan:
 
 
 def plan_epoch(shards: ShardSet, *, seed: int, epoch: int, batch_size: int, rank: int = 0, world_size: int = 1,
-               num_workers: int = 0, mix_anchors: int = DEFAULT_MIX_ANCHORS) -> EpochPlan:
+               num_workers: int = 0) -> EpochPlan:
     """This rank's anchors for one epoch (see the module docstring for the scheme)."""
-    rng = np.random.default_rng([seed, epoch])
-    stream = np.concatenate([np.arange(r.start, r.stop) for r in map(shards.anchors, rng.permutation(shards.shards))])
+    anchors = np.concatenate([np.arange(r.start, r.stop) for r in map(shards.anchors, shards.shards)])
+    stream = anchors[np.random.default_rng([seed, epoch]).permutation(len(anchors))]
     steps = steps_per_epoch(len(stream), batch_size, world_size)
     block = stream[rank * steps * batch_size:(rank + 1) * steps * batch_size]
-    chunk_batches = max(1, mix_anchors // batch_size)
-    chunks = []
-    for c in range(math.ceil(steps / chunk_batches)):
-        chunk = block[c * chunk_batches * batch_size:(c + 1) * chunk_batches * batch_size]
-        chunks.append(chunk[np.random.default_rng([seed, epoch, rank, c]).permutation(len(chunk))])
     workers = max(1, num_workers)
+    chunk_batches = max(1, math.ceil(steps / workers))
+    chunks = [block[c * chunk_batches * batch_size:(c + 1) * chunk_batches * batch_size]
+              for c in range(math.ceil(steps / chunk_batches))]
     per_worker = [[(c, off) for c in range(w, len(chunks), workers) for off in range(0, len(chunks[c]), batch_size)]
                   for w in range(workers)]
     delivered = [item for rnd in range(max(map(len, per_worker))) for items in per_worker
@@ -125,16 +128,15 @@ class ContrastiveStream(IterableDataset):
     """Whole training batches for one rank, streamed from the shards (use with ``make_loader``).
 
     Each batch is a dict: ``index`` and ``label`` (int64 ``[B]``), and either the augmented views
-    ``x1``, ``x2``, ``x3`` (``augment="cpu"``: normalised float32 ``[B, 3, S, S]``) or the raw
-    ``anchor`` and ``positive`` images (``augment="device"``: uint8 ``[B, 3, H, W]``, augmented
-    later by ``DeviceAugment``). Without ``positives`` (the CLSP weight is 0) the shards only fix
+    ``x1``, ``x2``, ``x3`` (``views`` given: the two real views' lists, augmented here on the CPU into
+    normalised float32 ``[B, 3, S, S]``) or the raw ``anchor`` and ``positive`` images (``views`` None:
+    uint8 ``[B, 3, H, W]``, augmented later on the device by ``DeviceAugment``). Without ``positives`` (the CLSP weight is 0) the shards only fix
     the anchor set and no positive is read. Call ``set_epoch`` before each epoch.
     """
 
     def __init__(self, shards: ShardSet, dataset: ImageDataset, *, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0, augment: str = "cpu", positives: bool = True,
-                 image_size: int | None = None, mix_anchors: int = DEFAULT_MIX_ANCHORS,
-                 crop_min_scale: float = CROP_MIN_SCALE, flip: bool = FLIP) -> None:
+                 world_size: int = 1, num_workers: int = 0, positives: bool = True,
+                 views: tuple[ViewAugmentation, ViewAugmentation] | None = None) -> None:
         super().__init__()
         need = batch_size * world_size
         if shards.num_anchors < need:
@@ -142,11 +144,11 @@ class ContrastiveStream(IterableDataset):
                             f"{shards.num_anchors} anchors in {shards.directory}; pass a smaller --batch-size")
         self.shards, self.dataset = shards, dataset
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.num_workers, self.augment, self.positives, self.mix_anchors = num_workers, augment, positives, mix_anchors
+        self.num_workers, self.positives = num_workers, positives
         self.labels = dataset.labels()
-        size = image_size or dataset.image_size
-        self.transform = (cpu_transform(size, dataset.mean, dataset.std, crop_min_scale=crop_min_scale, flip=flip)
-                          if augment == "cpu" else None)
+        size = dataset.image_size
+        self.transforms = None if views is None else \
+            tuple(cpu_transform(size, dataset.mean, dataset.std, view) for view in views)
         self.epoch, self.start_step = 0, 0
 
     @property
@@ -162,7 +164,7 @@ class ContrastiveStream(IterableDataset):
 
     def plan(self) -> EpochPlan:
         return plan_epoch(self.shards, seed=self.seed, epoch=self.epoch, batch_size=self.batch_size, rank=self.rank,
-                          world_size=self.world_size, num_workers=self.num_workers, mix_anchors=self.mix_anchors)
+                          world_size=self.world_size, num_workers=self.num_workers)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
@@ -185,18 +187,13 @@ class ContrastiveStream(IterableDataset):
         if not self.positives:
             return {}
         wanted = set(anchors.tolist())
-        draws = np.random.default_rng([self.seed, self.epoch, 1]).random(int(self.shards.manifest["num_anchors"]))
+        draws = np.random.default_rng([self.seed, self.epoch, 1]).random(self.shards.store.manifest.num_anchors)
         found = {}
         shard_ids = sorted({int(a) // self.shards.shard_size for a in wanted})
-        for sample in reader.iter_samples(self.shards.directory, shard_ids):
-            a = sample["anchor_index"]
+        for sample in self.shards.store.samples(shard_ids):  # each shard verified before it is read
+            a = sample.anchor_index
             if a in wanted:
-                candidates = sample["positives"]
-                found[a] = (sample["anchor"], candidates[int(draws[a] * len(candidates))])
-        if len(found) != len(wanted):
-            lost = sorted(wanted - set(found))
-            raise UserError(f"shards {shard_ids} in {self.shards.directory} lack anchors {lost[:5]} that their "
-                            f"manifest promises; run `clsp shards verify {self.shards.directory}`")
+                found[a] = (sample.anchor, sample.positives[int(draws[a] * len(sample.positives))])
         return found
 
     def _batch(self, anchors: np.ndarray, chunk: dict, step: int) -> dict[str, torch.Tensor]:
@@ -204,17 +201,18 @@ class ContrastiveStream(IterableDataset):
         batch = {"index": torch.from_numpy(anchors.astype(np.int64)),
                  "label": torch.from_numpy(self.labels[anchors])}
         positive = _chw(np.stack([chunk[int(a)][1] for a in anchors])) if self.positives else None
-        if self.transform is None:
+        if self.transforms is None:
             batch["anchor"] = images
             if positive is not None:
                 batch["positive"] = positive
             return batch
+        first, second = self.transforms
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(step_seed(self.seed, self.epoch, self.rank, step))
-            batch["x1"] = augment_images(self.transform, images)
-            batch["x2"] = augment_images(self.transform, images)
-            if positive is not None:
-                batch["x3"] = augment_images(self.transform, positive)
+            batch["x1"] = augment_images(first, images)
+            batch["x2"] = augment_images(second, images)
+            if positive is not None:  # the synthetic view gets view 1's list (METHOD.md section 3)
+                batch["x3"] = augment_images(first, positive)
         return batch
 
     def _anchor_images(self, anchors: np.ndarray, chunk: dict) -> torch.Tensor:

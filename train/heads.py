@@ -7,8 +7,8 @@ from typing import Sequence
 from torch import nn
 
 
-def mlp_head(dims: Sequence[int], *, last_bn: bool = False) -> nn.Sequential:
-    """Linear layers through ``dims`` with BatchNorm + ReLU after every hidden layer.
+def mlp_head(dims: Sequence[int], *, batchnorm: bool = True, last_bn: bool = False) -> nn.Sequential:
+    """Linear layers through ``dims`` with (BatchNorm +) ReLU after every hidden layer.
 
     ``last_bn`` adds a BatchNorm1d after the output layer (NNCLR's projector has one, as solo-learn's does).
     """
@@ -18,15 +18,16 @@ def mlp_head(dims: Sequence[int], *, last_bn: bool = False) -> nn.Sequential:
     for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
         layers.append(nn.Linear(fan_in, fan_out))
         if i < len(dims) - 2:
-            layers += [nn.BatchNorm1d(fan_out), nn.ReLU(inplace=True)]
+            layers += [nn.BatchNorm1d(fan_out)] if batchnorm else []
+            layers.append(nn.ReLU(inplace=True))
     if last_bn:
         layers.append(nn.BatchNorm1d(dims[-1]))
     return nn.Sequential(*layers)
 
 
-def simclr_projector(in_dim: int, hidden_dim: int = 2048, out_dim: int = 256) -> nn.Sequential:
-    """SimCLR's two-layer projector (also MoCo v2+'s): Linear-BN-ReLU-Linear."""
-    return mlp_head([in_dim, hidden_dim, out_dim])
+def simclr_projector(in_dim: int, hidden_dim: int = 4096, out_dim: int = 256) -> nn.Sequential:
+    """The authors' two-layer projector for SimCLR and MoCo: Linear-ReLU-Linear, no BatchNorm."""
+    return mlp_head([in_dim, hidden_dim, out_dim], batchnorm=False)
 
 
 def nnclr_projector(in_dim: int, hidden_dim: int = 2048, out_dim: int = 256) -> nn.Sequential:

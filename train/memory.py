@@ -18,39 +18,30 @@ from clsp.train.neighbours import BankIndex, nearest_neighbours
 class FIFOQueue(nn.Module):
     """A fixed-size first-in-first-out queue of ``dim``-sized embeddings with an integer label each.
 
-    ``random_init`` starts the queue full of random unit vectors (MoCo's choice, so that the first steps
-    already have negatives); otherwise it starts empty and only its filled part is ever handed out.
-    Labels are -1 where none was given.
+    The queue starts full of random unit vectors (MoCo's and solo-learn's NNCLR's choice), so the first
+    steps already have negatives and neighbours. Labels are -1 where none was given.
     """
 
     embeddings: Tensor
     labels: Tensor
     ptr: Tensor
-    count: Tensor
 
-    def __init__(self, size: int, dim: int, random_init: bool = False) -> None:
+    def __init__(self, size: int, dim: int) -> None:
         super().__init__()
         if size < 1 or dim < 1:
             raise ValueError(f"a queue needs a positive size and dim, got size={size}, dim={dim}")
-        start = F.normalize(torch.randn(size, dim), dim=1) if random_init else torch.zeros(size, dim)
-        self.register_buffer("embeddings", start)
+        self.register_buffer("embeddings", F.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("count", torch.tensor(size if random_init else 0, dtype=torch.long))
 
     @property
     def size(self) -> int:
         return self.embeddings.shape[0]
 
-    def __len__(self) -> int:
-        """Number of filled slots."""
-        return int(self.count)
-
-    def filled(self) -> tuple[Tensor, Tensor]:
-        """The filled part as views ``(embeddings [n, dim], labels [n])``: clone before the queue is pushed
-        to if autograd keeps them for the backward pass."""
-        n = len(self)
-        return self.embeddings[:n], self.labels[:n]
+    def contents(self) -> tuple[Tensor, Tensor]:
+        """``(embeddings [size, dim], labels [size])`` as views: clone before the queue is pushed to if
+        autograd keeps them for the backward pass."""
+        return self.embeddings, self.labels
 
     @torch.no_grad()
     def push(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -66,7 +57,6 @@ class FIFOQueue(nn.Module):
         self.embeddings.index_copy_(0, slots, x.to(self.embeddings))
         self.labels.index_copy_(0, slots, labels.to(self.labels.device))
         self.ptr.copy_((self.ptr + x.shape[0]) % self.size)
-        self.count.clamp_(max=self.size - x.shape[0]).add_(x.shape[0])
         return slots
 
 
@@ -79,7 +69,7 @@ class SupportSet(FIFOQueue):
     """
 
     def __init__(self, size: int, dim: int, index: str = "flat") -> None:
-        super().__init__(size, dim, random_init=False)
+        super().__init__(size, dim)
         self.index = index
         self._approximate = BankIndex(index) if index != "flat" else None
 
@@ -92,10 +82,8 @@ class SupportSet(FIFOQueue):
 
     @torch.no_grad()
     def nearest(self, queries: Tensor) -> tuple[Tensor, Tensor]:
-        """``(neighbours [B, dim], their labels [B])`` by inner product over the filled part only."""
-        bank, bank_labels = self.filled()
-        if bank.shape[0] == 0:
-            raise RuntimeError("the support set is empty; push embeddings before searching it")
+        """``(neighbours [B, dim], their labels [B])`` by inner product over the whole set."""
+        bank, bank_labels = self.contents()
         if self._approximate is not None:
             _, idx = self._approximate.search(queries, bank, k=1)
         else:

@@ -1,6 +1,6 @@
 """Stage 2: contrastive training with synthetic positives, resumable at any checkpointed step.
 
-One code path for CPU, one GPU and many GPUs or nodes (Accelerate); ``clsp_weight=0`` is the
+One code path for CPU, one GPU and many GPUs or nodes (Accelerate); ``clsp_lambda=0`` is the
 baseline through the same code. What a run leaves in ``out``:
 
 - ``checkpoint.pt``: model (with queues and support set), optimisers, scheduler, probe, RNG states,
@@ -12,9 +12,7 @@ baseline through the same code. What a run leaves in ``out``:
 
 from __future__ import annotations
 
-import hashlib
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,144 +20,77 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clsp.datasets import DEFAULT_DATA_ROOT
 from clsp.errors import UserError
-from clsp.io import load_torch, save_torch_atomic, write_json_atomic
+from clsp.io import remove_stale_temporaries, write_json_atomic
+from clsp.resume import load_checkpoint, resume_settings, save_checkpoint, set_rng_state, weights_digest
 from clsp.runtime import make_accelerator, progress, resolve_precision
 from clsp.shards import reader
-from clsp.train.augment import CROP_MIN_SCALE, FLIP, DeviceAugment, crop_scale
-from clsp.train.backbones import build_backbone, export_encoder
-from clsp.train.data import DEFAULT_MIX_ANCHORS, ContrastiveStream, make_loader, open_shards, step_seed
-from clsp.train.methods import DEFAULT_CLSP_WEIGHT, build_method
+from clsp.train.augment import DeviceAugment, view_augmentations
+from clsp.train.backbones import EncoderCard, build_backbone, export_encoder
+from clsp.train.config import TrainJob
+from clsp.train.data import ContrastiveStream, make_loader, open_shards, step_seed
+from clsp.train.methods import build_method
 from clsp.train.optim import build_optimizer, warmup_cosine
+from clsp.train.recipes import RECIPES
 
-# METHOD.md section 3 (SimCLR and MoCo: the authors' CIFAR settings; NNCLR: solo-learn's).
-METHOD_DEFAULTS = {
-    "simclr": {"batch_size": 1024, "lr": 0.5, "optimizer": "sgd", "weight_decay": 1e-4},
-    "moco": {"batch_size": 512, "lr": 0.3, "optimizer": "sgd", "weight_decay": 1e-4},
-    "nnclr": {"batch_size": 256, "lr": 0.4, "optimizer": "lars", "weight_decay": 1e-5},
-}
-PROBE_LR = 0.1
+ONLINE_PROBE_LR = 0.1  # the online probe only monitors training; the evaluation probe is clsp-eval linear
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "train_summary.json"
 CURVE = "loss_curve.png"
 METRICS = ("loss", "loss_base", "loss_clsp", "nn_acc", "probe_acc")
-# Settings a checkpoint must share with the rerun that resumes it.
-RESUME_KEYS = ("method", "clsp_weight", "backbone", "batch_size", "lr", "optimizer", "weight_decay", "epochs",
-               "warmup_epochs", "seed", "augment", "workers", "world_size", "temperature", "proj_hidden_dim",
-               "proj_output_dim", "pred_hidden_dim", "queue_size", "momentum", "mix_anchors", "crop_min_scale",
-               "flip")
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a run; None means the method's default from ``METHOD_DEFAULTS`` / METHOD.md."""
-
-    shards: str
-    out: str
-    method: str = "nnclr"
-    clsp_weight: float | None = None
-    epochs: int = 1000
-    batch_size: int | None = None
-    lr: float | None = None
-    optimizer: str | None = None
-    weight_decay: float | None = None
-    warmup_epochs: float = 10.0
-    backbone: str = "resnet18"
-    data_root: str = DEFAULT_DATA_ROOT
-    augment: str | None = None  # None: "device" on CUDA, "cpu" (in the DataLoader workers) otherwise
-    crop_min_scale: float = CROP_MIN_SCALE
-    flip: bool = FLIP
-    workers: int = 4
-    precision: str = "auto"
-    sync_bn: bool = False
-    compile: bool = False
-    checkpoint_every: int = 10
-    checkpoint_steps: int = 0
-    seed: int = 0
-    allow_partial: bool = False
-    temperature: float = 0.2
-    proj_hidden_dim: int | None = None
-    proj_output_dim: int | None = None
-    pred_hidden_dim: int | None = None
-    queue_size: int | None = None
-    momentum: float = 0.99
-    nn_index: str = "flat"
-    mix_anchors: int = DEFAULT_MIX_ANCHORS
-    log_every: int = 10
-    world_size: int = field(default=1, init=False)
-
-    def resolved(self) -> TrainConfig:
-        """A copy with the method's defaults filled in and the settings checked."""
-        if self.method not in METHOD_DEFAULTS:
-            raise UserError(f"unknown method {self.method!r}; choose one of: {', '.join(METHOD_DEFAULTS)}")
-        values = asdict(self)
-        for key, default in METHOD_DEFAULTS[self.method].items():
-            if values[key] is None:
-                values[key] = default
-        if values["augment"] is None:
-            values["augment"] = "device" if torch.cuda.is_available() else "cpu"
-        if values["clsp_weight"] is None:
-            values["clsp_weight"] = DEFAULT_CLSP_WEIGHT[self.method]
-        world = values.pop("world_size")
-        for key in ("epochs", "batch_size", "checkpoint_every", "mix_anchors", "log_every"):
-            if values[key] < 1:
-                raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {values[key]}")
-        for key in ("workers", "checkpoint_steps"):
-            if values[key] < 0:
-                raise UserError(f"--{key.replace('_', '-')} must be 0 or more, got {values[key]}")
-        crop_scale(values["crop_min_scale"])  # checked here, before any data is read
-        if values["lr"] <= 0 or values["weight_decay"] < 0 or values["warmup_epochs"] < 0:
-            raise UserError("--lr must be positive, --weight-decay and --warmup-epochs 0 or more")
-        config = TrainConfig(**values)
-        config.world_size = world
-        return config
+# Settings that do not change the weights, so a run may resume with other values of them.
+# Where a run reads and writes: not part of what an encoder is (its card stays the same wherever it was trained).
+_PATHS = {"out", "shards", "data_root"}
+_NOT_RESUMED = ("out", "shards", "data_root", "allow_partial", "checkpoint_every", "checkpoint_steps", "log_every",
+                "compile")
 
 
 class Trainer:
-    """Builds everything a run needs from a ``TrainConfig`` and runs it (``Trainer(config).fit()``)."""
+    """Builds everything a run needs from a ``TrainJob`` and runs it (``Trainer(job).fit()``)."""
 
-    def __init__(self, config: TrainConfig) -> None:
-        self.accelerator = make_accelerator(config.precision)
-        self.config = config = config.resolved()
-        config.world_size = self.accelerator.num_processes
-        self.out = Path(config.out)
+    def __init__(self, job: TrainJob) -> None:
+        self.accelerator = make_accelerator(job.precision)
+        self.world_size = self.accelerator.num_processes
+        self.out = Path(job.out)
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
         # the data's identity first: shards of other data are refused before they are verified
-        self.dataset = reader.load_dataset(reader.read_manifest(config.shards), config.data_root)
-        self.shards = open_shards(config.shards, allow_partial=config.allow_partial)
+        manifest = reader.read_manifest(job.shards)
+        self.dataset = reader.load_dataset(manifest, job.data_root)
+        self.config = job = job.resolved(self.dataset.name)
+        if job.batch_size % self.world_size:
+            raise UserError(f"--batch-size {job.batch_size} is the global batch and does not split over "
+                            f"{self.world_size} processes; use a multiple of {self.world_size}")
+        self.batch_size = job.batch_size // self.world_size
+        self.shards = open_shards(job.shards, allow_partial=job.allow_partial)
         self.image_size = self.dataset.image_size
+        views = view_augmentations(job.method, job.model_dump())
         self.stream = ContrastiveStream(
-            self.shards, self.dataset, batch_size=config.batch_size, seed=config.seed, rank=self.rank,
-            world_size=config.world_size, num_workers=config.workers, augment=config.augment,
-            positives=config.clsp_weight > 0, mix_anchors=config.mix_anchors,
-            crop_min_scale=config.crop_min_scale, flip=config.flip)
+            self.shards, self.dataset, batch_size=self.batch_size, seed=job.seed, rank=self.rank,
+            world_size=self.world_size, num_workers=job.workers, positives=job.clsp_lambda > 0,
+            views=views if job.augment == "cpu" else None)
         self.labelled = self.dataset.has_labels and bool((self.stream.labels >= 0).all())
 
-        torch.manual_seed(config.seed)
+        torch.manual_seed(job.seed)
         self.small_stem = self.image_size <= 64
-        backbone = build_backbone(config.backbone, small_stem=self.small_stem)
-        method = build_method(config.method, backbone, clsp_weight=config.clsp_weight,
-                              temperature=config.temperature, proj_hidden_dim=config.proj_hidden_dim,
-                              proj_output_dim=config.proj_output_dim, pred_hidden_dim=config.pred_hidden_dim,
-                              queue_size=config.queue_size, momentum=config.momentum, nn_index=config.nn_index)
-        if config.sync_bn and config.world_size > 1:
+        backbone = build_backbone(job.backbone, small_stem=self.small_stem)
+        method = build_method(job, backbone)
+        if job.sync_bn and self.world_size > 1:
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
-        if config.compile:
+        if job.compile:
             method.backbone.compile()
-        optimizer = build_optimizer(config.optimizer, method.parameter_groups(config.weight_decay), config.lr)
+        optimizer = build_optimizer(job.optimizer, method.parameter_groups(job.weight_decay, job.weight_decay_scope),
+                                    job.lr)
         self.steps_per_epoch = self.stream.steps
-        self.total_steps = self.steps_per_epoch * config.epochs
-        warmup = min(self.total_steps, round(config.warmup_epochs * self.steps_per_epoch))
+        self.total_steps = self.steps_per_epoch * job.epochs
+        warmup = min(self.total_steps, round(job.warmup_epochs * self.steps_per_epoch))
         self.scheduler = warmup_cosine(optimizer, warmup_steps=warmup, total_steps=self.total_steps)
         probe = nn.Linear(backbone.feature_dim, max(1, self.dataset.num_classes))
-        probe_optimizer = torch.optim.SGD(probe.parameters(), lr=PROBE_LR, momentum=0.9)
+        probe_optimizer = torch.optim.SGD(probe.parameters(), lr=ONLINE_PROBE_LR, momentum=0.9)
         self.model, self.optimizer, self.probe, self.probe_optimizer = self.accelerator.prepare(
             method, optimizer, probe, probe_optimizer)
-        self.device_augment = (DeviceAugment(self.image_size, self.dataset.mean, self.dataset.std,
-                                             crop_min_scale=config.crop_min_scale, flip=config.flip).to(self.device)
-                               if config.augment == "device" else None)
+        self.device_augment = None if job.augment == "cpu" else tuple(
+            DeviceAugment(self.image_size, self.dataset.mean, self.dataset.std, view).to(self.device) for view in views)
         self.epoch, self.step_in_epoch, self.elapsed = 0, 0, 0.0
         self.history: list[list[float]] = []  # per step: global step, loss, loss_base, loss_clsp (rank 0)
         self.epoch_metrics: dict[str, float] = {}
@@ -174,51 +105,34 @@ class Trainer:
         return self.epoch * self.steps_per_epoch + self.step_in_epoch
 
     def _settings(self) -> dict:
-        values = asdict(self.config)
-        return {key: values[key] for key in RESUME_KEYS}
-
-    def state_dict(self) -> dict:
-        np_state = np.random.get_state()
-        rng = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-               "numpy_pos": int(np_state[2])}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-        return {"model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "probe": self.accelerator.unwrap_model(self.probe).state_dict(),
-                "probe_optimizer": self.probe_optimizer.state_dict(), "rng": rng, "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch, "elapsed": self.elapsed, "settings": self._settings(),
-                "history": torch.tensor(self.history, dtype=torch.float64).reshape(-1, 4),
-                "epoch_metrics": self.epoch_metrics}
+        """The resolved settings a resumed run must match (the process count too: it splits the epoch)."""
+        return {**resume_settings(self.config.model_dump(), _NOT_RESUMED), "world_size": self.world_size}
 
     def save(self) -> None:
-        """Write the checkpoint atomically (main process; every rank holds the same state)."""
+        """Checkpoint (main process; every rank waits for it)."""
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            save_torch_atomic(self.out / CHECKPOINT, self.state_dict())
+            save_checkpoint(self.out / CHECKPOINT, {
+                "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "probe": self.accelerator.unwrap_model(self.probe).state_dict(),
+                "probe_optimizer": self.probe_optimizer.state_dict(), "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch, "elapsed": self.elapsed,
+                "history": torch.tensor(self.history, dtype=torch.float64).reshape(-1, 4),
+                "epoch_metrics": self.epoch_metrics}, self._settings())
+        self.accelerator.wait_for_everyone()
 
     def maybe_resume(self) -> bool:
         """Load ``out/checkpoint.pt`` when there is one; refuse one written with other settings."""
-        path = self.out / CHECKPOINT
-        if not path.is_file():
+        state = load_checkpoint(self.out / CHECKPOINT, self._settings())
+        if state is None:
             return False
-        state = load_torch(path)
-        ours = self._settings()
-        diffs = [f"{k}: {state['settings'].get(k)!r} -> {ours[k]!r}" for k in RESUME_KEYS
-                 if state["settings"].get(k) != ours[k]]
-        if diffs:
-            raise UserError(f"{path} is from a run with other settings ({'; '.join(diffs[:3])}); rerun with "
-                            f"those settings to resume it, or pass another --out")
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.accelerator.unwrap_model(self.probe).load_state_dict(state["probe"])
         self.probe_optimizer.load_state_dict(state["probe_optimizer"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(("MT19937", rng["numpy_keys"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(list(rng["cuda"]))
+        set_rng_state(state["rng"])
         self.epoch, self.step_in_epoch, self.elapsed = state["epoch"], state["step_in_epoch"], state["elapsed"]
         self.history = state["history"].tolist()
         self.epoch_metrics = state["epoch_metrics"]
@@ -234,9 +148,10 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.device.index or 0] if cuda else [], device_type=self.device.type):
             torch.manual_seed(step_seed(self.config.seed, self.epoch, self.rank, step))
             anchor = batch["anchor"].to(self.device, non_blocking=True)
-            x1, x2 = self.device_augment(anchor), self.device_augment(anchor)
+            first, second = self.device_augment
+            x1, x2 = first(anchor), second(anchor)
             positive = batch.get("positive")
-            x3 = None if positive is None else self.device_augment(positive.to(self.device, non_blocking=True))
+            x3 = None if positive is None else first(positive.to(self.device, non_blocking=True))
         return x1, x2, x3
 
     def _train_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
@@ -263,6 +178,8 @@ class Trainer:
     def fit(self) -> dict:
         """Train (resuming when a checkpoint exists), export the encoder, write the summary."""
         config, acc = self.config, self.accelerator
+        if acc.is_main_process:  # temporaries of a killed run: removed once their writer is gone
+            remove_stale_temporaries(self.out, CHECKPOINT)
         resumed = self.maybe_resume()
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -321,6 +238,11 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         names = [(step, key) for step, metrics in pending for key in metrics]
         values = torch.stack([value for _, metrics in pending for value in metrics.values()]).tolist()
+        for (step, key), value in zip(names, values):
+            if key.startswith("loss") and not np.isfinite(value):
+                raise UserError(f"the {key.replace('_', ' ')} became {value} at step {step} of {self.out}: the "
+                                f"learning rate ({self.config.lr:g}) or lambda ({self.config.clsp_lambda:g}) is "
+                                "likely too high; lower --lr or --clsp-lambda and train into a new --out")
         if self.accelerator.is_main_process:
             rows: dict[int, dict[str, float]] = {}
             for (step, key), value in zip(names, values):
@@ -335,29 +257,29 @@ class Trainer:
     def _finish(self) -> dict:
         config, acc = self.config, self.accelerator
         backbone = self.method.backbone
-        digest = hashlib.sha256()
-        for param in backbone.parameters():
-            digest.update(param.detach().float().cpu().numpy().tobytes())
+        if not all(torch.isfinite(p).all() for p in backbone.parameters()):
+            raise UserError(f"the weights of {self.out} are not finite after training; lower --lr or --clsp-lambda "
+                            "and train again into a new --out (no encoder was written)")
         from accelerate.utils import gather_object
 
-        checksums = gather_object([digest.hexdigest()[:16]])
+        checksums = gather_object([weights_digest(backbone)])
         summary = {
-            "method": config.method, "clsp_weight": config.clsp_weight, "backbone": config.backbone,
-            "dataset": self.shards.manifest["dataset"], "epochs": config.epochs, "steps": self.global_step,
-            "batch_size": config.batch_size, "world_size": config.world_size,
-            "anchors": self.shards.num_anchors,
-            "anchors_per_epoch": self.steps_per_epoch * config.batch_size * config.world_size,
-            "precision": resolve_precision(config.precision, self.device), "augment": config.augment,
-            "crop_min_scale": config.crop_min_scale, "flip": config.flip,
+            "method": config.method, "clsp_lambda": config.clsp_lambda, "backbone": config.backbone,
+            "dataset": self.shards.store.manifest.dataset.model_dump(), "epochs": config.epochs, "steps": self.global_step,
+            "batch_size": config.batch_size, "world_size": self.world_size, "anchors": self.shards.num_anchors,
+            "anchors_per_epoch": self.steps_per_epoch * config.batch_size,
+            "precision": resolve_precision(config.precision, self.device), "settings": config.model_dump(exclude=_PATHS),
             "time_s": round(self.elapsed, 2), "final": self.epoch_metrics, "rank_checksums": checksums,
             "ranks_in_sync": len(set(checksums)) == 1,
         }
         if acc.is_main_process:
-            arch = {"backbone": config.backbone, "small_stem": self.small_stem, "method": config.method,
-                    "clsp_weight": config.clsp_weight, "dataset": self.shards.manifest["dataset"],
-                    "image_size": self.image_size, "mean": list(self.dataset.mean), "std": list(self.dataset.std),
-                    "epochs": config.epochs, "crop_min_scale": config.crop_min_scale, "flip": config.flip}
-            export_encoder(backbone, self.out, arch)
+            card = EncoderCard(backbone=config.backbone, small_stem=self.small_stem, feature_dim=backbone.feature_dim,
+                               method=config.method, clsp_lambda=config.clsp_lambda,
+                               dataset=self.shards.store.manifest.dataset.model_dump(), image_size=self.image_size,
+                               mean=list(self.dataset.mean), std=list(self.dataset.std),
+                               probe_lr=RECIPES[config.method].for_dataset(self.dataset.name)["probe_lr"],
+                               settings=config.model_dump(exclude=_PATHS))
+            export_encoder(backbone, self.out, card)
             write_json_atomic(self.out / SUMMARY, summary)
             plot_losses(self.history, self.out / CURVE, self.steps_per_epoch)
             self.writer.close()
@@ -368,7 +290,7 @@ class Trainer:
 
 def summary_line(summary: dict, out: Path) -> str:
     final = summary["final"]
-    name = summary["method"] + (f"+CLSP(lambda={summary['clsp_weight']:g})" if summary["clsp_weight"] else "")
+    name = summary["method"] + (f"+CLSP(lambda={summary['clsp_lambda']:g})" if summary["clsp_lambda"] else "")
     parts = [f"loss {final.get('loss', float('nan')):.4f} (base {final.get('loss_base', float('nan')):.4f}, "
              f"clsp {final.get('loss_clsp', float('nan')):.4f})"]
     for key, label in (("probe_acc", "online probe"), ("nn_acc", "nn acc")):
@@ -406,6 +328,6 @@ def plot_losses(history: list[list[float]], path: Path, steps_per_epoch: int) ->
     plt.close(fig)
 
 
-def train(config: TrainConfig) -> dict:
+def train(job: TrainJob) -> dict:
     """Run (or resume) one training run and return its summary."""
-    return Trainer(config).fit()
+    return Trainer(job).fit()

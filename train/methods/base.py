@@ -28,22 +28,22 @@ class EncodedView:
 
 
 class Method(nn.Module):
-    """Base method with the CLSP term ``L = L_base + clsp_weight * mean ||z1 - z3||^2``.
+    """Base method with the CLSP term ``L = L_base + clsp_lambda * mean ||z1 - z3||^2``.
 
     ``z1`` and ``z3`` are the normalised projector outputs (never a predictor's) of the anchor's first view
     and of the synthetic positive's view, both through the same online network with gradients in both.
-    When ``x3`` is None or ``clsp_weight`` is 0, view 3 is not forwarded at all, so the baseline costs
+    When ``x3`` is None or ``clsp_lambda`` is 0, view 3 is not forwarded at all, so the baseline costs
     exactly what the plain method costs.
     """
 
     name: ClassVar[str] = ""
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module, *, clsp_weight: float,
+    def __init__(self, backbone: nn.Module, projector: nn.Module, *, clsp_lambda: float,
                  temperature: float) -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = projector
-        self.clsp_weight = float(clsp_weight)
+        self.clsp_lambda = float(clsp_lambda)
         self.temperature = float(temperature)
 
     def encode(self, images: Tensor) -> EncodedView:
@@ -64,26 +64,27 @@ class Method(nn.Module):
         """
         v1, v2 = self.encode(x1), self.encode(x2)
         out = self.base_loss(v1, v2, labels)
-        if x3 is not None and self.clsp_weight > 0:
+        if x3 is not None and self.clsp_lambda > 0:
             loss_clsp = clsp_loss(v1.z, self.encode(x3).z)
         else:
             loss_clsp = torch.zeros((), device=v1.z.device)
         out["loss_clsp"] = loss_clsp
-        out["loss"] = out["loss_base"] + self.clsp_weight * loss_clsp
+        out["loss"] = out["loss_base"] + self.clsp_lambda * loss_clsp
         out["features"] = v1.features.detach()
         return out
 
     def on_train_step_end(self, progress: float) -> None:
         """Called after each optimiser step with the fraction of training done (0 to 1)."""
 
-    def parameter_groups(self, weight_decay: float) -> list[dict]:
-        """Trainable parameters in two groups: weights with ``weight_decay``, and biases and norm-layer
-        parameters (every 1-d parameter) without weight decay and flagged ``lars_exclude`` so that LARS
+    def parameter_groups(self, weight_decay: float, scope: str = "all") -> list[dict]:
+        """Trainable parameters in two groups. ``scope="all"`` (the authors' SGD recipes) decays every
+        parameter; ``scope="weights"`` (solo-learn's LARS recipe) puts biases and norm-layer parameters
+        (every 1-d parameter) in a group without weight decay, flagged ``lars_exclude`` so that LARS
         leaves their learning rate unadapted."""
         decay, no_decay = [], []
         for param in self.parameters():
             if param.requires_grad:
-                (no_decay if param.ndim <= 1 else decay).append(param)
+                (no_decay if scope == "weights" and param.ndim <= 1 else decay).append(param)
         groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay, "lars_exclude": False},
                   {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
         return [group for group in groups if group["params"]]

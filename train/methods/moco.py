@@ -20,10 +20,10 @@ from clsp.train.memory import FIFOQueue
 from clsp.train.methods.base import EncodedView, Method
 
 
-def cosine_momentum(base: float, progress: float) -> float:
-    """EMA coefficient increased from ``base`` at the start to 1.0 at the end along a half cosine (BYOL)."""
+def cosine_momentum(base: float, end: float, progress: float) -> float:
+    """EMA coefficient rising from ``base`` at the start to ``end`` at the end along a half cosine."""
     progress = min(max(progress, 0.0), 1.0)
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
+    return end - (end - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
 
 
 @torch.no_grad()
@@ -35,17 +35,17 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
 class MoCo(Method):
     name = "moco"
 
-    def __init__(self, backbone: nn.Module, *, clsp_weight: float, temperature: float, proj_hidden_dim: int,
-                 proj_output_dim: int, queue_size: int, momentum: float) -> None:
+    def __init__(self, backbone: nn.Module, *, clsp_lambda: float, temperature: float, proj_hidden_dim: int,
+                 proj_output_dim: int, queue_size: int, momentum: float, momentum_end: float) -> None:
         projector = simclr_projector(backbone.feature_dim, proj_hidden_dim, proj_output_dim)
-        super().__init__(backbone, projector, clsp_weight=clsp_weight, temperature=temperature)
+        super().__init__(backbone, projector, clsp_lambda=clsp_lambda, temperature=temperature)
         self.momentum_backbone = copy.deepcopy(backbone).requires_grad_(False)
         self.momentum_projector = copy.deepcopy(projector).requires_grad_(False)
-        self.base_momentum = float(momentum)
+        self.base_momentum, self.end_momentum = float(momentum), float(momentum_end)
         self.momentum = self.base_momentum  # the coefficient of the latest update, for logging
         # queue1 holds keys of view 1 (negatives for view-2 queries), queue2 those of view 2.
-        self.queue1 = FIFOQueue(queue_size, proj_output_dim, random_init=True)
-        self.queue2 = FIFOQueue(queue_size, proj_output_dim, random_init=True)
+        self.queue1 = FIFOQueue(queue_size, proj_output_dim)
+        self.queue2 = FIFOQueue(queue_size, proj_output_dim)
 
     @torch.no_grad()
     def keys(self, images: Tensor) -> Tensor:
@@ -54,7 +54,7 @@ class MoCo(Method):
     def base_loss(self, v1: EncodedView, v2: EncodedView, labels: Tensor | None) -> dict[str, Tensor]:
         k1, k2 = self.keys(v1.images), self.keys(v2.images)
         # Clones: the queues are overwritten below, before autograd uses them in the backward pass.
-        negatives1, negatives2 = self.queue1.filled()[0].clone(), self.queue2.filled()[0].clone()
+        negatives1, negatives2 = self.queue1.contents()[0].clone(), self.queue2.contents()[0].clone()
         loss = (moco_loss(v1.z, k2, negatives2, self.temperature)
                 + moco_loss(v2.z, k1, negatives1, self.temperature)) / 2
         self.queue1.push(k1)
@@ -63,6 +63,6 @@ class MoCo(Method):
 
     def on_train_step_end(self, progress: float) -> None:
         """Move the momentum network towards the online one, with the coefficient for ``progress``."""
-        self.momentum = cosine_momentum(self.base_momentum, progress)
+        self.momentum = cosine_momentum(self.base_momentum, self.end_momentum, progress)
         ema_update(self.momentum_backbone, self.backbone, self.momentum)
         ema_update(self.momentum_projector, self.projector, self.momentum)

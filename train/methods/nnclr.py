@@ -12,39 +12,30 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from clsp.train.distributed import gather
 from clsp.train.heads import nnclr_predictor, nnclr_projector
 from clsp.train.losses import nnclr_loss
 from clsp.train.memory import SupportSet
 from clsp.train.methods.base import EncodedView, Method
-from clsp.train.neighbours import nearest_neighbours
 
 
 class NNCLR(Method):
     name = "nnclr"
 
-    def __init__(self, backbone: nn.Module, *, clsp_weight: float, temperature: float, proj_hidden_dim: int,
+    def __init__(self, backbone: nn.Module, *, clsp_lambda: float, temperature: float, proj_hidden_dim: int,
                  proj_output_dim: int, pred_hidden_dim: int, queue_size: int, nn_index: str) -> None:
         projector = nnclr_projector(backbone.feature_dim, proj_hidden_dim, proj_output_dim)
-        super().__init__(backbone, projector, clsp_weight=clsp_weight, temperature=temperature)
+        super().__init__(backbone, projector, clsp_lambda=clsp_lambda, temperature=temperature)
         self.predictor = nnclr_predictor(proj_output_dim, pred_hidden_dim)
         self.support_set = SupportSet(queue_size, proj_output_dim, index=nn_index)
 
     def base_loss(self, v1: EncodedView, v2: EncodedView, labels: Tensor | None) -> dict[str, Tensor]:
         p1, p2 = self.predictor(v1.projection), self.predictor(v2.projection)
         b = v1.z.shape[0]
-        queries = torch.cat([v1.z, v2.z]).detach()
-        if len(self.support_set) > 0:
-            neighbours, neighbour_labels = self.support_set.nearest(queries)
-        else:
-            # The very first step: nothing stored yet, so the gathered view-1 batch is the support set.
-            bank = gather(v1.z.detach())
-            neighbours = bank[nearest_neighbours(queries, bank)[1][:, 0]]
-            neighbour_labels = None
+        neighbours, neighbour_labels = self.support_set.nearest(torch.cat([v1.z, v2.z]).detach())
         nn1, nn2 = neighbours[:b], neighbours[b:]
         loss = (nnclr_loss(nn1, p2, self.temperature) + nnclr_loss(nn2, p1, self.temperature)) / 2
         out = {"loss_base": loss}
-        if labels is not None and neighbour_labels is not None:
+        if labels is not None:  # random initial entries have label -1, so they count as misses
             out["nn_acc"] = (neighbour_labels[:b] == labels.to(neighbour_labels.device)).float().mean()
         self.support_set.push(v1.z, labels)
         return out

@@ -12,10 +12,10 @@ from clsp.train.methods.base import EncodedView, Method
 class SimCLR(Method):
     name = "simclr"
 
-    def __init__(self, backbone: nn.Module, *, clsp_weight: float, temperature: float, proj_hidden_dim: int,
+    def __init__(self, backbone: nn.Module, *, clsp_lambda: float, temperature: float, proj_hidden_dim: int,
                  proj_output_dim: int) -> None:
         projector = simclr_projector(backbone.feature_dim, proj_hidden_dim, proj_output_dim)
-        super().__init__(backbone, projector, clsp_weight=clsp_weight, temperature=temperature)
+        super().__init__(backbone, projector, clsp_lambda=clsp_lambda, temperature=temperature)
 
     def base_loss(self, v1: EncodedView, v2: EncodedView, labels: Tensor | None) -> dict[str, Tensor]:
         return {"loss_base": nt_xent(v1.z, v2.z, self.temperature)}

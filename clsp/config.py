@@ -1,0 +1,175 @@
+"""Typed settings: every setting is declared once, and the commands and ``pipeline.yaml`` derive from it.
+
+A stage's settings are a pydantic model (type, default, allowed range and help text per field; NaN and
+infinity refused everywhere). ``click_options`` turns a model into the click options of a command, so a
+command-line default cannot differ from the model's, and ``parse`` validates values into the model with
+one error line naming the option or the YAML key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+from typing import Any, Callable, Literal, TypeVar, Union, get_args, get_origin
+
+import click
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from clsp.datasets import DEFAULT_DATA_ROOT, IMAGEFOLDER, dataset_info
+from clsp.errors import UserError
+
+M = TypeVar("M", bound=BaseModel)
+PRECISIONS = ("auto", "bf16", "fp32")
+Precision = Literal["auto", "bf16", "fp32"]
+
+
+class Settings(BaseModel):
+    """Base of every settings model: unknown keys and non-finite numbers are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=True, frozen=True)
+
+    def replace(self: M, **changes: Any) -> M:
+        """A validated copy with ``changes`` applied (``model_copy`` would skip validation)."""
+        return type(self).model_validate({**self.model_dump(), **changes})
+
+
+def setting(default: Any = ..., help: str = "", *, cli: str | None = None, cli_exclude: bool = False,
+            **constraints: Any) -> Any:
+    """A field with its help text; ``cli`` renames its option (``--dataset`` for ``name``),
+    ``cli_exclude`` keeps it out of the command line (pipeline-only settings)."""
+    extra = {key: value for key, value in (("cli", cli), ("cli_exclude", cli_exclude)) if value}
+    return Field(default, description=help, json_schema_extra=extra or None, **constraints)
+
+
+def _unwrap_optional(annotation: Any) -> tuple[bool, Any]:
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return True, args[0]
+    return False, annotation
+
+
+def option_name(model: type[BaseModel], field: str) -> str:
+    """The command-line spelling of a field (``--batch-size``)."""
+    extra = model.model_fields[field].json_schema_extra or {}
+    return extra.get("cli") or "--" + field.replace("_", "-")
+
+
+def cli_fields(model: type[BaseModel], exclude: tuple[str, ...] = ()) -> list[str]:
+    """The fields of ``model`` that appear as command-line options."""
+    return [name for name, info in model.model_fields.items()
+            if name not in exclude and not (info.json_schema_extra or {}).get("cli_exclude")]
+
+
+def _option(model: type[BaseModel], name: str) -> Callable:
+    info = model.model_fields[name]
+    flag = option_name(model, name)
+    _, base = _unwrap_optional(info.annotation)
+    required = info.is_required()
+    default = None if required else info.get_default(call_default_factory=True)
+    kwargs: dict[str, Any] = {"help": info.description or "", "show_default": default is not None}
+    if base is bool:
+        return click.option(f"{flag}/{flag.replace('--', '--no-', 1)}", name, default=default, **kwargs)
+    if get_origin(base) is tuple:  # a repeatable option
+        return click.option(flag, name, type=get_args(base)[0], default=default, multiple=True, **kwargs)
+    if get_origin(base) is Literal:
+        ctype: Any = click.Choice([str(choice) for choice in get_args(base)])
+    elif base in (int, float, str):
+        ctype = base
+    else:
+        raise TypeError(f"{model.__name__}.{name}: no command-line form for {info.annotation}; mark it cli_exclude")
+    return click.option(flag, name, type=ctype, default=default, required=required, **kwargs)
+
+
+def click_options(model: type[BaseModel], exclude: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Decorator adding one click option per field of ``model`` (in declaration order)."""
+
+    def decorate(func: Callable) -> Callable:
+        for name in reversed(cli_fields(model, exclude)):
+            func = _option(model, name)(func)
+        return func
+
+    return decorate
+
+
+def pick(model: type[BaseModel], values: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` that are fields of ``model``."""
+    return {key: value for key, value in values.items() if key in model.model_fields}
+
+
+def _field_at(model: type[BaseModel], loc: tuple) -> tuple[type[BaseModel] | None, str | None]:
+    """The model owning the last field of a validation location, and that field's name."""
+    owner: Any = model
+    for part in loc[:-1]:
+        info = owner.model_fields.get(part) if isinstance(owner, type) and issubclass(owner, BaseModel) else None
+        if info is None:
+            return None, str(loc[-1])
+        _, owner = _unwrap_optional(info.annotation)
+    is_model = isinstance(owner, type) and issubclass(owner, BaseModel)
+    return (owner if is_model else None), (str(loc[-1]) if loc else None)
+
+
+_TYPE_NAMES = {"float", "int", "str", "bool", "none", "literal"}
+
+
+def _describe(error: ValidationError, model: type[BaseModel], where: str) -> str:
+    first = error.errors()[0]
+    # a union's branch appears in the location as its type ("float", "dict[str,any]"): not a key
+    loc = tuple(part for part in first["loc"] if not (isinstance(part, str) and
+                                                      (part in _TYPE_NAMES or "[" in part)))
+    owner, name = _field_at(model, loc)
+    section = (where,) if where not in ("cli", "") else ()
+    dotted = ".".join(str(part) for part in section + loc)
+    if where == "cli" and owner is not None and name in owner.model_fields:
+        label = option_name(owner, name)
+    else:
+        label = f"'{dotted}'" if dotted else ""
+    if first["type"] == "extra_forbidden":
+        known = list(owner.model_fields) if owner is not None else []
+        close = difflib.get_close_matches(name, known, n=1)
+        parent = ".".join(str(part) for part in section + loc[:-1])
+        hint = f" (did you mean '{parent + '.' if parent else ''}{close[0]}'?)" if close else \
+            (f"; known keys: {', '.join(known)}" if known else "")
+        return f"unknown key {label}{hint}"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] != "value_error":
+        message = message[0].lower() + message[1:]
+    shown = "" if first["type"] in ("missing", "value_error") else f" (got {first.get('input')!r})"
+    return f"{label}: {message}{shown}" if label else f"{message}{shown}"
+
+
+def parse(model: type[M], values: dict[str, Any], where: str = "cli") -> M:
+    """Validate ``values`` into ``model``; a bad value is one ``UserError`` line naming the option
+    (``where="cli"``) or the dotted key under the section ``where`` ("" for the top level)."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as error:
+        raise UserError(_describe(error, model, where)) from None
+
+
+class DatasetConfig(Settings):
+    """Which real images a stage uses (the ``dataset`` section of pipeline.yaml)."""
+
+    name: str = setting("digits", "Dataset registry name (digits, cifar10, cifar100, stl10, imagefolder:PATH).",
+                        cli="--dataset", min_length=1, max_length=4096)
+    split: str | None = setting(None, "Dataset split [default: the dataset's training split].", max_length=64)
+    data_root: str = setting(DEFAULT_DATA_ROOT, "Where datasets are stored or downloaded (env CLSP_DATA_ROOT).",
+                             min_length=1, max_length=4096)
+    image_size: int | None = setting(None, "Resize the images to this size [default: the dataset's].", ge=8, le=1024)
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, name: str) -> str:
+        if name == IMAGEFOLDER:
+            raise ValueError("imagefolder: needs a folder, as imagefolder:PATH")
+        dataset_info(name)  # refuses unknown names in one line listing the known ones
+        return name
+
+    @field_validator("split")
+    @classmethod
+    def _known_split(cls, split: str | None, info: ValidationInfo) -> str | None:
+        known = dataset_info(info.data["name"]) if "name" in info.data else None
+        if known is not None and split is not None and split not in known.splits:
+            raise ValueError(f"{info.data['name']} has splits {', '.join(known.splits)}, not {split!r}")
+        return split

@@ -1,0 +1,100 @@
+"""Stage 1's settings: generation (``clsp-gen``) and DDPM training (``clsp ddpm train``).
+
+Each is one model; the commands' options and pipeline.yaml's ``generate`` and ``diffusion`` sections
+derive from them. Defaults are METHOD.md's (k 8, w 0.1, 100 DDIM steps, eta 0.1).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from clsp.config import DatasetConfig, Precision, Settings, setting
+
+DDPMPreset = Literal["auto", "ddpm-cifar", "digits", "tiny"]
+
+
+class GenerateSettings(Settings):
+    """How positives are drawn (pipeline.yaml's ``generate`` section)."""
+
+    candidates: int = setting(8, "Synthetic positives (k) per anchor.", ge=1, le=64)
+    interpolation: float = setting(0.1, "Interpolation weight w: 1 = plain sampling, 0 = the anchor's bottleneck "
+                                        "only.", ge=0, le=1)
+    steps: int = setting(100, "DDIM steps (at most the model's training timesteps).", ge=1, le=1000)
+    eta: float = setting(0.1, "DDIM stochasticity (0 = deterministic).", ge=0, le=1)
+    batch_size: int = setting(64, "Anchors per sampler call (each brings k candidates).", ge=1, le=65536)
+    shard_size: int = setting(1000, "Anchors per shard.", ge=1, le=1_000_000)
+    precision: Precision = setting("auto", "auto: bf16 autocast on GPUs and on CPUs with bf16 units, else fp32.")
+    share_anchor_pass: bool = setting(False, "Share the anchor's encoder pass (and noise) among its k candidates: "
+                                             "cheaper.")
+    compile: bool = setting(False, "torch.compile the U-Net blocks (compiling takes minutes: for long GPU runs).")
+    store_anchors: bool = setting(False, "Also store each anchor image in its sample.")
+    limit: int | None = setting(None, "Only the first N anchors (for trial runs).", ge=1)
+    preview: bool = setting(True, "Write preview.png (the first anchors beside their positives) before the long "
+                                  "run.")
+
+
+class GenerateJob(DatasetConfig, GenerateSettings):
+    """One generation job: the settings, the data, the model and where the shards go."""
+
+    name: str = setting(..., "Dataset registry name (digits, cifar10, cifar100, stl10, imagefolder:PATH).",
+                        cli="--dataset", min_length=1, max_length=4096)
+    shards: str = setting(..., "Output shard directory; a rerun resumes it.", min_length=1)
+    unet: str | None = setting(None, "Diffusion model folder or hub id [default: the dataset's known model].")
+    seed: int = setting(0, "Job seed; each anchor's noise comes from (seed, anchor index).", ge=0, le=2**63 - 1)
+    num_workers: int | None = setting(None, "Job-array size [default: SLURM_ARRAY_TASK_COUNT, else 1].", ge=1)
+    worker_index: int | None = setting(None, "This array task's index [default: SLURM_ARRAY_TASK_ID, else 0].",
+                                       ge=0)
+    overwrite: bool = setting(False, "Replace a shard directory made with other settings.")
+
+
+class DDPMSettings(Settings):
+    """How a diffusion model is trained where none exists; unset values take the preset's."""
+
+    preset: DDPMPreset = setting("auto", "U-Net preset: ddpm-cifar, digits, tiny, or auto (by dataset).")
+    steps: int | None = setting(None, "Optimizer steps in total [default: the preset's].", ge=1, le=10_000_000)
+    batch_size: int | None = setting(None, "Global batch size over all processes [default: the preset's].",
+                                     ge=1, le=65536)
+    lr: float | None = setting(None, "AdamW learning rate after warm-up [default: the preset's].", gt=0, le=1)
+    warmup_steps: int | None = setting(None, "Linear warm-up steps [default: the preset's].", ge=0)
+    ema_decay: float | None = setting(None, "EMA decay of the saved weights [default: the preset's].", ge=0, le=1)
+    flip: bool | None = setting(None, "Random horizontal flips [default: the preset's; off for digits].")
+    grad_clip: float = setting(1.0, "Gradient-norm clipping.", gt=0, le=1e6)
+    checkpoint_every: int = setting(500, "Steps between checkpoints.", ge=1)
+    sample_every: int = setting(500, "Steps between sample grids (samples.png).", ge=1)
+    log_every: int = setting(10, "Steps between logged losses.", ge=1)
+    precision: Precision = setting("auto", "auto: bf16 autocast on GPUs, fp32 on CPUs.")
+
+
+class DDPMJob(DatasetConfig, DDPMSettings):
+    """One DDPM training run."""
+
+    name: str = setting(..., "Dataset registry name (digits, cifar10, cifar100, stl10, imagefolder:PATH).",
+                        cli="--dataset", min_length=1, max_length=4096)
+    out: str = setting(..., "Output folder; a rerun resumes from its checkpoint.", min_length=1)
+    seed: int = setting(0, "Seed of the initial weights and of every batch.", ge=0, le=2**63 - 1)
+
+
+class SampleJob(Settings):
+    """``clsp ddpm sample``: unconditional DDIM samples of a model as one PNG grid."""
+
+    unet: str = setting(..., "Model folder or hub id (e.g. google/ddpm-cifar10-32).", min_length=1)
+    out: str = setting(..., "PNG file for the sample grid.", min_length=1)
+    num_samples: int = setting(64, "Images in the grid.", ge=1, le=4096)
+    steps: int = setting(50, "DDIM steps.", ge=1, le=1000)
+    eta: float = setting(0.0, "DDIM stochasticity (0: deterministic, 1: DDPM-like).", ge=0, le=1)
+    seed: int = setting(0, "Seed of the initial noise.", ge=0, le=2**63 - 1)
+    scale: int | None = setting(None, "Upscale factor of the PNG [default: to about 128 px per image].", ge=1, le=64)
+    device: str | None = setting(None, "torch device [default: cuda if available, else cpu].")
+
+
+class FIDJob(DatasetConfig):
+    """``clsp ddpm fid``: FID of DDIM samples against the real images."""
+
+    name: str = setting(..., "Dataset whose real images the samples are compared with.", cli="--dataset",
+                        min_length=1, max_length=4096)
+    unet: str = setting(..., "Model folder or hub id.", min_length=1)
+    num_samples: int = setting(10_000, "Generated images.", ge=1, le=1_000_000)
+    steps: int = setting(100, "DDIM steps per sample.", ge=1, le=1000)
+    batch_size: int = setting(256, "Sampling batch size.", ge=1, le=65536)
+    seed: int = setting(0, "Seed of the initial noise.", ge=0, le=2**63 - 1)
+    device: str | None = setting(None, "torch device [default: cuda if available, else cpu].")

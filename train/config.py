@@ -1,0 +1,97 @@
+"""Stage 2's settings: one model that ``clsp-train``'s options and ``pipeline.yaml``'s ``train`` derive from.
+
+A setting left unset (None) takes its method's recipe value (``clsp.train.recipes``) for the dataset
+being trained; ``TrainJob.resolved`` fills them in and refuses settings that do not apply to the method.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from clsp.config import Precision, Settings, setting
+from clsp.datasets import DEFAULT_DATA_ROOT
+from clsp.errors import UserError
+from clsp.train.recipes import RECIPES, Method
+
+Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet-narrow"]
+NNIndex = Literal["flat", "ivf", "hnsw"]
+_RECIPE = "[default: the method's recipe]"
+
+# Settings that only some methods have: set for another method, they are refused rather than ignored.
+_METHOD_ONLY = {"pred_hidden_dim": ("nnclr",), "queue_size": ("moco", "nnclr"), "momentum": ("moco",),
+                "momentum_end": ("moco",), "nn_index": ("nnclr",)}
+
+
+class TrainSettings(Settings):
+    """How an encoder is trained (the ``train`` section of pipeline.yaml, and clsp-train's options)."""
+
+    method: Method = setting("simclr", "Base contrastive method (SimCLR and MoCo are the paper's).")
+    clsp_lambda: float | None = setting(None, f"lambda of the CLSP term; 0 trains the baseline. {_RECIPE}",
+                                        ge=0, le=100)
+    backbone: Backbone = setting("resnet18", "ResNet; resnet-narrow is a quarter-width ResNet-18 for CPU runs.")
+    epochs: int = setting(1000, "Training epochs.", ge=1, le=100_000)
+    batch_size: int | None = setting(None, f"Global batch over all processes (must divide by them). {_RECIPE}",
+                                     ge=1, le=1 << 20)
+    lr: float | None = setting(None, f"Peak learning rate after warm-up. {_RECIPE}", gt=0, le=100)
+    optimizer: Literal["sgd", "lars"] | None = setting(None, f"SGD (momentum 0.9) or LARS. {_RECIPE}")
+    weight_decay: float | None = setting(None, f"Weight decay. {_RECIPE}", ge=0, le=1)
+    weight_decay_scope: Literal["all", "weights"] | None = setting(
+        None, f"all: every parameter is decayed; weights: biases and norm parameters are not. {_RECIPE}")
+    warmup_epochs: float | None = setting(None, f"Linear warm-up from lr 1e-3, then cosine to 0. {_RECIPE}",
+                                          ge=0, le=100_000)
+    temperature: float | None = setting(None, f"Softmax temperature of the contrastive loss. {_RECIPE}",
+                                        gt=0, le=100)
+    proj_hidden_dim: int | None = setting(None, f"Projector hidden size. {_RECIPE}", ge=1, le=65536)
+    proj_output_dim: int | None = setting(None, f"Projector output size. {_RECIPE}", ge=1, le=65536)
+    pred_hidden_dim: int | None = setting(None, f"NNCLR predictor hidden size. {_RECIPE}", ge=1, le=65536)
+    queue_size: int | None = setting(None, f"MoCo queue per view / NNCLR support set. {_RECIPE}",
+                                     ge=1, le=1 << 24)
+    momentum: float | None = setting(None, f"MoCo momentum-encoder coefficient at the start. {_RECIPE}",
+                                     ge=0, le=1)
+    momentum_end: float | None = setting(None, f"MoCo coefficient at the end (cosine rise). {_RECIPE}",
+                                         ge=0, le=1)
+    nn_index: NNIndex | None = setting(None, "NNCLR support-set search: flat (exact) or approximate. "
+                                             "[default: flat]")
+    crop_min_scale: float | None = setting(
+        None, "Smallest crop area of RandomResizedCrop, in (0, 1]; 0.08 suits natural images, 0.5 small "
+              f"digits. {_RECIPE}", gt=0, le=1)
+    flip: bool | None = setting(None, f"Random horizontal flips (off for digits and text). {_RECIPE}")
+    augment: Literal["cpu", "device"] | None = setting(
+        None, "cpu: per image in DataLoader workers; device: batched on the training device. "
+              "[default: device on CUDA, else cpu]")
+    precision: Precision = setting("auto", "auto: bf16 autocast on GPUs and on CPUs with bf16 units.")
+    workers: int = setting(4, "DataLoader worker processes per process (0: in-process).", ge=0, le=256)
+    sync_bn: bool = setting(False, "Synchronise BatchNorm statistics across processes.")
+    compile: bool = setting(False, "torch.compile the backbone.")
+    checkpoint_every: int = setting(10, "Checkpoint every N epochs (and at the end).", ge=1, le=100_000)
+    checkpoint_steps: int = setting(0, "Also checkpoint every N steps within an epoch (0: never).", ge=0)
+    log_every: int = setting(10, "Steps between logged scalars.", ge=1, le=100_000)
+
+
+class TrainJob(TrainSettings):
+    """One training run: the settings plus where it reads and writes."""
+
+    shards: str = setting(..., "Shard directory from clsp-gen.")
+    out: str = setting(..., "Run directory: checkpoint, encoder, TensorBoard logs. A rerun resumes from it.")
+    data_root: str = setting(DEFAULT_DATA_ROOT, "Where the real dataset lives (env CLSP_DATA_ROOT).")
+    seed: int = setting(0, "Seed of the weights, the epoch order and every augmentation.", ge=0, le=2**63 - 1)
+    allow_partial: bool = setting(False, "Train on the anchors whose shards are finished when some are missing.")
+
+    def resolved(self, dataset: str) -> TrainJob:
+        """A copy with every unset setting taken from the method's recipe for ``dataset``."""
+        values = self.model_dump()
+        for name, methods in _METHOD_ONLY.items():
+            if values[name] is not None and self.method not in methods:
+                raise UserError(f"--{name.replace('_', '-')} applies only to {' and '.join(methods)}, not to "
+                                f"{self.method}; leave it unset")
+        recipe = RECIPES[self.method].for_dataset(dataset)
+        view = recipe["augmentation"]
+        defaults = {**recipe, "crop_min_scale": view.crop_min_scale, "flip": view.flip, "nn_index": "flat"}
+        for name, value in values.items():
+            if value is None and defaults.get(name) is not None:
+                values[name] = defaults[name]
+        if values["augment"] is None:
+            import torch
+
+            values["augment"] = "device" if torch.cuda.is_available() else "cpu"
+        return TrainJob.model_validate(values)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from clsp.datasets import ArrayDataset
+from clsp.errors import ShardError, UserError
 from clsp.shards import reader, schema, writer
-from clsp.train import decoded_cache
-from clsp.train.data import ContrastiveStream, open_shards
+from clsp.train.data import ContrastiveStream, make_loader, open_shards
 from clsp.train.decoded_cache import DecodedShards
 from clsp.train.device_data import DeviceDataset
 
@@ -30,11 +30,11 @@ def _write(directory: Path, dataset: ArrayDataset, *, store_anchors: bool) -> np
     positives = np.random.default_rng(2).integers(0, 256, (ANCHORS, K, SIZE, SIZE, 3), dtype=np.uint8)
     manifest = writer.init_manifest(directory, dataset=dataset.describe(), generation={"test": True},
                                     num_anchors=ANCHORS, shard_size=SHARD_SIZE)
-    for shard in range(writer.num_shards(manifest)):
+    for shard in range(manifest.num_shards):
         writer.write_shard(directory, shard, (
             schema.ShardSample(anchor_index=a, positives=positives[a], label=int(dataset.targets[a]),
                                anchor=dataset.images[a] if store_anchors else None)
-            for a in writer.shard_anchor_range(manifest, shard)))
+            for a in manifest.anchor_range(shard)))
     return positives
 
 
@@ -45,59 +45,119 @@ def shards(tmp_path: Path):
     return open_shards(tmp_path / "shards"), dataset, positives
 
 
+def _refuse_reads(monkeypatch) -> None:
+    def refuse(self, shard_index):
+        raise AssertionError(f"read shard {shard_index} although it is decoded")
+
+    monkeypatch.setattr(reader.ShardDirectory, "read_records", refuse)
+
+
 def test_decoded_positives_equal_the_shard_reader(shards):
     shard_set, _, written = shards
-    indices, from_reader = reader.load_positives(shard_set.directory)
-    index, positives = DecodedShards.load(shard_set).arrays()
-    assert np.array_equal(index, indices) and np.array_equal(index, np.arange(ANCHORS))
-    assert np.array_equal(positives, from_reader)
-    assert np.array_equal(positives, written)
-    order = np.array([25, 3, 14, 0, 9, 10])  # across shards, out of order
-    assert np.array_equal(DecodedShards.load(shard_set).positives(order), written[order])
+    from_reader = np.stack([s.positives for s in shard_set.store.samples()])
+    index, positives = DecodedShards(shard_set).arrays()
+    assert np.array_equal(index, np.arange(ANCHORS))
+    assert np.array_equal(positives, from_reader) and np.array_equal(positives, written)
+    order = np.array([25, 3, 14, 0, 9, 10, 3])  # across shards, out of order, repeated
+    assert np.array_equal(DecodedShards(shard_set).positives(order), written[order])
 
 
-def test_cache_files_are_reused_without_decoding(shards, tmp_path: Path, monkeypatch):
+def test_rows_are_decoded_once_and_only_those_asked_for(shards, monkeypatch):
+    shard_set, _, written = shards
+    decoded = DecodedShards(shard_set)
+    rows = np.array([12, 4, 13])
+    draws = np.array([0.0, 0.5, 0.99])
+    positives, _, stored = decoded.drawn(rows, draws)
+    assert np.array_equal(positives, written[rows, [0, 1, 2]]) and not stored.any()
+    assert decoded._shards[1].state[[2, 3]].tolist() == [2, 2] and decoded._shards[1].state[[0, 1, 4]].sum() == 0
+    assert decoded._shards[2].state.sum() == 0  # a shard none of whose anchors was asked for is not read
+    _refuse_reads(monkeypatch)
+    again, _, _ = decoded.drawn(rows, np.array([0.7, 0.0, 0.34]))  # other candidates: from the arrays too
+    assert np.array_equal(again, written[rows, [2, 0, 1]])
+
+
+def test_cache_files_are_reused_without_reading_the_shards(shards, tmp_path: Path, monkeypatch):
     shard_set, _, written = shards
     cache = tmp_path / "cache"
-    DecodedShards.load(shard_set, cache, eager=True)
-    files = sorted(p.name for p in cache.iterdir())
-    assert len(files) == len(shard_set.shards) and all(f.endswith(".positives.npy") for f in files)
-
-    def refuse(path):
-        raise AssertionError(f"decoded {path} although its cache file exists")
-
-    monkeypatch.setattr(decoded_cache, "decode_shard", refuse)
-    again = DecodedShards.load(shard_set, cache)
+    DecodedShards(shard_set, cache).arrays()
+    files = sorted(p.name for p in cache.glob("*.npy"))
+    assert len(files) == 3 * len(shard_set.shards) and all(f.startswith("v2-shard-") for f in files)
+    _refuse_reads(monkeypatch)
+    again = DecodedShards(shard_set, cache)
     assert np.array_equal(again.arrays()[1], written)
-    assert isinstance(again._shard(0)[0], np.memmap)
+    assert isinstance(again._shards[0].positives, np.memmap)
 
 
-def test_drawn_positive_is_the_one_the_stream_draws(shards):
-    shard_set, dataset, _ = shards
-    stream = ContrastiveStream(shard_set, dataset, batch_size=8, seed=5, augment="device", mix_anchors=16)
-    stream.set_epoch(2)
-    decoded = DecodedShards.load(shard_set)
-    draws = np.random.default_rng([5, 2, 1]).random(ANCHORS)
-    batches = list(stream)
-    assert batches
-    for batch in batches:
-        anchors = batch["index"].numpy()
-        drawn = decoded.drawn(anchors, draws[anchors])
-        assert torch.equal(batch["positive"], torch.from_numpy(drawn).permute(0, 3, 1, 2))
+def test_cache_files_are_never_unpickled_and_a_wrong_one_is_refused(shards, tmp_path: Path):
+    shard_set, _, _ = shards
+    cache = tmp_path / "cache"
+    DecodedShards(shard_set, cache).positives(np.array([0]))
+    state = next(cache.glob("*-shard-000000-*.state.npy"))
+    np.save(state, np.array([object()] * SHARD_SIZE), allow_pickle=True)
+    with pytest.raises(UserError, match="delete it"):
+        DecodedShards(shard_set, cache).positives(np.array([0]))
+    np.save(state, np.zeros(SHARD_SIZE + 1, np.uint8))
+    with pytest.raises(UserError, match="not uint8"):
+        DecodedShards(shard_set, cache).positives(np.array([0]))
+
+
+def test_a_shard_altered_after_opening_is_refused_not_decoded(shards):
+    shard_set, _, _ = shards
+    path = shard_set.store.shard_path(1)
+    data = bytearray(path.read_bytes())
+    data[600] ^= 0xFF
+    path.write_bytes(bytes(data))
+    decoded = DecodedShards(shard_set)
+    assert decoded.positives(np.array([0])).shape == (1, K, SIZE, SIZE, 3)
+    with pytest.raises(ShardError, match="damaged or altered"):
+        decoded.positives(np.array([10]))
+
+
+def test_over_the_memory_budget_each_read_decodes_only_what_it_draws(shards):
+    shard_set, _, written = shards
+    with pytest.warns(UserWarning, match="decodes the positives it draws"):
+        decoded = DecodedShards(shard_set, memory_limit=1)
+    assert not decoded.keeps and not decoded._shards
+    rows, draws = np.array([25, 3, 14, 3]), np.array([0.1, 0.4, 0.7, 0.9])
+    assert np.array_equal(decoded.drawn(rows, draws)[0], written[rows, (draws * K).astype(int)])
+    assert np.array_equal(decoded.positives(rows), written[rows])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_later_epochs_read_no_shard(shards, monkeypatch, workers):
+    shard_set, dataset, written = shards
+    stream = ContrastiveStream(shard_set, dataset, batch_size=2, seed=5, num_workers=workers)  # 26 = 13 x 2
+    first = list(make_loader(stream))
+    assert sorted(torch.cat([b["index"] for b in first]).tolist()) == list(range(ANCHORS))
+    state = np.concatenate([stream.decoded._shards[s].state for s in shard_set.shards])
+    assert (state == 2).all()  # what the workers decoded reached the process that made the cache
+    _refuse_reads(monkeypatch)
+    for epoch in (0, 1):
+        stream.set_epoch(epoch)
+        batches = list(make_loader(stream))
+        if epoch == 0:
+            assert all(torch.equal(a[key], b[key]) for a, b in zip(first, batches) for key in a)
+        for batch in batches:
+            anchors = batch["index"].numpy()
+            draws = np.random.default_rng([5, epoch, 1]).random(ANCHORS)[anchors]
+            expected = written[anchors, (draws * K).astype(int)]
+            assert torch.equal(batch["positive"], torch.from_numpy(expected).permute(0, 3, 1, 2))
+            assert torch.equal(batch["anchor"], torch.from_numpy(dataset.images[anchors]).permute(0, 3, 1, 2))
 
 
 def test_stored_anchors_only_when_the_shards_hold_them(shards, tmp_path: Path):
     shard_set, dataset, _ = shards
-    assert DecodedShards.load(shard_set).stored_anchors(np.arange(4)) is None
+    assert DecodedShards(shard_set).stored_anchors(np.arange(4)) is None
     _write(tmp_path / "with-anchors", dataset, store_anchors=True)
-    with_anchors = DecodedShards.load(open_shards(tmp_path / "with-anchors"), tmp_path / "cache")
-    rows = np.array([21, 2, 13])
-    assert np.array_equal(with_anchors.stored_anchors(rows), dataset.images[rows])
+    for cache in (None, tmp_path / "cache"):
+        with_anchors = DecodedShards(open_shards(tmp_path / "with-anchors"), cache)
+        rows = np.array([21, 2, 13])
+        assert np.array_equal(with_anchors.stored_anchors(rows), dataset.images[rows])
 
 
 def test_device_dataset_batches_hold_the_shard_pixels_and_repeat_from_a_seed(shards):
     shard_set, dataset, written = shards
-    data = DeviceDataset.from_decoded(DecodedShards.load(shard_set), dataset, "cpu")
+    data = DeviceDataset.from_decoded(DecodedShards(shard_set), dataset, "cpu")
     assert len(data) == ANCHORS and data.candidates == K and data.nbytes == ANCHORS * (K + 1) * SIZE * SIZE * 3
     rows = torch.tensor([7, 0, 25, 12, 7])
     batch = data.batch(rows, torch.Generator().manual_seed(3))

@@ -1,157 +1,269 @@
-"""Each shard decoded once into uint8 arrays, so later epochs index arrays instead of decoding PNGs.
+"""Shards decoded once into uint8 arrays, so later epochs index arrays instead of decoding PNGs.
 
-Decoding the k PNG positives of an anchor costs far more than everything else the data path does
-per anchor, and the stream decodes all k to use one. ``DecodedShards`` decodes a shard the first time
-one of its anchors is asked for and keeps ``positives`` uint8 ``[n, k, H, W, 3]`` (and the stored real
-anchors, when the shard has them). With ``cache_dir`` the arrays are also written as ``.npy`` files
-and opened as memory maps, by this run's later epochs and by later runs: a file's name holds the
-shard's sha256 from the manifest, so a regenerated shard never reuses a stale cache. Files appear
-atomically, so ranks sharing a cache directory may write the same shard at once.
+Decoding an anchor's k PNG positives costs far more than everything else the data path does per
+anchor. ``DecodedShards`` keeps, per verified shard, ``positives`` uint8 ``[n, k, H, W, 3]``, the
+stored real ``anchors`` uint8 ``[n, H, W, 3]`` and a ``state`` per row (0: not decoded yet, 1: decoded
+with its stored anchor, 2: decoded, the shard holds no anchor image). A row is decoded when one of its
+anchors is first asked for, and its state is written after its pixels, so a row in state 1 or 2 is
+complete. Rows are decoded whole: all k candidates at once, because a shard read for a few candidates
+would have to be read again (sha256, tar, records) in almost every later epoch to reach the others.
 
-A shard file is read in one call and only its ``.json`` and ``.png`` members are decoded, through
-``schema.decode_sample`` (nothing is unpickled).
+Where the arrays live:
+
+- in memory (the default): one anonymous shared mapping, made by the process that builds the cache.
+  DataLoader workers forked from it write the rows they decode into the same pages, so the next
+  epoch's workers find them decoded. A cache larger than its share of the physical memory is not
+  kept: each read then decodes only the drawn candidates (``keeps`` is False).
+- under ``cache_dir``: ``.npy`` files opened as memory maps, shared by workers, ranks on the same
+  machine and later runs. A file's name holds the shard's sha256 from the manifest, so a regenerated
+  shard never reuses stale pixels; pixels are flushed to the file before the states that declare them.
+
+Shards are read only through ``ShardDirectory.read_records``: a shard is verified against its
+manifest record (size and sha256) before it is read, members are bounded by their tar headers and
+only JSON and PNG members are decoded. Cache files are read with numpy's header parser, which refuses
+object arrays: nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
-import io
-import tarfile
+import mmap
+import os
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from clsp.errors import UserError
-from clsp.io import atomic_path
+from clsp.io import atomic_path, exclusive_lock
 from clsp.shards import schema
-from clsp.train.data import ShardSet
 
-CACHE_VERSION = 1
+if TYPE_CHECKING:
+    from clsp.train.data import ShardSet
 
-
-def read_shard(path: str | Path) -> list[dict]:
-    """The raw samples of one tar shard (member suffix -> bytes, plus ``__key__``), in tar order.
-
-    The whole file is read with one call; members other than ``.json`` / ``.png`` / ``.cls`` are skipped.
-    """
-    samples: dict[str, dict] = {}
-    with tarfile.open(fileobj=io.BytesIO(Path(path).read_bytes()), mode="r:") as tar:
-        for member in tar:
-            name = member.name.rsplit("/", 1)[-1]
-            if not member.isfile() or not schema.is_readable_member(name) or "." not in name:
-                continue
-            key, suffix = name.split(".", 1)
-            samples.setdefault(key, {"__key__": key})[suffix] = tar.extractfile(member).read()
-    return list(samples.values())
+CACHE_VERSION = 2
+MEMORY_SHARE = 0.5  # of the physical memory, split over the processes of this machine
+_UNREAD, _WITH_ANCHOR, _NO_ANCHOR = 0, 1, 2
 
 
-def decode_shard(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Anchor indices int64 ``[n]``, positives uint8 ``[n, k, H, W, 3]`` and stored anchors (or None)."""
-    try:
-        decoded = [schema.decode_sample(raw) for raw in read_shard(path)]
-    except (ValueError, tarfile.TarError, OSError) as err:
-        raise UserError(f"missing or damaged shard {path} ({err}); run `clsp shards verify {Path(path).parent}` "
-                        f"and regenerate what it lists") from None
-    if not decoded:
-        raise UserError(f"shard {path} holds no samples; run `clsp shards verify {Path(path).parent}`")
-    indices = np.array([d["anchor_index"] for d in decoded], dtype=np.int64)
-    positives = np.stack([d["positives"] for d in decoded])
-    stored = [d["anchor"] for d in decoded]
-    anchors = np.stack(stored) if all(a is not None for a in stored) else None
-    return indices, positives, anchors
+@dataclass
+class _Shard:
+    """One shard's decoded rows."""
+
+    positives: np.ndarray  # uint8 [n, k, H, W, 3]
+    anchors: np.ndarray  # uint8 [n, H, W, 3]
+    state: np.ndarray  # uint8 [n]
+    mapped: bool = False  # file-backed: flushed before its states are written
+
+
+def _geometry(shards: ShardSet) -> dict[int, tuple[int, int]]:
+    """shard -> (rows, candidates) for every verified shard of the set."""
+    return {s: (len(shards.anchors(s)), shards.store.record(s).candidates) for s in shards.shards}
+
+
+def _nbytes(rows: int, k: int, pixels: int) -> tuple[int, int, int]:
+    return rows * k * pixels, rows * pixels, rows
 
 
 class DecodedShards:
-    """The positives (and stored anchors) of a shard set as uint8 arrays, one shard decoded at a time.
+    """The positives (and stored anchors) of a shard set as uint8 arrays, each row decoded on first use.
 
     Shard ``i`` holds anchors ``[i * shard_size, ...)`` in order, so an anchor's row is arithmetic.
     """
 
-    def __init__(self, shards: ShardSet, cache_dir: str | Path | None = None) -> None:
-        self.shards = shards
+    def __init__(self, shards: ShardSet, cache_dir: str | os.PathLike | None = None, *,
+                 memory_limit: int | None = None) -> None:
+        self.shards, self.store = shards, shards.store
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
-        self._positives: dict[int, np.ndarray] = {}
-        self._anchors: dict[int, np.ndarray | None] = {}
+        height, width = self.store.manifest.image_shape
+        self._pixels = height * width * 3
+        self._geometry = _geometry(shards)
+        self._shards: dict[int, _Shard] = {}
+        self._memory: mmap.mmap | None = None
+        self.keeps = True
+        if self.cache_dir is None:
+            need = self.nbytes
+            limit = _memory_budget() if memory_limit is None else memory_limit
+            if need > limit:
+                self.keeps = False
+                warnings.warn(f"the decoded shards would take {need / 2**30:.1f} GiB, over the "
+                              f"{limit / 2**30:.1f} GiB this process may use, so each epoch decodes the positives "
+                              f"it draws; set a decoded-cache directory to keep them on disk", stacklevel=2)
+            else:
+                self._map_memory()
 
-    @classmethod
-    def load(cls, shards: ShardSet, cache_dir: str | Path | None = None, *, eager: bool = False) -> DecodedShards:
-        """Decoded shards of ``shards``, cached under ``cache_dir`` when given; ``eager`` decodes all now."""
-        decoded = cls(shards, cache_dir)
-        if eager:
-            for shard in shards.shards:
-                decoded._shard(shard)
-        return decoded
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole decoded set (positives, anchors, states)."""
+        return sum(sum(_nbytes(rows, k, self._pixels)) for rows, k in self._geometry.values())
+
+    def _map_memory(self) -> None:
+        """Views into one anonymous shared mapping: pages cost memory only once written."""
+        self._memory = mmap.mmap(-1, max(1, self.nbytes))
+        height, width = self.store.manifest.image_shape
+        offset = 0
+        for shard, (rows, k) in self._geometry.items():
+            sizes = _nbytes(rows, k, self._pixels)
+            shapes = ((rows, k, height, width, 3), (rows, height, width, 3), (rows,))
+            views = []
+            for size, shape in zip(sizes, shapes):
+                views.append(np.frombuffer(self._memory, np.uint8, size, offset).reshape(shape))
+                offset += size
+            self._shards[shard] = _Shard(*views)
+
+    def __getstate__(self) -> dict:
+        """Pickled (a spawned worker): a memory cache stays behind, file maps are reopened where unpickled."""
+        state = dict(self.__dict__, _memory=None, _shards={})
+        if self.cache_dir is None:
+            state["keeps"] = False
+        return state
+
+    # ---- what the stream and the device-resident set ask for --------------------------------------------
+    def drawn(self, anchors: np.ndarray, draws: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One positive per anchor, candidate ``int(draw * k)`` for its draw in [0, 1) (as the stream draws),
+        and the stored anchor images with a mask of the anchors whose shard holds one.
+
+        Returns positives uint8 ``[n, H, W, 3]``, anchors uint8 ``[n, H, W, 3]`` (zero where the mask is
+        False) and the mask bool ``[n]``.
+        """
+        anchors, draws = np.asarray(anchors, dtype=np.int64), np.asarray(draws, dtype=np.float64)
+        height, width = self.store.manifest.image_shape
+        positives = np.empty((len(anchors), height, width, 3), np.uint8)
+        images = np.zeros_like(positives)
+        stored = np.zeros(len(anchors), bool)
+        for shard, rows, mine in self._by_shard(anchors):
+            k = self._geometry[shard][1]
+            candidate = (draws[mine] * k).astype(np.int64)
+            if not self.keeps:
+                positives[mine], images[mine], stored[mine] = self._decode(shard, rows, candidate)
+                continue
+            arrays = self._rows(shard, rows)
+            positives[mine] = arrays.positives[rows, candidate]
+            stored[mine] = arrays.state[rows] == _WITH_ANCHOR
+            images[mine[stored[mine]]] = arrays.anchors[rows[stored[mine]]]
+        return positives, images, stored
 
     def positives(self, anchors: np.ndarray) -> np.ndarray:
-        """All k positives of each anchor: uint8 ``[n, k, H, W, 3]``."""
-        return self._gather(anchors, lambda shard, rows, mine: self._shard(shard)[0][rows])
-
-    def drawn(self, anchors: np.ndarray, draws: np.ndarray) -> np.ndarray:
-        """One positive per anchor, candidate ``int(draw * k)`` for draws in [0, 1) (as the stream draws)."""
-        draws = np.asarray(draws)
-
-        def pick(shard: int, rows: np.ndarray, mine: np.ndarray) -> np.ndarray:
-            positives = self._shard(shard)[0]
-            return positives[rows, (draws[mine] * positives.shape[1]).astype(np.int64)]
-
-        return self._gather(anchors, pick)
+        """All k positives of each anchor: uint8 ``[n, k, H, W, 3]`` (one k across the anchors' shards)."""
+        anchors = np.asarray(anchors, dtype=np.int64)
+        parts = list(self._by_shard(anchors))
+        ks = {self._geometry[shard][1] for shard, _, _ in parts}
+        if len(ks) > 1:
+            raise UserError(f"the shards of {self.store.path} hold different numbers of candidates ({sorted(ks)})")
+        height, width = self.store.manifest.image_shape
+        out = np.empty((len(anchors), ks.pop() if ks else 0, height, width, 3), np.uint8)
+        for shard, rows, mine in parts:
+            out[mine] = self._rows(shard, rows).positives[rows] if self.keeps else self._decode(shard, rows, None)[0]
+        return out
 
     def stored_anchors(self, anchors: np.ndarray) -> np.ndarray | None:
-        """The real anchors as the shards store them, uint8 ``[n, H, W, 3]``; None unless every shard has them."""
-        anchors = np.asarray(anchors, dtype=np.int64)
-        if any(self._shard(int(s))[1] is None for s in np.unique(anchors // self.shards.shard_size)):
-            return None
-        return self._gather(anchors, lambda shard, rows, mine: self._shard(shard)[1][rows])
+        """The real anchors as the shards store them, uint8 ``[n, H, W, 3]``; None unless all are stored."""
+        _, images, stored = self.drawn(anchors, np.zeros(len(anchors)))
+        return images if stored.all() else None
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every anchor index of the set (ascending) and its positives ``[N, k, H, W, 3]``, in memory."""
+        """Every anchor index of the set (ascending) and its positives ``[N, k, H, W, 3]``."""
         indices = np.concatenate([np.arange(r.start, r.stop) for r in map(self.shards.anchors, self.shards.shards)])
         return indices, self.positives(indices)
 
-    def _gather(self, anchors: np.ndarray, pick) -> np.ndarray:
-        """Rows for ``anchors`` in their order; ``pick(shard, rows in shard, positions in anchors)`` selects."""
-        anchors = np.asarray(anchors, dtype=np.int64)
+    # ---- decoding ------------------------------------------------------------------------------------------
+    def _by_shard(self, anchors: np.ndarray):
+        """(shard, rows in the shard, positions in ``anchors``) per shard the anchors fall in."""
         shard, row = np.divmod(anchors, self.shards.shard_size)
-        out: np.ndarray | None = None
-        for s in np.unique(shard):
+        for s in np.unique(shard).tolist():
+            if s not in self._geometry:
+                raise UserError(f"shard {s} is not among the verified shards of {self.store.path}")
             mine = np.flatnonzero(shard == s)
-            part = pick(int(s), row[mine], mine)
-            if out is None:
-                out = np.empty((len(anchors), *part.shape[1:]), dtype=np.uint8)
-            out[mine] = part
-        return out
+            yield s, row[mine], mine
 
-    def _shard(self, shard: int) -> tuple[np.ndarray, np.ndarray | None]:
-        if shard not in self._positives:
-            if shard not in self.shards.shards:
-                raise UserError(f"shard {shard} is not among the verified shards of {self.shards.directory}")
-            self._positives[shard], self._anchors[shard] = self._load(shard)
-        return self._positives[shard], self._anchors[shard]
+    def _rows(self, shard: int, rows: np.ndarray) -> _Shard:
+        """The shard's arrays with ``rows`` decoded (each row read once, then kept)."""
+        arrays = self._shards.get(shard) or self._open(shard)
+        missing = np.unique(rows[arrays.state[rows] == _UNREAD])
+        if len(missing):
+            wanted = set(missing.tolist())
+            first = self.shards.anchors(shard).start
+            path, shape = self.store.shard_path(shard), self.store.manifest.image_shape
+            done = []
+            for key, record, members in self.store.read_records(shard):
+                row = record.anchor_index - first
+                if row not in wanted:
+                    continue
+                for j in range(record.candidates):
+                    arrays.positives[row, j] = schema.decode_member(key, members, f"pos{j}.png", shape=shape,
+                                                                    where=path)
+                if "anchor.png" in members:
+                    arrays.anchors[row] = schema.decode_member(key, members, "anchor.png", shape=shape, where=path)
+                done.append((row, _WITH_ANCHOR if "anchor.png" in members else _NO_ANCHOR))
+            if arrays.mapped:  # pixels on disk before the states that declare them
+                arrays.positives.flush(), arrays.anchors.flush()
+            for row, state in done:
+                arrays.state[row] = state
+            if arrays.mapped:
+                arrays.state.flush()
+        return arrays
 
-    def _load(self, shard: int) -> tuple[np.ndarray, np.ndarray | None]:
-        paths = self._cache_paths(shard)
-        if paths and paths[0].is_file():
-            anchors = np.load(paths[1], mmap_mode="r") if paths[1].is_file() else None
-            return np.load(paths[0], mmap_mode="r"), anchors
-        indices, positives, anchors = decode_shard(self.shards.directory / schema.shard_name(shard))
-        expected = self.shards.anchors(shard)
-        if not np.array_equal(indices, np.arange(expected.start, expected.stop)):
-            raise UserError(f"shard {shard} of {self.shards.directory} does not hold anchors "
-                            f"{expected.start}..{expected.stop - 1} in order; run `clsp shards verify`")
-        if not paths:
-            return positives, anchors
-        if anchors is not None:  # before the positives: a present positives file means the shard is complete
-            _save(paths[1], anchors)
-        _save(paths[0], positives)
-        return self._load(shard)
+    def _decode(self, shard: int, rows: np.ndarray, candidate: np.ndarray | None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Without a kept cache: the given candidate of each row (all k when None), anchors and their mask."""
+        first = self.shards.anchors(shard).start
+        path, shape = self.store.shard_path(shard), self.store.manifest.image_shape
+        positions: dict[int, list[int]] = {}
+        for i, row in enumerate(rows.tolist()):
+            positions.setdefault(row, []).append(i)
+        k = self._geometry[shard][1]
+        height, width = shape
+        positives = np.empty((len(rows), *(() if candidate is not None else (k,)), height, width, 3), np.uint8)
+        images = np.zeros((len(rows), height, width, 3), np.uint8)
+        stored = np.zeros(len(rows), bool)
+        for key, record, members in self.store.read_records(shard):
+            for i in positions.get(record.anchor_index - first, ()):
+                if candidate is None:
+                    positives[i] = [schema.decode_member(key, members, f"pos{j}.png", shape=shape, where=path)
+                                    for j in range(record.candidates)]
+                else:
+                    positives[i] = schema.decode_member(key, members, f"pos{candidate[i]}.png", shape=shape,
+                                                        where=path)
+                if "anchor.png" in members:
+                    images[i] = schema.decode_member(key, members, "anchor.png", shape=shape, where=path)
+                    stored[i] = True
+        return positives, images, stored
 
-    def _cache_paths(self, shard: int) -> tuple[Path, Path] | None:
+    # ---- files -------------------------------------------------------------------------------------------
+    def _open(self, shard: int) -> _Shard:
+        """The shard's memory-mapped files under ``cache_dir``, made (all zero) by the first process to need them."""
         if self.cache_dir is None:
-            return None
-        digest = self.shards.manifest["shards"][schema.shard_name(shard)]["sha256"][:16]
-        stem = f"v{CACHE_VERSION}-shard-{shard:06d}-{digest}"
-        return self.cache_dir / f"{stem}.positives.npy", self.cache_dir / f"{stem}.anchors.npy"
+            raise AssertionError("a memory cache maps every shard when it is made")
+        rows, k = self._geometry[shard]
+        height, width = self.store.manifest.image_shape
+        digest = self.store.record(shard).sha256[:16]
+        stem = self.cache_dir / f"v{CACHE_VERSION}-shard-{shard:06d}-{digest}"
+        shapes = {"positives": (rows, k, height, width, 3), "anchors": (rows, height, width, 3), "state": (rows,)}
+        paths = {name: stem.with_name(f"{stem.name}.{name}.npy") for name in shapes}
+        with exclusive_lock(stem.with_name(f"{stem.name}.lock")):
+            for name, shape in shapes.items():  # the state file last: present means all three are
+                if not paths["state"].is_file():
+                    with atomic_path(paths[name]) as tmp:
+                        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()
+        arrays = {}
+        for name, shape in shapes.items():
+            try:
+                arrays[name] = np.lib.format.open_memmap(paths[name], mode="r+")
+            except (OSError, ValueError) as err:
+                raise UserError(f"unreadable decoded-shard cache file {paths[name]} ({err}); delete it") from None
+            if arrays[name].dtype != np.uint8 or arrays[name].shape != shape:
+                raise UserError(f"decoded-shard cache file {paths[name]} holds {arrays[name].dtype} "
+                                f"{list(arrays[name].shape)}, not uint8 {list(shape)}; delete it")
+        self._shards[shard] = _Shard(arrays["positives"], arrays["anchors"], arrays["state"], mapped=True)
+        return self._shards[shard]
 
 
-def _save(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, array)
+def _memory_budget() -> int:
+    """The bytes one process may keep decoded: a share of the physical memory over this machine's processes."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return int(physical * MEMORY_SHARE / max(1, local))

@@ -40,9 +40,9 @@ CURVE = "loss_curve.png"
 METRICS = ("loss", "loss_base", "loss_clsp", "nn_acc", "probe_acc")
 # Settings that do not change the weights, so a run may resume with other values of them.
 # Where a run reads and writes: not part of what an encoder is (its card stays the same wherever it was trained).
-_PATHS = {"out", "shards", "data_root"}
-_NOT_RESUMED = ("out", "shards", "data_root", "allow_partial", "checkpoint_every", "checkpoint_steps", "log_every",
-                "compile")
+_PATHS = {"out", "shards", "data_root", "decoded_cache_dir"}
+_NOT_RESUMED = ("out", "shards", "data_root", "decoded_cache_dir", "allow_partial", "checkpoint_every",
+                "checkpoint_steps", "log_every", "compile")
 
 
 class Trainer:
@@ -68,7 +68,7 @@ class Trainer:
         self.stream = ContrastiveStream(
             self.shards, self.dataset, batch_size=self.batch_size, seed=job.seed, rank=self.rank,
             world_size=self.world_size, num_workers=job.workers, positives=job.clsp_lambda > 0,
-            views=views if job.augment == "cpu" else None)
+            views=views if job.augment == "cpu" else None, cache_dir=job.decoded_cache_dir)
         self.labelled = self.dataset.has_labels and bool((self.stream.labels >= 0).all())
 
         torch.manual_seed(job.seed)

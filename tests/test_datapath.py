@@ -62,18 +62,24 @@ def test_decoded_positives_equal_the_shard_reader(shards):
     assert np.array_equal(DecodedShards(shard_set).positives(order), written[order])
 
 
-def test_rows_are_decoded_once_and_only_those_asked_for(shards, monkeypatch):
+def test_first_read_decodes_the_drawn_candidate_the_next_read_the_rest(shards, monkeypatch):
     shard_set, _, written = shards
     decoded = DecodedShards(shard_set)
     rows = np.array([12, 4, 13])
-    draws = np.array([0.0, 0.5, 0.99])
-    positives, _, stored = decoded.drawn(rows, draws)
+    positives, _, stored = decoded.drawn(rows, np.array([0.0, 0.5, 0.99]))
     assert np.array_equal(positives, written[rows, [0, 1, 2]]) and not stored.any()
-    assert decoded._shards[1].state[[2, 3]].tolist() == [2, 2] and decoded._shards[1].state[[0, 1, 4]].sum() == 0
+    one, zero = decoded._shards[1], decoded._shards[0]
+    assert one.done[[2, 3]].tolist() == [[1, 0, 0], [0, 0, 1]] and zero.done[4].tolist() == [0, 1, 0]
+    assert one.state[[2, 3]].tolist() == [2, 2] and one.state[[0, 1, 4]].sum() == 0
     assert decoded._shards[2].state.sum() == 0  # a shard none of whose anchors was asked for is not read
-    _refuse_reads(monkeypatch)
-    again, _, _ = decoded.drawn(rows, np.array([0.7, 0.0, 0.34]))  # other candidates: from the arrays too
+    with monkeypatch.context() as patch:
+        _refuse_reads(patch)
+        assert np.array_equal(decoded.drawn(rows, np.array([0.1, 0.4, 0.8]))[0], positives)
+    again, _, _ = decoded.drawn(rows, np.array([0.7, 0.0, 0.34]))  # read again: every candidate of the rows
     assert np.array_equal(again, written[rows, [2, 0, 1]])
+    assert one.done[[2, 3]].all() and zero.done[4].all() and one.done[[0, 1, 4]].sum() == 0
+    _refuse_reads(monkeypatch)
+    assert np.array_equal(decoded.positives(rows), written[rows])
 
 
 def test_cache_files_are_reused_without_reading_the_shards(shards, tmp_path: Path, monkeypatch):
@@ -81,7 +87,7 @@ def test_cache_files_are_reused_without_reading_the_shards(shards, tmp_path: Pat
     cache = tmp_path / "cache"
     DecodedShards(shard_set, cache).arrays()
     files = sorted(p.name for p in cache.glob("*.npy"))
-    assert len(files) == 3 * len(shard_set.shards) and all(f.startswith("v2-shard-") for f in files)
+    assert len(files) == 4 * len(shard_set.shards) and all(f.startswith("v2-shard-") for f in files)
     _refuse_reads(monkeypatch)
     again = DecodedShards(shard_set, cache)
     assert np.array_equal(again.arrays()[1], written)
@@ -124,25 +130,27 @@ def test_over_the_memory_budget_each_read_decodes_only_what_it_draws(shards):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_stream_later_epochs_read_no_shard(shards, monkeypatch, workers):
+def test_stream_decodes_what_it_draws_and_shares_it_across_workers_and_epochs(shards, monkeypatch, workers):
     shard_set, dataset, written = shards
     stream = ContrastiveStream(shard_set, dataset, batch_size=2, seed=5, num_workers=workers)  # 26 = 13 x 2
+    draws = [np.random.default_rng([5, epoch, 1]).random(ANCHORS) for epoch in (0, 1)]
     first = list(make_loader(stream))
     assert sorted(torch.cat([b["index"] for b in first]).tolist()) == list(range(ANCHORS))
     state = np.concatenate([stream.decoded._shards[s].state for s in shard_set.shards])
-    assert (state == 2).all()  # what the workers decoded reached the process that made the cache
-    _refuse_reads(monkeypatch)
-    for epoch in (0, 1):
-        stream.set_epoch(epoch)
-        batches = list(make_loader(stream))
-        if epoch == 0:
-            assert all(torch.equal(a[key], b[key]) for a, b in zip(first, batches) for key in a)
-        for batch in batches:
-            anchors = batch["index"].numpy()
-            draws = np.random.default_rng([5, epoch, 1]).random(ANCHORS)[anchors]
-            expected = written[anchors, (draws * K).astype(int)]
-            assert torch.equal(batch["positive"], torch.from_numpy(expected).permute(0, 3, 1, 2))
-            assert torch.equal(batch["anchor"], torch.from_numpy(dataset.images[anchors]).permute(0, 3, 1, 2))
+    done = np.concatenate([stream.decoded._shards[s].done for s in shard_set.shards])
+    assert (state == 2).all() and (done.sum(1) == 1).all()  # the workers' decoding reached this process
+    with monkeypatch.context() as patch:  # the same epoch again: arrays only
+        _refuse_reads(patch)
+        assert all(torch.equal(a[key], b[key]) for a, b in zip(first, make_loader(stream)) for key in a)
+    stream.set_epoch(1)
+    for batch in make_loader(stream):
+        anchors = batch["index"].numpy()
+        expected = written[anchors, (draws[1][anchors] * K).astype(int)]
+        assert torch.equal(batch["positive"], torch.from_numpy(expected).permute(0, 3, 1, 2))
+        assert torch.equal(batch["anchor"], torch.from_numpy(dataset.images[anchors]).permute(0, 3, 1, 2))
+    done = np.concatenate([stream.decoded._shards[s].done for s in shard_set.shards])
+    assert done.all()  # the second epoch read each shard again, so its rows are whole: later epochs read none
+    assert ((draws[0] * K).astype(int) == (draws[1] * K).astype(int)).any()  # even rows drawn alike twice
 
 
 def test_stored_anchors_only_when_the_shards_hold_them(shards, tmp_path: Path):

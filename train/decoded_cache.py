@@ -1,12 +1,18 @@
 """Shards decoded once into uint8 arrays, so later epochs index arrays instead of decoding PNGs.
 
 Decoding an anchor's k PNG positives costs far more than everything else the data path does per
-anchor. ``DecodedShards`` keeps, per verified shard, ``positives`` uint8 ``[n, k, H, W, 3]``, the
-stored real ``anchors`` uint8 ``[n, H, W, 3]`` and a ``state`` per row (0: not decoded yet, 1: decoded
-with its stored anchor, 2: decoded, the shard holds no anchor image). A row is decoded when one of its
-anchors is first asked for, and its state is written after its pixels, so a row in state 1 or 2 is
-complete. Rows are decoded whole: all k candidates at once, because a shard read for a few candidates
-would have to be read again (sha256, tar, records) in almost every later epoch to reach the others.
+anchor. ``DecodedShards`` keeps, per verified shard, ``positives`` uint8 ``[n, k, H, W, 3]`` with a flag
+per candidate (``done`` ``[n, k]``), the stored real ``anchors`` uint8 ``[n, H, W, 3]`` and a ``state``
+per row (0: never read, 1: read, with its stored anchor, 2: read, the shard holds no anchor image).
+Flags and states are written after the pixels they declare, so whatever they declare is complete.
+
+What is decoded: the first time a row is asked for, only the candidates asked for (the one the epoch
+drew) and its anchor, so the first epoch decodes one PNG positive per anchor. When a shard has to be
+read again (a candidate asked for is not decoded yet), every row of that request read before gets all
+its remaining candidates. The stream asks once per worker chunk, which holds all of the worker's
+anchors of an epoch, so the second epoch completes its rows and later epochs read no shard; reading a
+shard again for each missing candidate would instead cost a sha256, a tar read and the records in
+almost every epoch until all k had been drawn.
 
 Where the arrays live:
 
@@ -26,6 +32,7 @@ object arrays: nothing is ever unpickled.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import warnings
@@ -45,6 +52,7 @@ if TYPE_CHECKING:
 CACHE_VERSION = 2
 MEMORY_SHARE = 0.5  # of the physical memory, split over the processes of this machine
 _UNREAD, _WITH_ANCHOR, _NO_ANCHOR = 0, 1, 2
+_FILES = ("positives", "done", "anchors", "state")  # the state file last: present means all are
 
 
 @dataclass
@@ -52,9 +60,10 @@ class _Shard:
     """One shard's decoded rows."""
 
     positives: np.ndarray  # uint8 [n, k, H, W, 3]
+    done: np.ndarray  # uint8 [n, k]: 1 where the candidate is decoded
     anchors: np.ndarray  # uint8 [n, H, W, 3]
     state: np.ndarray  # uint8 [n]
-    mapped: bool = False  # file-backed: flushed before its states are written
+    mapped: bool = False  # file-backed: pixels flushed before the flags that declare them
 
 
 def _geometry(shards: ShardSet) -> dict[int, tuple[int, int]]:
@@ -62,8 +71,9 @@ def _geometry(shards: ShardSet) -> dict[int, tuple[int, int]]:
     return {s: (len(shards.anchors(s)), shards.store.record(s).candidates) for s in shards.shards}
 
 
-def _nbytes(rows: int, k: int, pixels: int) -> tuple[int, int, int]:
-    return rows * k * pixels, rows * pixels, rows
+def _shapes(rows: int, k: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+    return {"positives": (rows, k, height, width, 3), "done": (rows, k), "anchors": (rows, height, width, 3),
+            "state": (rows,)}
 
 
 class DecodedShards:
@@ -95,8 +105,10 @@ class DecodedShards:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the whole decoded set (positives, anchors, states)."""
-        return sum(sum(_nbytes(rows, k, self._pixels)) for rows, k in self._geometry.values())
+        """Bytes of the whole decoded set (positives, anchors, flags)."""
+        height, width = self.store.manifest.image_shape
+        return sum(math.prod(shape) for rows, k in self._geometry.values()
+                   for shape in _shapes(rows, k, height, width).values())
 
     def _map_memory(self) -> None:
         """Views into one anonymous shared mapping: pages cost memory only once written."""
@@ -104,13 +116,12 @@ class DecodedShards:
         height, width = self.store.manifest.image_shape
         offset = 0
         for shard, (rows, k) in self._geometry.items():
-            sizes = _nbytes(rows, k, self._pixels)
-            shapes = ((rows, k, height, width, 3), (rows, height, width, 3), (rows,))
-            views = []
-            for size, shape in zip(sizes, shapes):
-                views.append(np.frombuffer(self._memory, np.uint8, size, offset).reshape(shape))
+            views = {}
+            for name, shape in _shapes(rows, k, height, width).items():
+                size = math.prod(shape)
+                views[name] = np.frombuffer(self._memory, np.uint8, size, offset).reshape(shape)
                 offset += size
-            self._shards[shard] = _Shard(*views)
+            self._shards[shard] = _Shard(**views)
 
     def __getstate__(self) -> dict:
         """Pickled (a spawned worker): a memory cache stays behind, file maps are reopened where unpickled."""
@@ -138,7 +149,7 @@ class DecodedShards:
             if not self.keeps:
                 positives[mine], images[mine], stored[mine] = self._decode(shard, rows, candidate)
                 continue
-            arrays = self._rows(shard, rows)
+            arrays = self._rows(shard, rows, candidate)
             positives[mine] = arrays.positives[rows, candidate]
             stored[mine] = arrays.state[rows] == _WITH_ANCHOR
             images[mine[stored[mine]]] = arrays.anchors[rows[stored[mine]]]
@@ -154,7 +165,8 @@ class DecodedShards:
         height, width = self.store.manifest.image_shape
         out = np.empty((len(anchors), ks.pop() if ks else 0, height, width, 3), np.uint8)
         for shard, rows, mine in parts:
-            out[mine] = self._rows(shard, rows).positives[rows] if self.keeps else self._decode(shard, rows, None)[0]
+            out[mine] = self._rows(shard, rows, None).positives[rows] if self.keeps else \
+                self._decode(shard, rows, None)[0]
         return out
 
     def stored_anchors(self, anchors: np.ndarray) -> np.ndarray | None:
@@ -177,31 +189,42 @@ class DecodedShards:
             mine = np.flatnonzero(shard == s)
             yield s, row[mine], mine
 
-    def _rows(self, shard: int, rows: np.ndarray) -> _Shard:
-        """The shard's arrays with ``rows`` decoded (each row read once, then kept)."""
+    def _rows(self, shard: int, rows: np.ndarray, candidate: np.ndarray | None) -> _Shard:
+        """The shard's arrays with ``candidate`` of each of ``rows`` decoded (all k when None); the shard is
+        read only when one is missing, and then each of ``rows`` read before gets all its candidates."""
         arrays = self._shards.get(shard) or self._open(shard)
-        missing = np.unique(rows[arrays.state[rows] == _UNREAD])
-        if len(missing):
-            wanted = set(missing.tolist())
-            first = self.shards.anchors(shard).start
-            path, shape = self.store.shard_path(shard), self.store.manifest.image_shape
-            done = []
-            for key, record, members in self.store.read_records(shard):
-                row = record.anchor_index - first
-                if row not in wanted:
-                    continue
-                for j in range(record.candidates):
-                    arrays.positives[row, j] = schema.decode_member(key, members, f"pos{j}.png", shape=shape,
-                                                                    where=path)
-                if "anchor.png" in members:
-                    arrays.anchors[row] = schema.decode_member(key, members, "anchor.png", shape=shape, where=path)
-                done.append((row, _WITH_ANCHOR if "anchor.png" in members else _NO_ANCHOR))
-            if arrays.mapped:  # pixels on disk before the states that declare them
-                arrays.positives.flush(), arrays.anchors.flush()
-            for row, state in done:
-                arrays.state[row] = state
-            if arrays.mapped:
-                arrays.state.flush()
+        k = arrays.done.shape[1]
+        asked = np.ones((len(rows), k), bool) if candidate is None else np.eye(k, dtype=bool)[candidate]
+        done, read_before = arrays.done[rows].astype(bool), arrays.state[rows] != _UNREAD
+        if not ((asked & ~done).any() or not read_before.all()):
+            return arrays
+        # the shard is read: a row read before gets all its candidates, a new row those asked for
+        need = (asked | read_before[:, None]) & ~done
+        wanted: dict[int, np.ndarray] = {}
+        for row, want, new in zip(rows.tolist(), need, ~read_before):
+            if want.any() or new:
+                wanted[row] = want | wanted.get(row, False)
+        first = self.shards.anchors(shard).start
+        path, shape = self.store.shard_path(shard), self.store.manifest.image_shape
+        decoded = []
+        for key, record, members in self.store.read_records(shard):
+            row = record.anchor_index - first
+            if row not in wanted:
+                continue
+            read_before = arrays.state[row] != _UNREAD
+            todo = np.flatnonzero(wanted[row] & ~arrays.done[row].astype(bool))
+            for j in todo.tolist():
+                arrays.positives[row, j] = schema.decode_member(key, members, f"pos{j}.png", shape=shape, where=path)
+            if not read_before and "anchor.png" in members:
+                arrays.anchors[row] = schema.decode_member(key, members, "anchor.png", shape=shape, where=path)
+            decoded.append((row, todo, _WITH_ANCHOR if "anchor.png" in members else _NO_ANCHOR))
+        if arrays.mapped:  # pixels on disk before the flags that declare them
+            arrays.positives.flush(), arrays.anchors.flush()
+        for row, todo, state in decoded:
+            arrays.done[row, todo] = 1
+            arrays.state[row] = state
+        if arrays.mapped:
+            arrays.done.flush(), arrays.state.flush()
         return arrays
 
     def _decode(self, shard: int, rows: np.ndarray, candidate: np.ndarray | None
@@ -239,13 +262,13 @@ class DecodedShards:
         height, width = self.store.manifest.image_shape
         digest = self.store.record(shard).sha256[:16]
         stem = self.cache_dir / f"v{CACHE_VERSION}-shard-{shard:06d}-{digest}"
-        shapes = {"positives": (rows, k, height, width, 3), "anchors": (rows, height, width, 3), "state": (rows,)}
-        paths = {name: stem.with_name(f"{stem.name}.{name}.npy") for name in shapes}
+        shapes = _shapes(rows, k, height, width)
+        paths = {name: stem.with_name(f"{stem.name}.{name}.npy") for name in _FILES}
         with exclusive_lock(stem.with_name(f"{stem.name}.lock")):
-            for name, shape in shapes.items():  # the state file last: present means all three are
-                if not paths["state"].is_file():
+            if not paths["state"].is_file():
+                for name in _FILES:
                     with atomic_path(paths[name]) as tmp:
-                        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()
+                        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shapes[name]).flush()
         arrays = {}
         for name, shape in shapes.items():
             try:
@@ -255,7 +278,7 @@ class DecodedShards:
             if arrays[name].dtype != np.uint8 or arrays[name].shape != shape:
                 raise UserError(f"decoded-shard cache file {paths[name]} holds {arrays[name].dtype} "
                                 f"{list(arrays[name].shape)}, not uint8 {list(shape)}; delete it")
-        self._shards[shard] = _Shard(arrays["positives"], arrays["anchors"], arrays["state"], mapped=True)
+        self._shards[shard] = _Shard(**arrays, mapped=True)
         return self._shards[shard]
 
 

@@ -4,12 +4,14 @@ A GPU step of ResNet-18 at 32x32 takes far less time than one CPU core needs to 
 pipeline sets the epoch time. This measures, with torch and the process on one thread and
 ``ContrastiveStream`` without workers (a worker process does the same work on its own core):
 
-- reading shards (tar bytes): WebDataset streaming, and one read per shard file;
-- decoding the k PNG positives of an anchor; loading the real anchors by index;
+- reading shards: the sha256 check against the manifest, and the bounded tar read of every member;
+- decoding the k PNG positives of an anchor, or only the drawn one; loading the real anchors by index;
 - augmenting 3 views: per image with torchvision v2 on the CPU, batched with kornia on the device;
 - end to end, to uint8 batches on the device (augmentation left to the device): the stream as the
-  trainer uses it, the same batches from the decoded-shard cache (first epoch decodes, later epochs
-  index arrays, in memory or memory-mapped), and the device-resident dataset.
+  trainer uses it (epoch 1 decodes the drawn positives into the in-memory cache, epoch 2 the other
+  candidates, later epochs index it), the stream as it was before the cache (every shard read and
+  every sample decoded each epoch), the stream when the cache is not kept (each epoch decodes what it
+  draws), the cache's later epochs in memory and memory-mapped, and the device-resident dataset.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_datapath.py                     # CPU: about a minute
     python benchmarks/bench_datapath.py --device cuda --anchors 4096 --batch-size 512
@@ -30,6 +32,7 @@ import platform  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
@@ -42,8 +45,9 @@ from clsp.io import write_json_atomic  # noqa: E402
 from clsp.shards import reader, schema, writer  # noqa: E402
 from clsp.train.augment import DeviceAugment, augment_images, cpu_transform  # noqa: E402
 from clsp.train.data import ContrastiveStream, ShardSet, make_loader, open_shards, plan_epoch  # noqa: E402
-from clsp.train.decoded_cache import DecodedShards, read_shard  # noqa: E402
+from clsp.train.decoded_cache import DecodedShards  # noqa: E402
 from clsp.train.device_data import DeviceDataset  # noqa: E402
+from clsp.train.recipes import ViewAugmentation  # noqa: E402
 
 GOAL_PER_CORE = 2000.0  # anchors/s from shards to device-ready uint8 batches
 RESULTS = Path(__file__).parent / "results" / "bench_datapath.json"
@@ -68,12 +72,31 @@ def write_shards(directory: Path, dataset: ImageDataset, k: int, shard_size: int
     manifest = writer.init_manifest(directory, dataset=dataset.describe(), generation={"bench": True},
                                     num_anchors=len(dataset), shard_size=shard_size)
     size, labels = dataset.image_size, dataset.labels()
-    for shard in range(writer.num_shards(manifest)):
-        rows = writer.shard_anchor_range(manifest, shard)
+    for shard in range(manifest.num_shards):
+        rows = manifest.anchor_range(shard)
         positives = synthetic_images(len(rows) * k, size, rng).reshape(len(rows), k, size, size, 3)
         writer.write_shard(directory, shard, (schema.ShardSample(anchor_index=a, positives=p, label=int(labels[a]))
                                               for a, p in zip(rows, positives)))
     return open_shards(directory)
+
+
+class UncachedStream(ContrastiveStream):
+    """The stream as it was before the decoded cache: each chunk reads the shards it spans and decodes
+    every sample (all k candidates), keeping the positives its anchors drew."""
+
+    def _read_chunk(self, anchors: np.ndarray):
+        draws = np.random.default_rng([self.seed, self.epoch, 1]).random(self.shards.store.manifest.num_anchors)
+        position = {int(a): i for i, a in enumerate(anchors)}
+        height, width = self.shards.store.manifest.image_shape
+        positives = np.empty((len(anchors), height, width, 3), np.uint8)
+        images, stored = np.zeros_like(positives), np.zeros(len(anchors), bool)
+        for sample in self.shards.store.samples(sorted({int(a) // self.shards.shard_size for a in anchors})):
+            i = position.get(sample.anchor_index)
+            if i is not None:
+                positives[i] = sample.positives[int(draws[sample.anchor_index] * len(sample.positives))]
+                if sample.anchor is not None:
+                    images[i], stored[i] = sample.anchor, True
+        return positives, images, stored
 
 
 def to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -109,7 +132,7 @@ def measure(args: argparse.Namespace, device: torch.device, work: Path) -> tuple
     rng = np.random.default_rng(0)
     dataset = synthetic_dataset(args.anchors, args.image_size, rng)
     shards = write_shards(work / "shards", dataset, args.candidates, args.shard_size, rng)
-    urls = reader.shard_urls(shards.directory)
+    store, shape = shards.store, shards.store.manifest.image_shape
     n, batch = shards.num_anchors, args.batch_size
     plan = plan_epoch(shards, seed=0, epoch=0, batch_size=batch)
     steps = [plan.anchors(s) for s in range(len(plan.batches))]
@@ -125,43 +148,81 @@ def measure(args: argparse.Namespace, device: torch.device, work: Path) -> tuple
                      **({"meets_goal": rate >= GOAL_PER_CORE} if end_to_end else {})})
         print(f"{part:24s} {rate:12.0f} anchors/s ({clock})", flush=True)
 
-    def stream_epoch(augment: str) -> None:
-        stream = ContrastiveStream(shards, dataset, batch_size=batch, augment=augment)
+    def epoch(stream: ContrastiveStream, number: int = 0) -> None:
+        stream.set_epoch(number)
         for loaded in make_loader(stream):
-            for key in ("anchor", "positive") if augment == "device" else ("x1", "x2", "x3"):
+            for key in ("anchor", "positive"):
                 loaded[key].to(device, non_blocking=True)
 
     def cached_epoch(decoded: DecodedShards) -> None:
         for anchors in steps:
+            positives, _, _ = decoded.drawn(anchors, draws[anchors])
             to_device(dataset.array(anchors), device)
-            to_device(decoded.drawn(anchors, draws[anchors]), device)
+            to_device(positives, device)
 
-    raw = [sample for url in urls for sample in read_shard(url)]
-    row("read_webdataset", "tar bytes, WebDataset streaming", lambda: sum(1 for _ in reader.raw_samples(urls)), n)
-    row("read_whole_shard", "tar bytes, one read per shard file", lambda: [read_shard(u) for u in urls], n)
-    row("decode_png", f"decode k={args.candidates} PNG positives", lambda: [schema.decode_sample(r) for r in raw], n)
+    def read_tars() -> list:
+        return [(key, members) for s in shards.shards
+                for key, members, _ in reader.tar_samples(store.shard_path(s), shape)]
+
+    raw = read_tars()
+    records = [(key, schema.check_sample(key, members, candidates=None, where="bench"), members)
+               for key, members in raw]
+    row("verify_sha256", "sha256 of every shard against the manifest",
+        lambda: [store.check_shard(s) for s in shards.shards], n)
+    row("read_tar", "tar members, bounded stream read", read_tars, n)
+    row("check_records", "JSON records parsed and checked",
+        lambda: [schema.check_sample(k, m, candidates=None, where="bench") for k, m in raw], n)
+    row("decode_png", f"decode k={args.candidates} PNG positives",
+        lambda: [schema.sample_from(k, r, m, shape=shape, where="bench") for k, r, m in records], n)
+    row("decode_drawn", "decode the one drawn PNG positive",
+        lambda: [schema.decode_member(k, m, "pos0.png", shape=shape, where="bench") for k, _, m in records], n)
     row("load_anchors", "real anchors by index, uint8 to device", lambda: [to_device(dataset.array(a), device)
                                                                         for a in steps], per_epoch)
-    transform = cpu_transform(args.image_size, dataset.mean, dataset.std)
+    view = ViewAugmentation()
+    transform = cpu_transform(args.image_size, dataset.mean, dataset.std, view)
     host = [to_device(dataset.array(a), torch.device("cpu")) for a in steps]
     row("augment_cpu", "3 views per image, torchvision v2", lambda: [augment_images(transform, x) for x in host
                                                                     for _ in range(3)], per_epoch)
-    device_augment = DeviceAugment(args.image_size, dataset.mean, dataset.std).to(device)
+    device_augment = DeviceAugment(args.image_size, dataset.mean, dataset.std, view).to(device)
     on_device = [x.to(device) for x in host]
     row("augment_device", f"3 views per batch, kornia on {device.type}",
         lambda: [device_augment(x) for x in on_device for _ in range(3)], per_epoch, on_device=True)
-    row("stream_cpu_augment", "ContrastiveStream, 3 views augmented on CPU", lambda: stream_epoch("cpu"),
-        per_epoch, end_to_end=True)
-    row("stream", "ContrastiveStream, uint8 to device", lambda: stream_epoch("device"), per_epoch, end_to_end=True)
-    fresh = DecodedShards.load(shards)
-    row("cache_first_epoch", "decoded-shard cache, epoch 1 (decodes)", lambda: cached_epoch(fresh), per_epoch,
-        end_to_end=True, once=True)  # the first epoch happens once per cache
-    row("cache_memory", "decoded-shard cache in memory, later epochs", lambda: cached_epoch(fresh), per_epoch,
+
+    def cpu_views_epoch() -> None:
+        stream = ContrastiveStream(shards, dataset, batch_size=batch, views=(view, view))
+        stream.decoded = warm  # decoded already: this row is the augmentation's share
+        for loaded in make_loader(stream):
+            for key in ("x1", "x2", "x3"):
+                loaded[key].to(device, non_blocking=True)
+
+    row("stream_before_cache", "stream before the cache: all k decoded each epoch",
+        lambda: epoch(UncachedStream(shards, dataset, batch_size=batch)), per_epoch, end_to_end=True)
+    unkept = ContrastiveStream(shards, dataset, batch_size=batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unkept.decoded = DecodedShards(shards, memory_limit=0)
+    row("stream_not_kept", "stream, cache not kept: drawn PNGs each epoch", lambda: epoch(unkept), per_epoch,
         end_to_end=True)
-    mapped = DecodedShards.load(shards, work / "cache", eager=True)  # writes the .npy files and maps them
-    row("cache_memmap", "decoded-shard cache as memmap files, later epochs", lambda: cached_epoch(mapped),
+    row("stream_first_epoch", "stream, epoch 1: decodes the drawn PNG, kept",
+        lambda: epoch(ContrastiveStream(shards, dataset, batch_size=batch)), per_epoch, end_to_end=True)
+    stream = ContrastiveStream(shards, dataset, batch_size=batch)
+    epoch(stream, 0)
+    row("stream_second_epoch", "stream, epoch 2: decodes the other k-1, kept", lambda: epoch(stream, 1), per_epoch,
+        end_to_end=True, once=True)  # happens once per cache
+    later = iter(range(2, 1 << 20))
+    row("stream", "stream, later epochs: indexes the memory cache", lambda: epoch(stream, next(later)), per_epoch,
+        end_to_end=True)
+    warm = stream.decoded
+    row("stream_cpu_augment", "stream, later epochs, 3 views augmented on CPU", cpu_views_epoch, per_epoch,
+        end_to_end=True)
+    row("cache_memory", "decoded cache in memory, drawn by index", lambda: cached_epoch(warm), per_epoch,
+        end_to_end=True)
+    mapped = DecodedShards(shards, work / "cache")
+    mapped.arrays()  # writes the .npy files
+    mapped = DecodedShards(shards, work / "cache")  # and maps them, as a later run does
+    row("cache_memmap", "decoded cache as memmap files, drawn by index", lambda: cached_epoch(mapped),
         per_epoch, end_to_end=True)
-    resident = DeviceDataset.from_decoded(fresh, dataset, device)
+    resident = DeviceDataset.from_decoded(warm, dataset, device)
     generator = torch.Generator(device=device).manual_seed(0)
     row("device_dataset", f"device-resident dataset on {device.type}, index draws",
         lambda: list(resident.batches(batch, generator)), per_epoch, on_device=True, end_to_end=True)
@@ -172,7 +233,7 @@ def measure(args: argparse.Namespace, device: torch.device, work: Path) -> tuple
 
     row("device_dataset_augment", "device-resident dataset + 3 kornia views", resident_augmented, per_epoch,
         on_device=True)
-    png_bytes = float(np.mean([len(r["pos0.png"]) for r in raw]))
+    png_bytes = float(np.mean([len(m["pos0.png"]) for _, m in raw]))
     return rows, {"anchors": n, "steps_per_epoch": len(steps), "png_bytes_mean": png_bytes,
                   "device_dataset_bytes": resident.nbytes}
 

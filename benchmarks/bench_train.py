@@ -34,8 +34,9 @@ from bench_datapath import synthetic_dataset, write_shards
 from clsp.datasets import get_dataset
 from clsp.io import write_json_atomic
 from clsp.train.device_data import DeviceDataset
+from clsp.train.config import TrainJob
 from clsp.train.methods import METHODS
-from clsp.train.trainer import Trainer, TrainConfig
+from clsp.train.trainer import Trainer
 
 CIFAR_ANCHORS = 50_000
 GOAL_EPOCH_S = 10.0
@@ -134,11 +135,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shards = image_folder_shards(Path(tmp), max(batch, 16), args.candidates, 32)
         for name in args.methods:
-            config = TrainConfig(shards=str(shards), out=str(Path(tmp) / name), method=name, batch_size=batch,
-                                 augment="device", workers=0, precision=args.precision, compile=args.compile,
-                                 data_root=tmp, epochs=1)
-            trainer = Trainer(config)
-            row = {"method": name, "what": f"{name} + CLSP (lambda {trainer.config.clsp_weight:g}), ResNet-18 32x32",
+            job = TrainJob(shards=str(shards), out=str(Path(tmp) / name), method=name, batch_size=batch,
+                           augment="device", workers=0, precision=args.precision, compile=args.compile,
+                           data_root=tmp, epochs=1)
+            trainer = Trainer(job)
+            row = {"method": name, "what": f"{name} + CLSP (lambda {trainer.config.clsp_lambda:g}), ResNet-18 32x32",
                    **bench_method(trainer, data, batch_size=batch, steps=steps, warmup=3 if cuda else 1)}
             print(f"{name:6s}: step {row['step_samples_per_s']:10.1f} anchors/s, measured epoch "
                   f"{row['measured_epoch_s']:.2f} s", flush=True)

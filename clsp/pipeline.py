@@ -195,8 +195,9 @@ class Pipeline:
             resolved = job.resolved(cfg.dataset.name)
             self._add(Stage(f"train:{run_name}", job, lambda job=job: run_training(job), upstream=["generate"],
                             outputs=[out / "encoder.safetensors", out / "encoder.json"],
-                            identity=resolved.model_dump(exclude={"out", "shards", "data_root", "checkpoint_every",
-                                                                  "checkpoint_steps", "log_every", "compile"})))
+                            identity=resolved.model_dump(exclude={"out", "shards", "data_root", "decoded_cache_dir",
+                                                                  "checkpoint_every", "checkpoint_steps", "log_every",
+                                                                  "compile"})))
             self._add_evaluations(run_name, out)
 
     def _add_evaluations(self, run_name: str, encoder: Path) -> None:

@@ -16,7 +16,6 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-from sklearn.metrics import pairwise_distances
 
 from clsp.shards import reader
 from clsp.shards.schema import ShardSample
@@ -72,6 +71,8 @@ def positives_stats(encoder: FrozenEncoder, shards: str | Path, *, data_root: st
                     limit: int | None = None, seed: int = 0, cache_dir: str | Path | None = None,
                     histogram: str | Path | None = None) -> dict:
     """Similarities, label agreement and candidate diversity of the positives in ``shards``."""
+    from sklearn.metrics import pairwise_distances
+
     store = reader.ShardDirectory.open(shards)
     dataset = reader.load_dataset(store.manifest, data_root)
     spec = encoder.input_spec(dataset)

@@ -2,7 +2,7 @@
 
 A ``ShardDirectory`` is the directory's one parsed manifest. A shard is read only after its size and
 sha256 match the manifest, and then as an uncompressed tar stream whose member sizes are checked from
-their headers before any byte is read; samples are decoded by ``schema.decode_sample`` (JSON and PNG
+their headers before any byte is read; samples are checked and decoded by ``schema`` (JSON and PNG
 only), so no member is ever unpickled and no malformed shard gives a partial result.
 """
 
@@ -137,22 +137,29 @@ class ShardDirectory:
             done.add(index)
         return done
 
-    def read_shard(self, shard_index: int) -> Iterator[schema.ShardSample]:
-        """The samples of one verified shard: exactly its anchors, in order, or a ShardError naming it."""
+    def read_records(self, shard_index: int) -> Iterator[tuple[str, schema.SampleRecord, dict[str, bytes]]]:
+        """(key, checked record, undecoded members) per sample of one verified shard: exactly its anchors,
+        in order, or a ShardError naming it. Callers decode the PNG members they need with
+        ``schema.decode_member``."""
         record = self.check_shard(shard_index)
         path, anchors = self.shard_path(shard_index), self.anchor_range(shard_index)
         count = 0
         for key, members, _ in tar_samples(path, self.manifest.image_shape):
-            sample = schema.decode_sample(key, members, shape=self.manifest.image_shape,
-                                          candidates=record.candidates, where=path)
+            sample = schema.check_sample(key, members, candidates=record.candidates, where=path)
             if count >= len(anchors) or sample.anchor_index != anchors[count]:
                 want = anchors[count] if count < len(anchors) else "none"
                 raise ShardError(f"shard holds anchor {sample.anchor_index} where its range "
                                  f"{anchors.start}-{anchors.stop - 1} has {want} ({path}): {_REGENERATE}")
             count += 1
-            yield sample
+            yield key, sample, members
         if count != len(anchors):
             raise ShardError(f"shard holds {count} of its {len(anchors)} anchors ({path}): {_REGENERATE}")
+
+    def read_shard(self, shard_index: int) -> Iterator[schema.ShardSample]:
+        """The samples of one verified shard: exactly its anchors, in order, or a ShardError naming it."""
+        path, shape = self.shard_path(shard_index), self.manifest.image_shape
+        for key, record, members in self.read_records(shard_index):
+            yield schema.sample_from(key, record, members, shape=shape, where=path)
 
     def samples(self, shard_indices: list[int] | None = None) -> Iterator[schema.ShardSample]:
         """Samples of the given finished shards (default: all recorded), in shard order, each verified first."""

@@ -300,6 +300,41 @@ def member_limit(suffix: str, shape: tuple[int, int]) -> int:
     return MAX_SAMPLE_RECORD_BYTES if not suffix.lower().endswith(".png") else max_png_bytes(shape)
 
 
+_FIX = "regenerate the shard with clsp-gen"
+
+
+def check_sample(key: str, members: dict[str, bytes], *, candidates: int | None, where: str | Path) -> SampleRecord:
+    """The validated record of one sample whose members match it; no pixel is decoded.
+
+    ``candidates`` is the k its shard record promises (None: any). Raises ``ShardError`` naming the
+    sample and ``where`` (the shard) when the record is missing or malformed or the members disagree with it.
+    """
+    if "json" not in members:
+        raise ShardError(f"sample {key} has no .json record ({where}): {_FIX}")
+    record = parse_json(SampleRecord, members["json"], limit=MAX_SAMPLE_RECORD_BYTES, where=where,
+                        what=f"the .json record of sample {key}", fix=_FIX)
+    k = record.candidates
+    if key != sample_key(record.anchor_index):
+        raise ShardError(f"sample {key} records anchor_index {record.anchor_index} ({where}): {_FIX}")
+    if candidates is not None and k != candidates:
+        raise ShardError(f"sample {key} records {k} candidates, its shard {candidates} ({where}): {_FIX}")
+    expected = {f"pos{j}.png" for j in range(k)}
+    present = {name for name in members if name.startswith("pos")}
+    if present != expected:
+        odd = sorted(present ^ expected)
+        raise ShardError(f"sample {key} records {k} candidates but has or lacks {', '.join(odd[:4])} ({where}): {_FIX}")
+    return record
+
+
+def decode_member(key: str, members: dict[str, bytes], name: str, *, shape: tuple[int, int],
+                  where: str | Path) -> np.ndarray:
+    """One PNG member of a checked sample (``pos3.png``, ``anchor.png``) as uint8 ``[H, W, 3]``, or ShardError."""
+    try:
+        return decode_png(members[name], shape)
+    except ValueError as err:
+        raise ShardError(f"sample {key}: {err} ({where}): {_FIX}") from None
+
+
 def decode_sample(key: str, members: dict[str, bytes], *, shape: tuple[int, int], candidates: int | None,
                   where: str | Path) -> ShardSample:
     """Turn one sample's members (suffix -> bytes) into a ``ShardSample``, touching only JSON and PNG.
@@ -307,26 +342,16 @@ def decode_sample(key: str, members: dict[str, bytes], *, shape: tuple[int, int]
     ``shape`` is the manifest's image size, ``candidates`` the k its shard record promises (None: any).
     Raises ``ShardError`` naming the sample and ``where`` (the shard) when anything is missing or malformed.
     """
-    fix = "regenerate the shard with clsp-gen"
-    if "json" not in members:
-        raise ShardError(f"sample {key} has no .json record ({where}): {fix}")
-    record = parse_json(SampleRecord, members["json"], limit=MAX_SAMPLE_RECORD_BYTES, where=where,
-                        what=f"the .json record of sample {key}", fix=fix)
-    k = record.candidates
-    if key != sample_key(record.anchor_index):
-        raise ShardError(f"sample {key} records anchor_index {record.anchor_index} ({where}): {fix}")
-    if candidates is not None and k != candidates:
-        raise ShardError(f"sample {key} records {k} candidates, its shard {candidates} ({where}): {fix}")
-    expected = {f"pos{j}.png" for j in range(k)}
-    present = {name for name in members if name.startswith("pos")}
-    if present != expected:
-        odd = sorted(present ^ expected)
-        raise ShardError(f"sample {key} records {k} candidates but has or lacks {', '.join(odd[:4])} ({where}): {fix}")
-    try:
-        positives = np.stack([decode_png(members[f"pos{j}.png"], shape) for j in range(k)])
-        anchor = decode_png(members["anchor.png"], shape) if "anchor.png" in members else None
-    except ValueError as err:
-        raise ShardError(f"sample {key}: {err} ({where}): {fix}") from None
+    return sample_from(key, check_sample(key, members, candidates=candidates, where=where), members,
+                       shape=shape, where=where)
+
+
+def sample_from(key: str, record: SampleRecord, members: dict[str, bytes], *, shape: tuple[int, int],
+                where: str | Path) -> ShardSample:
+    """The ``ShardSample`` of a sample ``check_sample`` has accepted: every PNG decoded."""
+    positives = np.stack([decode_member(key, members, f"pos{j}.png", shape=shape, where=where)
+                          for j in range(record.candidates)])
+    anchor = decode_member(key, members, "anchor.png", shape=shape, where=where) if "anchor.png" in members else None
     scores = None if record.scores is None else np.asarray(record.scores, dtype=np.float32)
     return ShardSample(anchor_index=record.anchor_index, positives=positives, label=record.label, seed=record.seed,
                        anchor=anchor, scores=scores)

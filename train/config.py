@@ -69,6 +69,9 @@ class TrainSettings(Settings):
               "[default: device on CUDA, else cpu]")
     precision: Precision = setting("auto", "auto: bf16 autocast on GPUs and on CPUs with bf16 units.")
     workers: int = setting(4, "DataLoader worker processes per process (0: in-process).", ge=0, le=256)
+    decoded_cache_dir: str | None = setting(
+        None, "Keep the decoded positives here as memory-mapped files, shared by workers, ranks and later "
+              "runs [default: in memory, for this run].", min_length=1, max_length=4096)
     sync_bn: bool = setting(False, "Synchronise BatchNorm statistics across processes.")
     compile: bool = setting(False, "torch.compile the backbone.")
     checkpoint_every: int = setting(10, "Checkpoint every N epochs (and at the end).", ge=1, le=100_000)

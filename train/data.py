@@ -9,8 +9,9 @@ computes it alone, DataLoader workers split it without duplicates, and a resumed
    ``stream[r * steps * batch : (r + 1) * steps * batch]`` of that order. The tail of fewer than
    ``world * batch`` anchors is dropped, like ``DistributedSampler(drop_last=True)``; it is the end of
    a shuffled order, so a different tail each epoch.
-3. A rank's block is cut into one chunk of whole batches per DataLoader worker; a worker reads the
-   shards its chunk spans once per epoch, keeping only the positives its anchors drew.
+3. A rank's block is cut into one chunk of whole batches per DataLoader worker; a worker takes the
+   positives its anchors drew from the decoded shards (``clsp.train.decoded_cache``): the first epoch
+   reads and decodes the rows of its anchors, later epochs index arrays.
 4. The DataLoader hands batches back round-robin over the workers, which fixes the delivered order
    for a given number of workers.
 
@@ -35,6 +36,7 @@ from clsp.datasets import ImageDataset
 from clsp.errors import UserError
 from clsp.shards import reader
 from clsp.train.augment import augment_images, cpu_transform
+from clsp.train.decoded_cache import DecodedShards
 from clsp.train.positive_choice import POSITIVE_CHOICES
 from clsp.train.recipes import ViewAugmentation
 
@@ -132,14 +134,15 @@ class ContrastiveStream(IterableDataset):
     Each batch is a dict: ``index`` and ``label`` (int64 ``[B]``), and either the augmented views
     ``x1``, ``x2``, ``x3`` (``views`` given: the two real views' lists, augmented here on the CPU into
     normalised float32 ``[B, 3, S, S]``) or the raw ``anchor`` and ``positive`` images (``views`` None:
-    uint8 ``[B, 3, H, W]``, augmented later on the device by ``DeviceAugment``). Without ``positives`` (the CLSP weight is 0) the shards only fix
-    the anchor set and no positive is read. Call ``set_epoch`` before each epoch.
+    uint8 ``[B, 3, H, W]``, augmented later on the device by ``DeviceAugment``). Without ``positives`` (the
+    CLSP weight is 0) the shards only fix the anchor set and no positive is read. Decoded shards are kept in
+    memory, or under ``cache_dir`` when given. Call ``set_epoch`` before each epoch.
     """
 
     def __init__(self, shards: ShardSet, dataset: ImageDataset, *, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, positives: bool = True,
                  views: tuple[ViewAugmentation, ViewAugmentation] | None = None, choice: str = "uniform",
-                 choice_params: dict | None = None) -> None:
+                 choice_params: dict | None = None, cache_dir: str | Path | None = None) -> None:
         super().__init__()
         need = batch_size * world_size
         if shards.num_anchors < need:
@@ -153,6 +156,8 @@ class ContrastiveStream(IterableDataset):
         size = dataset.image_size
         self.transforms = None if views is None else \
             tuple(cpu_transform(size, dataset.mean, dataset.std, view) for view in views)
+        # made here, in the process that starts the workers: forked workers share its pages
+        self.decoded = DecodedShards(shards, cache_dir) if positives else None
         self.epoch, self.start_step = 0, 0
 
     @property
@@ -177,35 +182,35 @@ class ContrastiveStream(IterableDataset):
         # the DataLoader asks workers round-robin, so worker w delivers every workers-th remaining step
         mine = list(range(self.start_step + worker, len(plan.batches), workers))
         last_use = {plan.batches[s][0]: s for s in mine}
-        loaded: dict[int, dict[int, tuple[np.ndarray | None, np.ndarray | None]]] = {}
+        loaded: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray] | None] = {}
         for step in mine:
-            chunk = plan.batches[step][0]
+            chunk, offset = plan.batches[step]
             if chunk not in loaded:
                 loaded[chunk] = self._read_chunk(plan.chunks[chunk])
-            yield self._batch(plan.anchors(step), loaded[chunk], step)
+            rows = slice(offset, offset + self.batch_size)
+            part = None if loaded[chunk] is None else tuple(array[rows] for array in loaded[chunk])
+            yield self._batch(plan.anchors(step), part, step)
             if last_use[chunk] == step:
                 del loaded[chunk]
 
-    def _read_chunk(self, anchors: np.ndarray) -> dict[int, tuple[np.ndarray | None, np.ndarray | None]]:
-        """anchor -> (anchor image from the shard or None, the positive drawn for this epoch or None)."""
-        if not self.positives:
-            return {}
-        wanted = set(anchors.tolist())
+    def _read_chunk(self, anchors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The positive each anchor drew this epoch, its image from the shard and a mask of the anchors
+        whose shard holds one (None without positives), aligned with ``anchors``; from the decoded cache."""
+        if self.decoded is None:
+            return None
         draws = np.random.default_rng([self.seed, self.epoch, 1]).random(self.shards.store.manifest.num_anchors)
-        found = {}
-        shard_ids = sorted({int(a) // self.shards.shard_size for a in wanted})
-        for sample in self.shards.store.samples(shard_ids):  # each shard verified before it is read
-            a = sample.anchor_index
-            if a in wanted:
-                pick = POSITIVE_CHOICES[self.choice](draws[a], sample.scores, len(sample.positives), **self.choice_params)
-                found[a] = (sample.anchor, sample.positives[int(pick)])
-        return found
+        if self.choice == "uniform":  # METHOD.md's draw: int(draw * k), no scores read
+            return self.decoded.drawn(anchors, draws[anchors])
+        params = self.choice_params
+        return self.decoded.drawn(anchors, draws[anchors],
+                                  lambda u, scores, k: POSITIVE_CHOICES[self.choice](u, scores, k, **params))
 
-    def _batch(self, anchors: np.ndarray, chunk: dict, step: int) -> dict[str, torch.Tensor]:
-        images = self._anchor_images(anchors, chunk)
+    def _batch(self, anchors: np.ndarray, part: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+               step: int) -> dict[str, torch.Tensor]:
+        images = self._anchor_images(anchors, part)
         batch = {"index": torch.from_numpy(anchors.astype(np.int64)),
                  "label": torch.from_numpy(self.labels[anchors])}
-        positive = _chw(np.stack([chunk[int(a)][1] for a in anchors])) if self.positives else None
+        positive = None if part is None else _chw(part[0])
         if self.transforms is None:
             batch["anchor"] = images
             if positive is not None:
@@ -220,14 +225,18 @@ class ContrastiveStream(IterableDataset):
                 batch["x3"] = augment_images(first, positive)
         return batch
 
-    def _anchor_images(self, anchors: np.ndarray, chunk: dict) -> torch.Tensor:
+    def _anchor_images(self, anchors: np.ndarray, part: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+                       ) -> torch.Tensor:
         """The real anchors: from the shard where it holds them, else from the dataset by index."""
-        from_shard = [chunk.get(int(a), (None, None))[0] for a in anchors]
-        lacking = [i for i, img in enumerate(from_shard) if img is None]
-        if lacking:
-            for i, img in zip(lacking, self.dataset.array(anchors[lacking])):
-                from_shard[i] = img
-        return _chw(np.stack(from_shard))
+        if part is None:
+            return _chw(self.dataset.array(anchors))
+        _, images, stored = part
+        if stored.all():
+            return _chw(images)
+        images = images.copy()
+        lacking = np.flatnonzero(~stored)
+        images[lacking] = self.dataset.array(anchors[lacking])
+        return _chw(images)
 
 
 def _chw(images: np.ndarray) -> torch.Tensor:

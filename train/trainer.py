@@ -41,9 +41,9 @@ CURVE = "loss_curve.png"
 METRICS = ("loss", "loss_base", "loss_clsp", "nn_acc", "probe_acc")
 # Settings that do not change the weights, so a run may resume with other values of them.
 # Where a run reads and writes: not part of what an encoder is (its card stays the same wherever it was trained).
-_PATHS = {"out", "shards", "data_root"}
-_NOT_RESUMED = ("out", "shards", "data_root", "allow_partial", "checkpoint_every", "checkpoint_steps", "log_every",
-                "compile")
+_PATHS = {"out", "shards", "data_root", "decoded_cache_dir"}
+_NOT_RESUMED = ("out", "shards", "data_root", "decoded_cache_dir", "allow_partial", "checkpoint_every",
+                "checkpoint_steps", "log_every", "compile")
 
 
 class Trainer:
@@ -71,7 +71,8 @@ class Trainer:
             world_size=self.world_size, num_workers=job.workers, positives=job.clsp_lambda > 0,
             views=views if job.augment == "cpu" else None, choice=job.positive_choice,
             choice_params={"top-m": {"m": job.positive_top_m},
-                           "score-weighted": {"tau": job.positive_tau}}.get(job.positive_choice, {}))
+                           "score-weighted": {"tau": job.positive_tau}}.get(job.positive_choice, {}),
+            cache_dir=job.decoded_cache_dir)
         if job.positive_choice != "uniform" and job.clsp_lambda > 0 and not manifest.generation.get("scores"):
             raise UserError(f"--positive-choice {job.positive_choice} needs the candidates' scores, which the shards "
                             f"in {job.shards} do not hold; generate them with clsp-gen --scores (the default)")

@@ -176,8 +176,10 @@ class Pipeline:
                                                               "log_every", "data_root"})))
             unet, upstream = str(out), ["diffusion"]
         shards = self.run_dir / "shards"
+        # The run directory's shards belong to this configuration: changed settings regenerate them (the
+        # same settings resume, whatever overwrite says, so concurrent array tasks never wipe each other).
         gen = parse(GenerateJob, {**dataset, **cfg.generate.model_dump(), "shards": str(shards), "unet": unet,
-                                  "seed": seed}, where="generate")
+                                  "seed": seed, "overwrite": True}, where="generate")
         from clsp.generate.job import run_generation
 
         self._add(Stage("generate", gen, lambda: run_generation(gen, echo=self.echo), upstream=upstream,

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 
 from clsp.datasets import dataset_info
 from clsp.errors import UserError
 from clsp.images import to_uint8
 from clsp.io import atomic_path
-from clsp.runtime import autocast
 
 def resolve_unet(unet: str | None, dataset_name: str) -> str:
     """``unet`` as given, else the dataset's known model (a shipped folder or a hub id); refused in one line
@@ -113,25 +112,23 @@ def check_compatible(config: dict, image_size: int, channels: int = 3) -> None:
                         f"{image_size}x{image_size}; {fix} (or train a model with clsp ddpm train)")
 
 
-@torch.no_grad()
 def sample_images(unet: UNet2DModel, scheduler: DDPMScheduler, num_images: int, *, steps: int = 50,
                   eta: float = 0.0, seed: int = 0, batch_size: int = 256, precision: str = "fp32") -> np.ndarray:
-    """Unconditional DDIM samples as uint8 ``[n, H, W, C]``: for sample grids, FID and quality checks."""
-    ddim = DDIMScheduler.from_config(scheduler.config)
-    ddim.set_timesteps(steps)
-    device = next(unet.parameters()).device
+    """Unconditional DDIM samples as uint8 ``[n, H, W, C]``: for sample grids, FID and quality checks.
+
+    The sampler's own DDIM loop at w = 1 (the anchor is ignored, so its input is a blank image): one
+    timestep rule and one update for plain and interpolated sampling."""
+    from clsp.generate.sampler import sample_positives
+
     size = unet.config.sample_size
     shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
     generator = torch.Generator().manual_seed(seed)
     out = []
     for start in range(0, num_images, batch_size):
-        n = min(batch_size, num_images - start)
-        x = torch.randn((n, *shape), generator=generator).to(device)
-        for t in ddim.timesteps:
-            with autocast(device, precision):
-                eps = unet(x, t).sample.float()
-            x = ddim.step(eps, t, x, eta=eta, generator=generator).prev_sample
-        out.append(to_uint8(x))
+        blank = torch.zeros((min(batch_size, num_images - start), *shape))
+        images = sample_positives(unet, scheduler, blank, 1, w=1.0, steps=steps, eta=eta, generator=generator,
+                                  precision=precision)
+        out.append(to_uint8(images[:, 0]))
     return np.concatenate(out)
 
 

@@ -10,8 +10,7 @@ from conftest import make_scheduler
 
 from clsp.errors import UserError
 from clsp.generate.scoring import bottleneck_agreement
-from clsp.train.positive_choice import (POSITIVE_CHOICES, choose, hardest_agreeing, score_loss_weights,
-                                        score_weighted, uniform)
+from clsp.train.positive_choice import POSITIVE_CHOICES, choose, score_weighted, uniform
 from clsp.train.schedules import clsp_lambda_at
 
 
@@ -132,29 +131,6 @@ def test_every_registered_policy_returns_valid_indices_of_the_scores_batch_shape
         assert picked.shape == (3, 5) and picked.min() >= 0 and picked.max() < 6, name
 
 
-def test_hardest_agreeing_takes_the_least_similar_above_the_threshold_else_the_nearest():
-    angles = torch.tensor([0.45, 0.9, 1.3, 0.2])  # cosines 0.90, 0.62, 0.27, 0.98 to the anchor (1, 0)
-    candidates = torch.stack([angles.cos(), angles.sin()], dim=-1)[None] * 3.0  # scale must not matter
-    anchor = torch.tensor([[2.0, 0.0]])
-    assert hardest_agreeing(anchor, candidates, threshold=0.5).tolist() == [1]
-    assert hardest_agreeing(anchor, candidates, threshold=0.95).tolist() == [3]
-    assert hardest_agreeing(anchor, candidates, threshold=0.99).tolist() == [3]  # none agrees: the nearest
-    batch = torch.cat([candidates, candidates.flip(1)])
-    assert hardest_agreeing(torch.cat([anchor, anchor]), batch, threshold=0.5).tolist() == [1, 2]
-    with pytest.raises(UserError, match=r"\[n, d\] and \[n, k, d\]"):
-        hardest_agreeing(anchor, candidates[0], threshold=0.5)
-
-
-def test_score_loss_weights_have_mean_one_and_follow_the_scores():
-    scores = torch.tensor([0.9, 0.2, 0.5, -0.3])
-    weights = score_loss_weights(scores, tau=0.2)
-    torch.testing.assert_close(weights.mean(), torch.tensor(1.0))
-    assert torch.all(weights > 0) and weights.argsort().tolist() == scores.argsort().tolist()
-    torch.testing.assert_close(score_loss_weights(scores, tau=1e4), torch.ones(4), rtol=0, atol=1e-3)
-    with pytest.raises(UserError, match="tau must be > 0"):
-        score_loss_weights(scores, tau=0.0)
-
-
 # ---- lambda schedule ----
 
 def test_lambda_ramps_linearly_from_zero_then_holds():
@@ -172,19 +148,6 @@ def test_lambda_ramps_linearly_from_zero_then_holds():
 def test_bad_lambda_schedules_give_user_errors(args, message):
     with pytest.raises(UserError, match=message):
         clsp_lambda_at(*args)
-
-
-def test_hardest_agreeing_on_a_random_batch():
-    """The least similar candidate at or above the threshold where one exists, else the most similar."""
-    gen = torch.Generator().manual_seed(0)
-    anchors, candidates = torch.randn(64, 16, generator=gen), torch.randn(64, 8, 16, generator=gen)
-    picked = hardest_agreeing(anchors, candidates, threshold=0.1)
-    cosine = F.cosine_similarity(candidates, anchors[:, None], dim=-1)
-    chosen = cosine.gather(1, picked[:, None])[:, 0]
-    has = (cosine >= 0.1).any(1)
-    masked = cosine.where(cosine >= 0.1, torch.inf).min(1).values
-    torch.testing.assert_close(chosen[has], masked[has])
-    torch.testing.assert_close(chosen[~has], cosine.max(1).values[~has])
 
 
 # ---- the options wired into the stages --------------------------------------------------------------------

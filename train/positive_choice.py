@@ -1,4 +1,4 @@
-"""Which of an anchor's k synthetic candidates becomes its positive at this load, and how much it counts.
+"""Which of an anchor's k synthetic candidates becomes its positive at this load.
 
 Not every candidate keeps its anchor's class (on the digits default about 4 in 10 show another digit), so
 a policy can prefer the candidates that a score (``clsp.generate.scoring``) says agree with the anchor.
@@ -15,8 +15,6 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from clsp.errors import UserError
 
@@ -83,35 +81,3 @@ def choose(policy: str, scores: np.ndarray | None, rng: np.random.Generator, num
         raise UserError("without scores, pass num_candidates >= 1")
     shape = () if scores is None else scores.shape[:-1]
     return POSITIVE_CHOICES[policy](rng.random(shape), scores, num_candidates, **params)
-
-
-@torch.no_grad()
-def hardest_agreeing(anchor_embeddings: torch.Tensor, candidate_embeddings: torch.Tensor,
-                     threshold: float = 0.5) -> torch.Tensor:
-    """Per anchor, the candidate the current encoder finds hardest while it still agrees with the anchor.
-
-    Among the candidates whose cosine to the anchor is at least ``threshold`` the least similar one (the
-    hardest positive that plausibly keeps the anchor's content); where none reaches it, the most similar
-    one. Embeddings are ``[n, d]`` and ``[n, k, d]``; returns ``[n]`` indices.
-    """
-    if anchor_embeddings.ndim != 2 or candidate_embeddings.ndim != 3 \
-            or candidate_embeddings.shape[0::2] != anchor_embeddings.shape:
-        raise UserError(f"embeddings must be [n, d] and [n, k, d], got {list(anchor_embeddings.shape)} and "
-                        f"{list(candidate_embeddings.shape)}")
-    cosine = F.cosine_similarity(candidate_embeddings, anchor_embeddings[:, None], dim=-1)
-    agreeing = cosine >= threshold
-    hardest = cosine.masked_fill(~agreeing, float("inf")).argmin(-1)
-    return torch.where(agreeing.any(-1), hardest, cosine.argmax(-1))
-
-
-def score_loss_weights(scores: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
-    """Weights of the positives' CLSP terms, ``[n]`` with mean 1: batch size x softmax(scores / tau).
-
-    A positive that agrees less with its anchor pulls less; mean 1 keeps lambda's meaning, and tau ->
-    infinity gives today's equal weights. Use as ``lambda * mean(weights * ||z1 - z3||^2)``.
-    """
-    if scores.ndim != 1 or scores.numel() < 1:
-        raise UserError(f"scores must be [n] (one per chosen positive), got {list(scores.shape)}")
-    if not tau > 0:
-        raise UserError(f"the loss-weight temperature tau must be > 0, got {tau}")
-    return torch.softmax(scores.float() / tau, dim=0) * scores.numel()

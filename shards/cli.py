@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from clsp.datasets import DEFAULT_DATA_ROOT
 from clsp.errors import Group, UserError
 
 _DIR = click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
@@ -76,8 +77,8 @@ def verify(directory: Path) -> None:
 @_DIR
 @click.option("--out", "out_png", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="PNG to write.")
-@click.option("--num-anchors", default=8, help="Rows: the first N anchors.")
-@click.option("--data-root", default="data", type=click.Path(file_okay=False),
+@click.option("--num-anchors", default=8, type=click.IntRange(1, 1024), help="Rows: the first N anchors.")
+@click.option("--data-root", default=DEFAULT_DATA_ROOT, type=click.Path(file_okay=False),
               help="Where the real dataset lives (used only when the shards do not store anchors).")
 def preview(directory: Path, out_png: Path, num_anchors: int, data_root: str) -> None:
     """Write a PNG of anchors (left column) beside their synthetic positives."""

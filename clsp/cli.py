@@ -6,6 +6,8 @@ import importlib
 
 import click
 
+from clsp.errors import Group
+
 # subcommand -> (module, attribute, one-line help)
 _COMMANDS = {
     "run": ("clsp.pipeline", "run", "Run a whole experiment from a pipeline.yaml (skips what is done)."),
@@ -18,7 +20,9 @@ _COMMANDS = {
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(Group):
+    """The stage commands, imported on first use; errors are one line as in every command."""
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(_COMMANDS)
 

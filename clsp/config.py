@@ -72,7 +72,8 @@ def _option(model: type[BaseModel], name: str) -> Callable:
     if base is bool:
         return click.option(f"{flag}/{flag.replace('--', '--no-', 1)}", name, default=default, **kwargs)
     if get_origin(base) is tuple:  # a repeatable option
-        return click.option(flag, name, type=get_args(base)[0], default=default, multiple=True, **kwargs)
+        return click.option(flag, name, type=get_args(base)[0], default=default, multiple=True, required=required,
+                            **kwargs)
     if get_origin(base) is Literal:
         ctype: Any = click.Choice([str(choice) for choice in get_args(base)])
     elif base in (int, float, str):

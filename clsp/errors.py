@@ -3,7 +3,8 @@
 Library code raises ``UserError`` (a ``ValueError``: usable without click, catchable by callers). The
 command classes below are the only place that converts it, an ``OSError`` (permission, full disk, a path
 under a file) or an error re-raised from a DataLoader worker into ``Error: <message>`` on one line and
-exit status 1, without a traceback.
+exit status 1, without a traceback. A command-line mistake click itself finds (``--steps nan`` for an
+integer, an unknown option) is the same one line, without the usage block, and keeps click's status 2.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ _OS_HINTS = {
     errno.EDQUOT: "the disk quota is exceeded; free space or choose another path",
     errno.ENOTDIR: "a part of the path is a file, not a directory; choose another path",
     errno.EISDIR: "the path is a directory where a file was expected; choose another path",
+    errno.EEXIST: "a file is where a directory is needed; choose another path",
     errno.ENOENT: "the path does not exist; check it",
     errno.ENAMETOOLONG: "the path is too long; choose a shorter one",
 }
@@ -47,10 +49,19 @@ def one_line(error: BaseException) -> str:
     return " ".join(lines) if lines else type(error).__name__
 
 
+def _usage_line(error: click.UsageError) -> click.ClickException:
+    """click's usage error as a plain one-line error with the same exit status."""
+    line = click.ClickException(" ".join(error.format_message().split()))
+    line.exit_code = error.exit_code
+    return line
+
+
 def _boundary(invoke):
     def wrapped(self, ctx: click.Context):
         try:
             return invoke(self, ctx)
+        except click.UsageError as error:  # an unknown subcommand of a group
+            raise _usage_line(error) from None
         except (click.exceptions.Exit, click.Abort, click.ClickException):
             raise
         except (UserError, OSError) as error:
@@ -59,10 +70,21 @@ def _boundary(invoke):
     return wrapped
 
 
+def _parsing(make_context):
+    def wrapped(self, info_name, args, parent=None, **extra):
+        try:
+            return make_context(self, info_name, args, parent=parent, **extra)
+        except click.UsageError as error:
+            raise _usage_line(error) from None
+
+    return wrapped
+
+
 class Command(click.Command):
     """A click command whose errors from the library end as one line (see the module docstring)."""
 
     invoke = _boundary(click.Command.invoke)
+    make_context = _parsing(click.Command.make_context)
 
 
 class Group(click.Group):
@@ -70,6 +92,8 @@ class Group(click.Group):
 
     command_class = Command
     group_class = type
+    invoke = _boundary(click.Group.invoke)
+    make_context = _parsing(click.Group.make_context)
 
 
 class ShardError(UserError):

@@ -22,7 +22,7 @@ from typing import IO, Any, Iterator
 
 import torch
 
-from clsp.errors import LockError
+from clsp.errors import LockError, UserError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -39,6 +39,15 @@ def _new_temporary(path: Path) -> tuple[int, Path]:
     """A fresh temporary beside ``path``: O_EXCL creation, so a planted file or symlink is never reused."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_temporary_suffix(), dir=path.parent)
     return fd, Path(tmp)
+
+
+def check_creatable(directory: str | os.PathLike) -> None:
+    """Refuse, before any work, a directory that cannot be made because an existing part of it is a file."""
+    for part in (Path(directory), *Path(directory).parents):
+        if part.exists():
+            if not part.is_dir():
+                raise UserError(f"{part} is a file, not a directory; choose another path")
+            return
 
 
 @contextmanager

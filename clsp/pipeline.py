@@ -30,7 +30,7 @@ from clsp.config import DatasetConfig, Settings, parse, setting
 from clsp.errors import SETTINGS, Command, UserError
 from clsp.evaluate.config import EvaluateSettings
 from clsp.generate.config import DDPMJob, DDPMSettings, GenerateJob, GenerateSettings
-from clsp.io import write_json_atomic
+from clsp.io import check_creatable, write_json_atomic
 from clsp.train.config import TrainJob, TrainSettings
 
 STATE_FILE = "pipeline_state.json"
@@ -228,12 +228,22 @@ class Pipeline:
                             identity=job.model_dump(exclude={"out", "cache_dir", "data_root", "batch_size"})))
 
     # ---- checks and bookkeeping ---------------------------------------------------------------------------
-    def check(self) -> list[str]:
+    def selected(self, only: str | None) -> list[str]:
+        """The stages a run covers: all, or the one named by ``--only``."""
+        if only is not None and only not in self.stages:
+            raise UserError(f"--only {only!r} is not a stage of this configuration; stages: "
+                            f"{', '.join(self.stages)}")
+        return [only] if only else list(self.stages)
+
+    def check(self, only: str | None = None) -> list[str]:
         """Every check a stage would make before work; returns notes on what could not be checked here."""
         from clsp.datasets import dataset_info
         from clsp.generate.unet import check_compatible, resolve_unet, unet_config
 
         cfg, notes = self.config, []
+        self.selected(only)
+        check_creatable(self.run_dir)
+        self._state()  # a damaged state file is refused before anything is written
         for stage in self.stages.values():
             if isinstance(stage.job, TrainJob):
                 stage.job.resolved(cfg.dataset.name)
@@ -292,12 +302,8 @@ class Pipeline:
 
     def run(self, only: str | None = None) -> Path | None:
         """Run what is not done (or only the stage ``only``); returns the report path after a full run."""
-        if only is not None and only not in self.stages:
-            raise UserError(f"--only {only!r} is not a stage of this configuration; stages: "
-                            f"{', '.join(self.stages)}")
         prints, state = self.fingerprints(), self._state()
-        names = [only] if only else list(self.stages)
-        for name in names:
+        for name in self.selected(only):
             stage = self.stages[name]
             missing = [up for up in stage.upstream if not self.done(up, prints, state)]
             if missing:
@@ -354,7 +360,7 @@ def run(config: str, overrides: tuple[str, ...], check: bool, only: str | None) 
     """Run the experiment described by CONFIG: generate -> train -> evaluate -> report.md."""
     resolved = load_config(config, overrides)
     pipeline = Pipeline(resolved)
-    notes = pipeline.check()
+    notes = pipeline.check(only)
     if check:
         click.echo(yaml.safe_dump(resolved.model_dump(), sort_keys=False))
         click.echo("stages: " + ", ".join(pipeline.stages))

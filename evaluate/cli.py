@@ -17,10 +17,10 @@ from typing import Any, Callable
 
 import click
 
-from clsp.errors import Group
 from clsp.config import click_options, parse
 from clsp.errors import SETTINGS, Group, UserError
-from clsp.evaluate.config import EmbedPlotJob, EncoderEval, KnnJob, LinearJob, PositivesJob, TransferJob
+from clsp.io import check_creatable
+from clsp.evaluate.config import CompareJob, EmbedPlotJob, EncoderEval, KnnJob, LinearJob, PositivesJob, TransferJob
 
 
 class _Context:
@@ -28,11 +28,20 @@ class _Context:
 
     def __init__(self, job: EncoderEval) -> None:
         from clsp.evaluate.features import load_frozen_encoder
+        from clsp.evaluate.report import load_results
 
         self.encoder = load_frozen_encoder(job.encoder)
         self.run_dir = Path(job.out) if job.out else self.encoder.path
+        load_results(self.run_dir)  # a damaged results.json is refused before the work, not after it
         self.cache_dir = Path(job.cache_dir) if job.cache_dir else self.run_dir / "feature-cache"
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        check_creatable(self.cache_dir)
+
+    @staticmethod
+    def output(path: str | Path) -> Path:
+        """An output file whose folder can be made: checked before the work, not after it."""
+        check_creatable(Path(path).parent)
+        return Path(path)
 
     def finish(self, command: str, payloads: list[dict[str, Any]], summary: str) -> None:
         from clsp.evaluate.report import command_section, record_result, write_section
@@ -98,7 +107,7 @@ def positives_eval(job: PositivesJob) -> dict:
     ctx = _Context(job)
     result = positives_stats(ctx.encoder, job.shards, data_root=job.data_root, batch_size=job.batch_size,
                              limit=job.limit, seed=job.seed, cache_dir=ctx.cache_dir,
-                             histogram=job.png or ctx.run_dir / "positives-similarity.png")
+                             histogram=ctx.output(job.png or ctx.run_dir / "positives-similarity.png"))
     means = {name: s["mean"] for name, s in result["similarity"].items()}
     agreement = result["label_agreement"]
     ctx.finish("positives", [result], "positives: mean similarity " + ", ".join(
@@ -113,7 +122,7 @@ def embed_plot_eval(job: EmbedPlotJob) -> dict:
     from clsp.evaluate.embed_plot import embed_plot as plot
 
     ctx = _Context(job)
-    png = job.png or ctx.run_dir / f"tsne-{re.sub(r'[^A-Za-z0-9_.-]+', '_', job.dataset)}.png"
+    png = ctx.output(job.png or ctx.run_dir / f"tsne-{re.sub(r'[^A-Za-z0-9_.-]+', '_', job.dataset)}.png")
     result = plot(ctx.encoder, job.dataset, png, root=job.data_root, download=job.download,
                   max_points=job.max_points, perplexity=job.perplexity, seed=job.seed, batch_size=job.batch_size,
                   cache_dir=ctx.cache_dir)
@@ -147,19 +156,17 @@ for _name, (_model, _run) in EVALUATIONS.items():
 
 
 @evaluate.command(context_settings=SETTINGS)
-@click.option("--run", "runs", multiple=True, required=True, metavar="LABEL=RUN_DIR",
-              help="A run directory with results.json, under a label (repeatable), e.g. clsp=runs/clsp.")
-@click.option("--dataset", default="digits", help="Dataset whose results are compared.")
-@click.option("--out", default="report.md", type=click.Path(), help="Markdown file to write.")
-def compare(runs: tuple[str, ...], dataset: str, out: str) -> None:
+@click_options(CompareJob)
+def compare(**options) -> None:
     """Put runs side by side (linear, kNN, positives) beside the paper's numbers."""
     from clsp.evaluate.report import write_report
 
-    pairs = [run.split("=", 1) for run in runs]
-    bad = [run for run, pair in zip(runs, pairs) if len(pair) != 2 or not Path(pair[1]).is_dir()]
+    job = parse(CompareJob, options)
+    pairs = [run.split("=", 1) for run in job.runs]
+    bad = [run for run, pair in zip(job.runs, pairs) if len(pair) != 2 or not Path(pair[1]).is_dir()]
     if bad:
         raise UserError(f"--run {bad[0]!r} is not LABEL=RUN_DIR with an existing directory")
-    click.echo(f"report: {write_report(dict(pairs), out, dataset)}")
+    click.echo(f"report: {write_report(dict(pairs), job.out, job.dataset)}")
 
 
 main = evaluate

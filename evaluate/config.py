@@ -84,6 +84,16 @@ class EmbedPlotJob(EncoderEval):
     _dataset = field_validator("dataset")(_known_dataset)
 
 
+class CompareJob(Settings):
+    """``clsp-eval compare``: runs side by side beside the paper's numbers."""
+
+    runs: tuple[str, ...] = setting(..., "A run directory with results.json under a label, LABEL=RUN_DIR "
+                                         "(repeatable), e.g. clsp=runs/clsp.", cli="--run", min_length=1)
+    dataset: str = setting("digits", "Dataset whose results are compared.")
+    out: str = setting("report.md", "Markdown file to write.", min_length=1)
+    _dataset = field_validator("dataset")(_known_dataset)
+
+
 class EvaluateSettings(Settings):
     """Which evaluations ``clsp run`` makes (pipeline.yaml's ``evaluate`` section)."""
 

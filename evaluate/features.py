@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -135,13 +136,26 @@ def extract_features(encoder: FrozenEncoder, dataset: ImageDataset, *, cache_dir
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{dataset.name}-{dataset.split}{'-flip' if flip else ''}")[-80:]
         path = Path(cache_dir) / f"{stem}-{cache_key(encoder, dataset, spec, flip)}.npz"
         if path.is_file():
-            with np.load(path, allow_pickle=False) as cached:
-                return cached["features"]
+            return _cached_features(path, (len(dataset), encoder.card.feature_dim))
     features = embed_batches(encoder, len(dataset), dataset.array, spec, batch_size=batch_size, flip=flip,
                              desc=f"features {dataset.name}/{dataset.split}")
     if path is not None:
         with atomic_path(path) as tmp, open(tmp, "wb") as handle:
             np.savez(handle, features=features)
+    return features
+
+
+def _cached_features(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """A cache entry, checked: a damaged one (an interrupted copy, a full disk) is refused, never half-used."""
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            features = cached["features"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise UserError(f"feature cache {path} is damaged ({type(error).__name__}); delete it and the features "
+                        "are computed again") from None
+    if features.shape != shape or features.dtype != np.float32:
+        raise UserError(f"feature cache {path} holds {features.dtype} {features.shape}, not float32 {shape}; "
+                        "delete it and the features are computed again")
     return features
 
 

@@ -74,6 +74,7 @@ def positives_stats(encoder: FrozenEncoder, shards: str | Path, *, data_root: st
     from sklearn.metrics import pairwise_distances
 
     store = reader.ShardDirectory.open(shards)
+    store.check_shards(limit)
     dataset = reader.load_dataset(store.manifest, data_root)
     spec = encoder.input_spec(dataset)
     real = normalized(extract_features(encoder, dataset, cache_dir=cache_dir, batch_size=batch_size))

@@ -29,9 +29,12 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        results = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not valid JSON ({err}); delete it and rerun the evaluation") from None
+    if not isinstance(results, dict) or not all(isinstance(entry, dict) for entry in results.values()):
+        raise UserError(f"{path} is not a command -> dataset -> result mapping; delete it and rerun the evaluation")
+    return results
 
 
 def record_result(run_dir: str | Path, command: str, dataset: str, payload: Mapping[str, Any]) -> Path:

@@ -11,6 +11,7 @@ from typing import Literal
 from clsp.config import DatasetConfig, Precision, Settings, setting
 
 DDPMPreset = Literal["auto", "ddpm-cifar", "digits", "tiny"]
+DEVICE = r"^(cpu|cuda(:\d{1,2})?|mps|xpu(:\d{1,2})?)$"  # torch device names this project runs on
 
 
 class GenerateSettings(Settings):
@@ -88,7 +89,7 @@ class SampleJob(Settings):
     eta: float = setting(0.0, "DDIM stochasticity (0: deterministic, 1: DDPM-like).", ge=0, le=1)
     seed: int = setting(0, "Seed of the initial noise.", ge=0, le=2**63 - 1)
     scale: int | None = setting(None, "Upscale factor of the PNG [default: to about 128 px per image].", ge=1, le=64)
-    device: str | None = setting(None, "torch device [default: cuda if available, else cpu].")
+    device: str | None = setting(None, "torch device [default: cuda if available, else cpu].", pattern=DEVICE)
 
 
 class FIDJob(DatasetConfig):
@@ -101,4 +102,4 @@ class FIDJob(DatasetConfig):
     steps: int = setting(100, "DDIM steps per sample.", ge=1, le=1000)
     batch_size: int = setting(256, "Sampling batch size.", ge=1, le=65536)
     seed: int = setting(0, "Seed of the initial noise.", ge=0, le=2**63 - 1)
-    device: str | None = setting(None, "torch device [default: cuda if available, else cpu].")
+    device: str | None = setting(None, "torch device [default: cuda if available, else cpu].", pattern=DEVICE)

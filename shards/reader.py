@@ -126,6 +126,13 @@ class ShardDirectory:
             raise ShardError(f"shard is damaged or altered, {what} ({path}): {_REGENERATE}")
         return record
 
+    def check_shards(self, limit: int | None = None) -> None:
+        """Check the files a read of the first ``limit`` anchors (all: None) will open, before any work on
+        them; a ShardError names the first damaged one."""
+        for index in self.manifest.recorded:
+            if limit is None or self.anchor_range(index).start < limit:
+                self.check_shard(index)
+
     def verified_shards(self) -> set[int]:
         """Recorded shards whose file matches its record's size and sha256 (the ones a reader will read)."""
         done = set()

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _commands():
     from clsp.evaluate.cli import EVALUATIONS, evaluate
+    from clsp.evaluate.config import CompareJob
     from clsp.generate.cli import gen
     from clsp.generate.config import DDPMJob, FIDJob, GenerateJob, SampleJob
     from clsp.generate.ddpm_cli import ddpm
@@ -30,6 +31,7 @@ def _commands():
     yield ddpm.commands["fid"], FIDJob
     for name, (model, _) in EVALUATIONS.items():
         yield evaluate.commands[name], model
+    yield evaluate.commands["compare"], CompareJob
 
 
 @pytest.mark.parametrize("command, model", [pytest.param(c, m, id=m.__name__) for c, m in _commands()])

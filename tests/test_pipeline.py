@@ -19,7 +19,7 @@ from clsp.pipeline import load_config, run
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _reduced_config(tmp_path: Path, model_dir: Path, run_dir: Path) -> Path:
+def reduced_config(tmp_path: Path, model_dir: Path, run_dir: Path) -> Path:
     """The repository's default pipeline.yaml, shrunk to seconds: tiny model, few anchors, one epoch."""
     config = yaml.safe_load((REPO / "pipeline.yaml").read_text())
     config["run_dir"] = str(run_dir)
@@ -101,7 +101,7 @@ def _wait_for(predicate, process: subprocess.Popen, timeout: float = 240.0) -> N
 def test_end_to_end_then_nothing_to_do_then_kill_and_rerun(tmp_path, tiny_model_dir, cli_env):
     # 1. An uninterrupted reduced run: report with the CLSP run beside its baseline.
     reference = tmp_path / "reference"
-    config = _reduced_config(tmp_path, tiny_model_dir, reference)
+    config = reduced_config(tmp_path, tiny_model_dir, reference)
     first = _clsp_run(config, cli_env)
     output = first.communicate(timeout=600)[0]
     assert first.returncode == 0, output
@@ -117,7 +117,7 @@ def test_end_to_end_then_nothing_to_do_then_kill_and_rerun(tmp_path, tiny_model_
 
     # 3. Killed during generation, then during training; each rerun finishes with the same results.
     killed = tmp_path / "killed"
-    config = _reduced_config(tmp_path, tiny_model_dir, killed)
+    config = reduced_config(tmp_path, tiny_model_dir, killed)
     manifest = killed / "shards" / "manifest.json"
 
     def some_shards_written() -> bool:

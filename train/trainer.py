@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clsp.errors import UserError
-from clsp.io import remove_stale_temporaries, write_json_atomic
+from clsp.io import check_creatable, remove_stale_temporaries, write_json_atomic
 from clsp.resume import load_checkpoint, resume_settings, save_checkpoint, set_rng_state, weights_digest
 from clsp.runtime import make_accelerator, progress, resolve_precision
 from clsp.shards import reader
@@ -53,6 +53,9 @@ class Trainer:
         self.accelerator = make_accelerator(job.precision)
         self.world_size = self.accelerator.num_processes
         self.out = Path(job.out)
+        for directory in (job.out, job.decoded_cache_dir):
+            if directory is not None:
+                check_creatable(directory)  # refused before anything is written, not at the first cache write
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
         # the data's identity first: shards of other data are refused before they are verified

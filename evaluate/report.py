@@ -18,6 +18,7 @@ from clsp.io import atomic_path, exclusive_lock, write_bytes_atomic, write_json_
 
 RESULTS_FILE = "results.json"
 RESULTS_LOCK = ".results.lock"
+REPORT_LOCK = ".report.lock"
 REPORT_FILE = "report.md"
 
 PROTOCOL_NAMES = {"authors": "authors' protocol (METHOD.md section 4)",
@@ -53,13 +54,15 @@ def record_result(run_dir: str | Path, command: str, dataset: str, payload: Mapp
 
 def write_section(run_dir: str | Path, title: str, body: str) -> Path:
     """Put a ``## title`` section into the run's ``report.md``, replacing a section of the same title
-    (rerunning a command updates its section instead of adding another); rewritten atomically."""
+    (rerunning a command updates its section instead of adding another); rewritten atomically, under a
+    lock, so commands finishing at once in one run directory keep each other's sections."""
     path = Path(run_dir) / REPORT_FILE
-    old = path.read_text() if path.is_file() else "# Evaluation report\n"
-    head, *sections = old.split("\n## ")
-    kept = [section for section in sections if section.split("\n", 1)[0].strip() != title]
-    text = "\n## ".join([head.rstrip() + "\n", *[section.rstrip() + "\n" for section in kept]])
-    write_bytes_atomic(path, f"{text.rstrip()}\n\n## {title}\n\n{body.rstrip()}\n".encode())
+    with exclusive_lock(Path(run_dir) / REPORT_LOCK):
+        old = path.read_text() if path.is_file() else "# Evaluation report\n"
+        head, *sections = old.split("\n## ")
+        kept = [section for section in sections if section.split("\n", 1)[0].strip() != title]
+        text = "\n## ".join([head.rstrip() + "\n", *[section.rstrip() + "\n" for section in kept]])
+        write_bytes_atomic(path, f"{text.rstrip()}\n\n## {title}\n\n{body.rstrip()}\n".encode())
     return path
 
 

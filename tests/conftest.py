@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 # Before torch loads: OpenMP threads that spin-wait turn a busy 2-core machine into a crawl.
@@ -10,6 +12,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(1)  # tiny models: a second thread mostly waits
 
@@ -48,19 +53,60 @@ def tiny_unet():
 
 @pytest.fixture
 def tiny_model_dir(tmp_path: Path) -> Path:
+    return save_tiny_model(tmp_path / "tiny-ddpm")
+
+
+def command_env() -> dict[str, str]:
+    """Environment for subprocess runs of the commands: fixed threads, offline hub."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONHASHSEED="0", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+@pytest.fixture
+def cli_env() -> dict[str, str]:
+    return command_env()
+
+
+def save_tiny_model(directory: Path) -> Path:
     """A diffusers-format model folder (UNet + scheduler config) as ``save_pretrained`` writes it."""
-    directory = tmp_path / "tiny-ddpm"
     make_tiny_unet().save_pretrained(directory)
     make_scheduler().save_pretrained(directory)
     return directory
 
 
-@pytest.fixture
-def cli_env() -> dict[str, str]:
-    """Environment for subprocess runs of the commands: fixed threads, offline hub."""
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONHASHSEED="0", TOKENIZERS_PARALLELISM="false")
-    return env
+def reduced_config(tmp_path: Path, model_dir: Path, run_dir: Path) -> Path:
+    """The repository's default pipeline.yaml, shrunk to seconds: tiny model, few anchors, one epoch."""
+    config = yaml.safe_load((REPO / "pipeline.yaml").read_text())
+    config["run_dir"] = str(run_dir)
+    config["diffusion"] = {"unet": str(model_dir)}
+    config["generate"].update(candidates=2, steps=2, batch_size=8, shard_size=8, limit=32, precision="fp32")
+    config["train"].update(epochs=1, batch_size=8, backbone="resnet-narrow", precision="fp32", workers=0)
+    config["evaluate"].update(linear_epochs=3, embed_plot=False)
+    path = tmp_path / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def clsp_run(config: Path, env: dict) -> subprocess.Popen:
+    """``clsp run CONFIG`` in a fresh process, its output on one pipe."""
+    return subprocess.Popen([sys.executable, "-m", "clsp.cli", "run", str(config)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="session")
+def pipeline_model(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("pipeline-model") / "tiny-ddpm")
+
+
+@pytest.fixture(scope="session")
+def pipeline_reference(tmp_path_factory, pipeline_model) -> Path:
+    """The run directory of one uninterrupted reduced ``clsp run``: what interrupted runs must reproduce."""
+    root = tmp_path_factory.mktemp("pipeline")
+    process = clsp_run(reduced_config(root, pipeline_model, root / "reference"), command_env())
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output
+    return root / "reference"
 
 
 @pytest.fixture(scope="session")

@@ -15,17 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from click.testing import CliRunner
 
 from clsp.cli import main
 from clsp.datasets import get_dataset
+from clsp.errors import UserError
 from clsp.evaluate.features import cache_key, load_frozen_encoder
 from clsp.io import save_torch_atomic
 from clsp.shards import schema
-from conftest import make_scheduler, make_tiny_unet
+from clsp.train.backbones import load_encoder
+from conftest import reduced_config, save_tiny_model
 from test_evaluate import make_encoder
-from test_pipeline import reduced_config
 from test_train_data import make_train_shards
 
 # A valid, small invocation per command; a case appends its bad options (click keeps an option's last value).
@@ -269,9 +269,7 @@ def _damaged_pipelines(root: Path, model: Path) -> None:
 def world(tmp_path_factory) -> dict[str, Path]:
     """Every input of the battery: good ones, and damaged copies of each format under ``damaged``."""
     root = tmp_path_factory.mktemp("world")
-    model = root / "model"
-    make_tiny_unet().save_pretrained(model)
-    make_scheduler().save_pretrained(model)
+    model = save_tiny_model(root / "model")
     shards = make_train_shards(root / "shards", num_anchors=16, shard_size=8)
     encoder = make_encoder(root / "encoder")
     evaluated = root / "evaluated"
@@ -325,3 +323,15 @@ def test_bad_input_is_one_error_line_and_changes_nothing(command: str, extra: li
 
 def test_the_battery_is_large_enough():
     assert len(CASES) >= 120
+
+
+def test_an_encoder_card_of_version_1_still_loads_and_a_newer_one_says_how_to_convert(world, tmp_path):
+    v2 = json.loads((world["encoder"] / "encoder.json").read_text())
+    v1 = {**{k: v for k, v in v2.items() if k not in ("schema_version", "clsp_lambda")}, "clsp_weight": 0.5}
+    (_copy(world["encoder"], tmp_path / "v1") / "encoder.json").write_text(json.dumps(v1))
+    net, card = load_encoder(tmp_path / "v1")
+    assert card.schema_version == 2 and card.clsp_lambda == 0.5 and card.backbone == v2["backbone"]
+    assert net(torch.zeros(1, 3, 16, 16)).shape == (1, card.feature_dim)
+    (_copy(world["encoder"], tmp_path / "v3") / "encoder.json").write_text(json.dumps({**v2, "schema_version": 3}))
+    with pytest.raises(UserError, match="schema_version.*re-export the encoder with clsp-train"):
+        load_encoder(tmp_path / "v3")

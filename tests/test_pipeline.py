@@ -1,35 +1,14 @@
-"""`clsp run`: configuration validation, an end-to-end reduced run, skipping, and kill-and-rerun."""
+"""`clsp run`: configuration validation, an end-to-end reduced run, and skipping what is done
+(kill-and-rerun is in test_faults.py)."""
 
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from clsp.errors import UserError
 from clsp.pipeline import load_config, run
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def reduced_config(tmp_path: Path, model_dir: Path, run_dir: Path) -> Path:
-    """The repository's default pipeline.yaml, shrunk to seconds: tiny model, few anchors, one epoch."""
-    config = yaml.safe_load((REPO / "pipeline.yaml").read_text())
-    config["run_dir"] = str(run_dir)
-    config["diffusion"] = {"unet": str(model_dir)}
-    config["generate"].update(candidates=2, steps=2, batch_size=8, shard_size=8, limit=32, precision="fp32")
-    config["train"].update(epochs=1, batch_size=8, backbone="resnet-narrow", precision="fp32", workers=0)
-    config["evaluate"].update(linear_epochs=3, embed_plot=False)
-    path = tmp_path / f"{run_dir.name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+from conftest import REPO, clsp_run, reduced_config
 
 
 def test_repository_default_is_valid_and_describes_clsp_and_baseline():
@@ -70,79 +49,12 @@ def test_set_overrides_nested_keys_with_yaml_types():
     assert config.train.runs == {"clsp": 0.5, "baseline": 0}
 
 
-def _clsp_run(config: Path, env: dict, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "clsp.cli", "run", str(config)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
-
-
-def _report_numbers(run_dir: Path) -> dict:
-    """Every result of every run (timings excluded), to compare two reports."""
-    results = {}
-    for run_results in sorted((run_dir / "eval").glob("*/results.json")):
-        data = json.loads(run_results.read_text().replace(str(run_dir), "RUN_DIR"))
-        results[run_results.parent.name] = {
-            cmd: {ds: {k: v for k, v in payload.items() if "time" not in k and "seconds" not in k}
-                  for ds, payload in per_ds.items()} for cmd, per_ds in data.items()}
-    return results
-
-
-def _wait_for(predicate, process: subprocess.Popen, timeout: float = 240.0) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if process.poll() is not None:
-            raise AssertionError(f"pipeline ended before the kill point:\n{process.stdout.read()}")
-        if time.time() > deadline:
-            process.kill()
-            raise AssertionError("kill point not reached in time")
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
-def test_end_to_end_then_nothing_to_do_then_kill_and_rerun(tmp_path, tiny_model_dir, cli_env):
-    # 1. An uninterrupted reduced run: report with the CLSP run beside its baseline.
-    reference = tmp_path / "reference"
-    config = reduced_config(tmp_path, tiny_model_dir, reference)
-    first = _clsp_run(config, cli_env)
-    output = first.communicate(timeout=600)[0]
-    assert first.returncode == 0, output
-    report = (reference / "report.md").read_text()
+def test_end_to_end_then_nothing_to_do(pipeline_reference, pipeline_model, cli_env):
+    report = (pipeline_reference / "report.md").read_text()
     assert "clsp" in report and "baseline" in report and "linear" in report.lower()
-    assert (reference / "shards" / "preview.png").is_file()
-
-    # 2. A second run does no work.
-    second = _clsp_run(config, cli_env)
+    assert (pipeline_reference / "shards" / "preview.png").is_file()
+    second = clsp_run(reduced_config(pipeline_reference.parent, pipeline_model, pipeline_reference), cli_env)
     output = second.communicate(timeout=300)[0]
     assert second.returncode == 0, output
     assert "ran: nothing" in output and "running" not in output
-
-    # 3. Killed during generation, then during training; each rerun finishes with the same results.
-    killed = tmp_path / "killed"
-    config = reduced_config(tmp_path, tiny_model_dir, killed)
-    manifest = killed / "shards" / "manifest.json"
-
-    def some_shards_written() -> bool:
-        try:
-            return len(json.loads(manifest.read_text()).get("shards", {})) >= 1
-        except (OSError, ValueError):
-            return False
-
-    process = _clsp_run(config, cli_env)
-    _wait_for(some_shards_written, process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert len(json.loads(manifest.read_text())["shards"]) < json.loads(manifest.read_text())["num_shards"]
-
-    process = _clsp_run(config, cli_env)
-    _wait_for((killed / "train" / "clsp").exists, process)
-    time.sleep(1.0)  # inside the training stage
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (killed / "report.md").exists()
-
-    process = _clsp_run(config, cli_env)
-    output = process.communicate(timeout=600)[0]
-    assert process.returncode == 0, output
-    assert _report_numbers(killed) == _report_numbers(reference)
-    same_report = (killed / "report.md").read_text().replace(str(killed), "RUN_DIR")
-    assert same_report == (reference / "report.md").read_text().replace(str(reference), "RUN_DIR")
-    assert _report_numbers(reference)  # non-empty: the comparison above compared something

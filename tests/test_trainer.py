@@ -88,36 +88,6 @@ def test_baseline_run_exports_a_loadable_encoder_and_logs(shard_dir, tmp_path):
     assert other.exit_code != 0 and "flip: True there, False now" in other.output, other.output
 
 
-KILL_MID_EPOCH = """
-import os, signal
-import clsp.train.trainer as trainer
-save = trainer.save_checkpoint
-def save_then_die(path, state, settings):
-    save(path, state, settings)
-    if state["epoch"] == 1 and state["step_in_epoch"] > 0:
-        os.kill(os.getpid(), signal.SIGKILL)
-trainer.save_checkpoint = save_then_die
-"""
-
-
-def test_killed_mid_epoch_and_resumed_ends_with_the_uninterrupted_weights(shard_dir, tmp_path, cli_env):
-    args = ["--shards", str(shard_dir), "--epochs", "2", "--augment", "cpu", "--checkpoint-steps", "2",
-            "--seed", "7", *tiny("moco")]
-    straight = clsp_train("--out", str(tmp_path / "straight"), *args, env=cli_env)  # runs meanwhile
-    killed = clsp_train("--out", str(tmp_path / "resumed"), *args, env=cli_env, harness=KILL_MID_EPOCH)
-    assert killed.wait(timeout=300) == -9, killed.stdout.read()
-    state = load_torch(tmp_path / "resumed" / "checkpoint.pt")
-    assert (state["epoch"], state["step_in_epoch"]) == (1, 2)
-    assert not (tmp_path / "resumed" / "encoder.safetensors").exists()
-    resumed = clsp_train("--out", str(tmp_path / "resumed"), *args, env=cli_env)
-    for run in (resumed, straight):
-        assert run.wait(timeout=300) == 0, run.stdout.read()
-    a = load_torch(tmp_path / "resumed" / "checkpoint.pt")["model"]
-    b = load_torch(tmp_path / "straight" / "checkpoint.pt")["model"]
-    assert set(a) == set(b) and any(k.startswith("queue1") for k in a)  # MoCo's queues are checkpointed too
-    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
-
-
 @pytest.mark.slow
 def test_two_processes_train_in_sync(shard_dir, tmp_path, cli_env):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))

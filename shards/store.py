@@ -35,6 +35,7 @@ from clsp.io import atomic_file, exclusive_lock, remove_stale_temporaries, write
 SPOOL_BYTES = 64 << 20  # a downloaded shard is kept in memory up to this size, then in a temporary file
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
 _READ_ONLY = ("http", "https")
+_NO_BUCKET = "create the bucket first; clsp writes into it but does not create it"
 _ONE_SLASH = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/(?!/)")  # "s3:/bucket": a URL missing a slash
 # Exception classes of the storage clients, by name: they are optional dependencies, never imported here.
 _NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError", "RefreshError"}
@@ -52,12 +53,18 @@ def _protocols(location: str) -> list[str]:
 
 
 def _credentials_hint(location: str) -> str:
-    if "s3" in _protocols(location) or "s3a" in _protocols(location):
+    if {"s3", "s3a"} & set(_protocols(location)):
         return ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL for an "
                 "S3-compatible server")
     if {"gs", "gcs"} & set(_protocols(location)):
         return "set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`"
     return "check the credentials"
+
+
+def _endpoint_hint(location: str) -> str:
+    if {"s3", "s3a"} & set(_protocols(location)):
+        return "check the URL and the endpoint (AWS_ENDPOINT_URL or FSSPEC_S3_ENDPOINT_URL for S3-compatible servers)"
+    return "check the URL and the network"
 
 
 def _translate(error: BaseException, where: str) -> UserError | None:
@@ -70,19 +77,23 @@ def _translate(error: BaseException, where: str) -> UserError | None:
         return UserError(f"no credentials to reach {where}: {_credentials_hint(where)}")
     if isinstance(error, PermissionError):
         return UserError(f"access denied to {where} ({detail}): {_credentials_hint(where)}")
-    if names & _UNREACHABLE or (isinstance(error, OSError) and error.errno is None and _is_url(where)
-                                and not isinstance(error, FileNotFoundError)):
-        return UserError(f"cannot reach {where} ({detail or type(error).__name__}): check the URL and the "
-                         f"endpoint (AWS_ENDPOINT_URL / FSSPEC_S3_ENDPOINT_URL for S3-compatible servers)")
+    if names & _UNREACHABLE:
+        return UserError(f"cannot reach {where} ({detail or type(error).__name__}): {_endpoint_hint(where)}")
+    if isinstance(error, OSError) and error.errno is None and _is_url(where) \
+            and not isinstance(error, FileNotFoundError):  # the store's own answer, e.g. a server error
+        return UserError(f"{where}: {detail or type(error).__name__}")
     return None
 
 
 @contextmanager
-def _explained(where: str) -> Iterator[None]:
-    """Turn a storage client's error inside the block into a one-line UserError naming ``where``."""
+def _explained(where: str, missing: str | None = None) -> Iterator[None]:
+    """Turn a storage client's error inside the block into a one-line UserError naming ``where``; with
+    ``missing``, a FileNotFoundError too (a write into a bucket that does not exist), with that advice."""
     try:
         yield
     except Exception as error:  # noqa: BLE001 - only the errors _translate recognises are replaced
+        if missing is not None and isinstance(error, FileNotFoundError):
+            raise UserError(f"cannot write {where} ({' '.join(str(error).split())[:200]}): {missing}") from None
         translated = _translate(error, where)
         if translated is None:
             raise
@@ -248,7 +259,7 @@ class ShardStore:
         with tempfile.NamedTemporaryFile(prefix=f".{name}.", suffix=".upload") as stream:
             yield stream
             stream.flush()
-            with _explained(self.where(name)):
+            with _explained(self.where(name), missing=_NO_BUCKET):
                 fs.put_file(stream.name, self._path(name))
 
     def write_bytes(self, name: str, data: bytes) -> None:
@@ -257,7 +268,7 @@ class ShardStore:
             write_bytes_atomic(self._local(name), data)
             return
         fs = self._resolved()[0]
-        with _explained(self.where(name)):
+        with _explained(self.where(name), missing=_NO_BUCKET):
             fs.pipe_file(self._path(name), data)
 
     def remove(self, names: list[str]) -> None:

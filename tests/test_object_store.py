@@ -150,6 +150,21 @@ def test_a_rerun_resumes_against_the_store(s3, s3_shards, local_shards, one_thre
 
 
 @pytest.mark.slow
+def test_two_array_tasks_at_once_write_one_consistent_set(s3, s3_shards, local_shards, cli_env):
+    fs, env = s3
+    url = f"s3://{BUCKET}/array"
+    tasks = [subprocess.Popen([sys.executable, "-m", "clsp.generate.cli", *GEN, "--shards", url, "--no-preview",
+                               "--num-workers", "2", "--worker-index", str(i)], env={**cli_env, **env},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [task.communicate(timeout=240)[0] for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs
+    tars = {name: data for name, data in files(local_shards).items() if name.endswith(".tar")}
+    assert {name: data for name, data in objects(fs, f"{BUCKET}/array").items() if name.endswith(".tar")} == tars
+    assert {r.index: (r.rank, r.world_size) for r in reader.read_manifest(url).shards.values()} == \
+        {i: (i % 2, 2) for i in range(NUM_SHARDS)}  # every record found, each from the task that wrote it
+
+
+@pytest.mark.slow
 def test_training_from_s3_and_http_gives_the_weights_of_training_from_the_local_copy(
         s3, s3_shards, local_shards, http_url, tmp_path, monkeypatch):
     import fsspec.config

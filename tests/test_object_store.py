@@ -91,9 +91,13 @@ def s3_shards(s3, local_shards, one_thread) -> str:
 
 
 @pytest.fixture(scope="module")
-def http_url(local_shards):
-    """A read-only HTTP server (GET and HEAD only) on 127.0.0.1 serving the local shard directory."""
-    handler = functools.partial(QuietHandler, directory=str(local_shards))
+def http_url(s3, s3_shards, tmp_path_factory):
+    """A read-only HTTP server (GET and HEAD only) on 127.0.0.1 serving a local copy of the S3 shards: a
+    manifest without shards and the records beside it, so the reader must merge them over HTTP too."""
+    fs, _ = s3
+    served = tmp_path_factory.mktemp("served")
+    fs.get(f"{BUCKET}/shards/", str(served), recursive=True)
+    handler = functools.partial(QuietHandler, directory=str(served))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -178,6 +182,7 @@ def test_training_from_s3_and_http_gives_the_weights_of_training_from_the_local_
         result = CliRunner().invoke(train, [*TRAIN, *extra, "--shards", shards, "--out", str(tmp_path / name)])
         assert result.exit_code == 0, result.output
         weights[name] = load_file(str(tmp_path / name / "encoder.safetensors"))
+    assert "OK: 4 shards" in CliRunner().invoke(clsp_main, ["shards", "verify", http_url]).output
     for name in ("s3", "http"):
         assert weights[name].keys() == weights["local"].keys()
         assert all(torch.equal(weights[name][k], weights["local"][k]) for k in weights["local"]), name

@@ -93,8 +93,13 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         stream.write(data)
 
 
+def json_bytes(obj: Any) -> bytes:
+    """The one JSON layout of clsp's files: indented, sorted keys, a final newline (stable bytes, readable diffs)."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(path, json_bytes(obj))
 
 
 def save_torch_atomic(path: str | os.PathLike, state: dict[str, Any]) -> None:

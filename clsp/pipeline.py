@@ -31,6 +31,8 @@ from clsp.errors import SETTINGS, Command, UserError
 from clsp.evaluate.config import EvaluateSettings
 from clsp.generate.config import DDPMJob, DDPMSettings, GenerateJob, GenerateSettings
 from clsp.io import check_creatable, write_json_atomic
+from clsp.shards.reader import MANIFEST
+from clsp.shards.store import ShardStore, exists
 from clsp.train.config import TrainJob, TrainSettings
 
 STATE_FILE = "pipeline_state.json"
@@ -88,6 +90,8 @@ class PipelineConfig(Settings):
     """A whole experiment (pipeline.yaml)."""
 
     run_dir: str = setting("runs/digits", "Where every stage writes.", min_length=1)
+    shards: str | None = setting(None, "Where the shards go: a directory or a URL (s3://bucket/prefix, gs://..., "
+                                       "read-only http(s)://). [default: RUN_DIR/shards]", min_length=1)
     seed: int = setting(0, "Seed of every stage.", ge=0, le=2**63 - 1)
     dataset: DatasetConfig = DatasetConfig()
     diffusion: DiffusionSection = DiffusionSection()
@@ -140,7 +144,7 @@ class Stage:
     job: Settings
     run: Callable[[], Any]
     upstream: list[str] = field(default_factory=list)
-    outputs: list[Path] = field(default_factory=list)
+    outputs: list[str | Path] = field(default_factory=list)  # local paths or URLs (the shards may be remote)
     identity: dict[str, Any] = field(default_factory=dict)  # the job's settings that shape the result
 
 
@@ -150,6 +154,7 @@ class Pipeline:
     def __init__(self, config: PipelineConfig, echo: Callable[[str], None] = click.echo) -> None:
         self.config = config
         self.run_dir = Path(config.run_dir)
+        self.shards = config.shards or str(self.run_dir / "shards")
         self.state_file = self.run_dir / STATE_FILE
         self.echo = echo
         self.ran: list[str] = []
@@ -175,15 +180,16 @@ class Pipeline:
                             identity=ddpm.model_dump(exclude={"out", "checkpoint_every", "sample_every",
                                                               "log_every", "data_root"})))
             unet, upstream = str(out), ["diffusion"]
-        shards = self.run_dir / "shards"
-        # The run directory's shards belong to this configuration: changed settings regenerate them (the
-        # same settings resume, whatever overwrite says, so concurrent array tasks never wipe each other).
-        gen = parse(GenerateJob, {**dataset, **cfg.generate.model_dump(), "shards": str(shards), "unet": unet,
-                                  "seed": seed, "overwrite": True}, where="generate")
+        shards = self.shards
+        # Shards in the run directory belong to this configuration: changed settings regenerate them (the same
+        # settings resume, whatever overwrite says, so concurrent array tasks never wipe each other). Shards
+        # at a location the configuration names may be shared, so other settings there are refused.
+        gen = parse(GenerateJob, {**dataset, **cfg.generate.model_dump(), "shards": shards, "unet": unet,
+                                  "seed": seed, "overwrite": cfg.shards is None}, where="generate")
         from clsp.generate.job import run_generation
 
         self._add(Stage("generate", gen, lambda: run_generation(gen, echo=self.echo), upstream=upstream,
-                        outputs=[shards / "manifest.json"],
+                        outputs=[ShardStore.open(shards).where(MANIFEST)],
                         identity=gen.model_dump(exclude={"shards", "preview", "compile", "data_root", "batch_size",
                                                          "num_workers", "worker_index", "overwrite"})))
         from clsp.train.trainer import train as run_training
@@ -191,7 +197,7 @@ class Pipeline:
         for run_name in cfg.train.runs:
             out = self.run_dir / "train" / run_name
             run_seed = cfg.train.run_seed(run_name)
-            job = parse(TrainJob, {**cfg.train.run_settings(run_name), "shards": str(shards), "out": str(out),
+            job = parse(TrainJob, {**cfg.train.run_settings(run_name), "shards": shards, "out": str(out),
                                    "data_root": cfg.dataset.data_root, "seed": seed if run_seed is None else run_seed,
                                    "allow_partial": cfg.generate.limit is not None}, where="train")
             resolved = job.resolved(cfg.dataset.name)
@@ -215,7 +221,7 @@ class Pipeline:
         if e.knn:
             wanted["knn"] = {"dataset": ds.name}
         if e.positives:
-            wanted["positives"] = {"shards": str(self.run_dir / "shards")}
+            wanted["positives"] = {"shards": self.shards}
         if e.embed_plot:
             wanted["embed-plot"] = {"dataset": ds.name, "png": str(out / "tsne.png")}
         if e.transfer:
@@ -298,7 +304,7 @@ class Pipeline:
 
     def done(self, name: str, prints: dict[str, str], state: dict[str, str]) -> bool:
         stage = self.stages[name]
-        return state.get(name) == prints[name] and all(path.exists() for path in stage.outputs)
+        return state.get(name) == prints[name] and all(exists(path) for path in stage.outputs)
 
     def run(self, only: str | None = None) -> Path | None:
         """Run what is not done (or only the stage ``only``); returns the report path after a full run."""

@@ -147,6 +147,7 @@ def study(config: str, seeds: int, methods: str, clsp_lambda: float | None, over
     study_dir = run_dir / "study"
     values = base.model_dump()
     values["run_dir"] = str(study_dir)
+    values["shards"] = base.shards or str(run_dir / "shards")  # one shard set: the configuration's own
     values["train"]["runs"] = study_runs(chosen, seed_list, clsp_lambda)
     values["evaluate"].update(linear=True, linear_protocol="authors", knn=True, positives=False, embed_plot=False,
                               transfer=[])
@@ -154,7 +155,7 @@ def study(config: str, seeds: int, methods: str, clsp_lambda: float | None, over
     from clsp.pipeline import PipelineConfig
 
     resolved = parse(PipelineConfig, values, where="")
-    if (run_dir / "shards" / "manifest.json").is_file() and not (study_dir / "shards").exists():
+    if base.shards is None and (run_dir / "shards" / "manifest.json").is_file() and not (study_dir / "shards").exists():
         study_dir.mkdir(parents=True, exist_ok=True)  # one shard set: the configuration's own, if generated
         (study_dir / "shards").symlink_to((run_dir / "shards").resolve(), target_is_directory=True)
     pipeline = Pipeline(resolved)

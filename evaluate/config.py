@@ -71,7 +71,7 @@ class KnnJob(EncoderEval):
 
 
 class PositivesJob(EncoderEval):
-    shards: str = setting(..., "Shard directory (clsp-gen --shards).", min_length=1)
+    shards: str = setting(..., "Shard directory or URL (clsp-gen --shards).", min_length=1)
     limit: int | None = setting(None, "Only the first N anchors.", ge=1)
     png: str | None = setting(None, "Histogram of the similarities [default: RUN_DIR/positives-similarity.png].")
 

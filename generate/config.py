@@ -43,7 +43,8 @@ class GenerateJob(DatasetConfig, GenerateSettings):
 
     name: str = setting(..., "Dataset registry name (digits, cifar10, cifar100, stl10, imagefolder:PATH).",
                         cli="--dataset", min_length=1, max_length=4096)
-    shards: str = setting(..., "Output shard directory; a rerun resumes it.", min_length=1)
+    shards: str = setting(..., "Output shard directory or URL (s3://bucket/prefix, gs://...); a rerun "
+                                 "resumes it.", min_length=1)
     unet: str | None = setting(None, "Diffusion model folder or hub id [default: the dataset's known model].")
     seed: int = setting(0, "Job seed; each anchor's noise comes from (seed, anchor index).", ge=0, le=2**63 - 1)
     num_workers: int | None = setting(None, "Job-array size [default: SLURM_ARRAY_TASK_COUNT, else 1].", ge=1)

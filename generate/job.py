@@ -31,10 +31,12 @@ from clsp.images import to_float, to_uint8
 from clsp.generate.unet import check_compatible, load_unet, resolve_unet
 from clsp.runtime import make_accelerator, progress, resolve_precision
 from clsp.shards import schema, verify, writer
-from clsp.shards.preview import preview_arrays, preview_grid
+from clsp.shards.preview import arrays_png, preview_png
+from clsp.shards.store import ShardStore
 
 T = TypeVar("T")
 PREVIEW_ANCHORS = 4
+PREVIEW = "preview.png"
 
 
 def anchor_seed(seed: int, anchor_index: int) -> int:
@@ -136,13 +138,14 @@ def _compile(unet) -> None:
             module.compile()
 
 
-def _preview(path: Path, gen: _PositiveDrawer, count: int, done: set[int]) -> None:
-    """The first anchors beside their positives: from shard 0 when it is finished, else drawn now."""
+def _preview(store: ShardStore, gen: _PositiveDrawer, count: int, done: set[int]) -> None:
+    """``preview.png``, the first anchors beside their positives: from shard 0 when it is finished, else drawn now."""
     if 0 in done:
-        preview_grid(path.parent, path, count, gen.dataset)
+        png = preview_png(store, count, gen.dataset)
     else:
         indices = list(range(count))
-        preview_arrays(path, gen.dataset.array(indices), np.stack([s.positives for s in gen.batch(indices)]))
+        png = arrays_png(gen.dataset.array(indices), np.stack([s.positives for s in gen.batch(indices)]))
+    store.write_bytes(PREVIEW, png)
 
 
 def _load(cfg: GenerateJob, device: torch.device):
@@ -168,6 +171,9 @@ def run_generation(cfg: GenerateJob, echo: Callable[[str], object] = print) -> d
 
     Problems found by the final verification are an error naming the first (rerunning rewrites them)."""
     num_workers, worker_index = array_worker(cfg.num_workers, cfg.worker_index)
+    store = ShardStore.open(cfg.shards)  # a bad URL, a missing extra or missing credentials: before any work
+    store.require_writable()
+    store.probe()
     accelerator = make_accelerator()  # device placement and process group only: the sampler does its own autocast
     try:
         return _run(cfg, accelerator, num_workers, worker_index, echo)
@@ -205,9 +211,9 @@ def _run(cfg: GenerateJob, accelerator: Accelerator, num_workers: int, worker_in
              f"({len(done)} already complete; {world} worker{'s' if world > 1 else ''}, {precision}, "
              f"{accelerator.device})")
         if cfg.preview and rank == 0:
-            path = Path(cfg.shards) / "preview.png"
-            _preview(path, gen, min(PREVIEW_ANCHORS, num_anchors), done)
-            echo(f"wrote {path}: check the positives before the long run")
+            store = ShardStore.open(cfg.shards)
+            _preview(store, gen, min(PREVIEW_ANCHORS, num_anchors), done)
+            echo(f"wrote {store.where(PREVIEW)}: check the positives before the long run")
 
     began = time.perf_counter()
     anchors = sum(len(manifest.anchor_range(i)) for i in mine)

@@ -9,7 +9,7 @@ import click
 from clsp.datasets import DEFAULT_DATA_ROOT
 from clsp.errors import Group, UserError
 
-_DIR = click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+_DIR = click.argument("directory")  # a local path or a URL: not a click.Path, which would mangle "s3://"
 
 
 def _size(num_bytes: int) -> str:
@@ -23,12 +23,13 @@ def _size(num_bytes: int) -> str:
 
 @click.group(cls=Group, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 def shards() -> None:
-    """Inspect, verify and preview a shard directory written by clsp-gen."""
+    """Inspect, verify and preview a shard directory written by clsp-gen (a local path, or a URL: s3://,
+    gs://, http(s)://)."""
 
 
 @shards.command()
 @_DIR
-def info(directory: Path) -> None:
+def info(directory: str) -> None:
     """Summarise DIRECTORY: dataset, settings, progress and size."""
     from clsp.shards.reader import read_manifest
 
@@ -54,7 +55,7 @@ def info(directory: Path) -> None:
 
 @shards.command()
 @_DIR
-def verify(directory: Path) -> None:
+def verify(directory: str) -> None:
     """Check every shard of DIRECTORY against its manifest; exit 1 listing what is wrong.
 
     Finds missing, truncated and altered shards, undecodable samples, and anchors that are duplicated,
@@ -80,12 +81,14 @@ def verify(directory: Path) -> None:
 @click.option("--num-anchors", default=8, type=click.IntRange(1, 1024), help="Rows: the first N anchors.")
 @click.option("--data-root", default=DEFAULT_DATA_ROOT, type=click.Path(file_okay=False),
               help="Where the real dataset lives (used only when the shards do not store anchors).")
-def preview(directory: Path, out_png: Path, num_anchors: int, data_root: str) -> None:
+def preview(directory: str, out_png: Path, num_anchors: int, data_root: str) -> None:
     """Write a PNG of anchors (left column) beside their synthetic positives."""
-    from clsp.shards.preview import preview_grid
+    from clsp.io import write_bytes_atomic
+    from clsp.shards.preview import preview_png
     from clsp.shards.reader import ShardDirectory, load_dataset
 
     store = ShardDirectory.open(directory)
     first = next(store.samples())
     dataset = None if first.anchor is not None else load_dataset(store.manifest, data_root)
-    click.echo(f"wrote {preview_grid(store, out_png, num_anchors, dataset)}")
+    write_bytes_atomic(out_png, preview_png(store, num_anchors, dataset))
+    click.echo(f"wrote {out_png}")

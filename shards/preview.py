@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
 from itertools import islice
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,9 +11,8 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from clsp.errors import UserError
-from clsp.io import write_bytes_atomic
 from clsp.shards import schema
-from clsp.shards.reader import ShardDirectory
+from clsp.shards.reader import Location, ShardDirectory
 
 PAD = 2  # white pixels between cells
 ANCHOR_GAP = 4  # extra white pixels between the anchor column and the positives
@@ -31,9 +28,8 @@ def _anchor_image(sample: schema.ShardSample, dataset, size: tuple[int, int]) ->
     return anchor
 
 
-def preview_grid(directory: str | os.PathLike | ShardDirectory, out_png: str | os.PathLike, num_anchors: int = 8,
-                 dataset=None) -> Path:
-    """Write one PNG with a row per anchor: the anchor, a gap, then its k positives.
+def preview_png(directory: Location | ShardDirectory, num_anchors: int = 8, dataset=None) -> bytes:
+    """One PNG with a row per anchor: the anchor, a gap, then its k positives.
 
     Anchors come from the shards when stored there, else from ``dataset`` (an ``ImageDataset``). Only
     verified shards are read (a damaged one is a ShardError naming it).
@@ -48,10 +44,10 @@ def preview_grid(directory: str | os.PathLike | ShardDirectory, out_png: str | o
                         f"so they can be shown")
     size = samples[0].positives.shape[1:3]
     anchors = np.stack([_anchor_image(s, dataset, size) for s in samples])
-    return preview_arrays(out_png, anchors, np.stack([s.positives for s in samples]))
+    return arrays_png(anchors, np.stack([s.positives for s in samples]))
 
 
-def preview_arrays(out_png: str | os.PathLike, anchors: np.ndarray, positives: np.ndarray) -> Path:
+def arrays_png(anchors: np.ndarray, positives: np.ndarray) -> bytes:
     """The same picture from arrays: uint8 anchors ``[n, H, W, 3]`` beside positives ``[n, k, H, W, 3]``.
 
     ``clsp-gen`` uses it to show positives before their shard is written.
@@ -65,6 +61,4 @@ def preview_arrays(out_png: str | os.PathLike, anchors: np.ndarray, positives: n
     split = PAD + tensor.shape[3]  # right after the anchor column
     gap = torch.full((3, grid.shape[1], ANCHOR_GAP), 255, dtype=grid.dtype)
     grid = torch.cat([grid[:, :, :split], gap, grid[:, :, split:]], dim=2)
-    out = Path(out_png)
-    write_bytes_atomic(out, schema.encode_png(np.ascontiguousarray(grid.permute(1, 2, 0).numpy())))
-    return out
+    return schema.encode_png(np.ascontiguousarray(grid.permute(1, 2, 0).numpy()))

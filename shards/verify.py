@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from typing import IO
 
 from clsp.errors import ShardError
 from clsp.io import file_digest
 from clsp.runtime import progress
 from clsp.shards import schema
-from clsp.shards.reader import ShardDirectory, read_bounded, tar_samples
+from clsp.shards.reader import Location, ShardDirectory, tar_samples
 
 
 def _spans(values: list[int], limit: int = 8) -> str:
@@ -24,44 +24,51 @@ def _spans(values: list[int], limit: int = 8) -> str:
     return text + (" ..." if len(runs) > limit else "")
 
 
-def _record_problem(path: Path, recorded: schema.ShardRecord) -> str | None:
+def _record_problem(store: ShardDirectory, index: int, recorded: schema.ShardRecord) -> str | None:
     """Why a ``shard-NNNNNN.json`` record is unusable or disagrees with the manifest, or None."""
-    if not path.is_file():
-        return f"{path.name}: missing (the manifest records its shard)"
+    name = schema.record_name(index)
+    if not store.store.exists(name):
+        return f"{name}: missing (the manifest records its shard)"
     try:
-        record = schema.parse_json(schema.ShardRecord, read_bounded(path, schema.MAX_SHARD_RECORD_BYTES),
-                                   limit=schema.MAX_SHARD_RECORD_BYTES, where=path.name, what="the shard record",
+        record = schema.parse_json(schema.ShardRecord, store.store.read_bounded(name, schema.MAX_SHARD_RECORD_BYTES),
+                                   limit=schema.MAX_SHARD_RECORD_BYTES, where=name, what="the shard record",
                                    fix="regenerate the shard with clsp-gen")
     except ShardError as err:
         return str(err)
-    return None if record == recorded else f"{path.name}: disagrees with the manifest"
+    return None if record == recorded else f"{name}: disagrees with the manifest"
 
 
-def _has_end_marker(path: Path) -> bool:
+def _has_end_marker(stream: IO[bytes]) -> bool:
     """Whether a tar ends with its two zero blocks; ``tarfile`` reads a tar cut at a header boundary silently."""
-    size = path.stat().st_size
+    size = stream.seek(0, os.SEEK_END)
     if size < 1024 or size % 512:
         return False
-    with open(path, "rb") as f:
-        f.seek(size - 1024)
-        return f.read() == bytes(1024)
+    stream.seek(size - 1024)
+    return stream.read() == bytes(1024)
 
 
 def _check_shard(store: ShardDirectory, index: int, seen: dict[int, str]) -> list[str]:
     """Problems of one recorded shard (read even when altered, to say what is wrong); adds its anchors to ``seen``."""
-    path, record, anchors = store.shard_path(index), store.record(index), store.anchor_range(index)
-    name = path.name
-    if not path.is_file():
+    record, anchors, name = store.record(index), store.anchor_range(index), schema.shard_name(index)
+    if not store.store.exists(name):
         return [f"{name}: missing (the manifest records it)"]
+    with store.store.fetched(name) as stream:
+        return _problems(store, record, anchors, stream, seen)
+
+
+def _problems(store: ShardDirectory, record: schema.ShardRecord, anchors: range, stream: IO[bytes],
+              seen: dict[int, str]) -> list[str]:
+    """The problems ``_check_shard`` lists, of one shard's fetched file."""
+    name = schema.shard_name(record.index)
     problems = []
-    size, sha256 = file_digest(path)
+    size, sha256 = file_digest(stream)
     if size != record.bytes:
         problems.append(f"{name}: {size} bytes, the manifest records {record.bytes} (truncated or altered)")
     elif sha256 != record.sha256:
         problems.append(f"{name}: sha256 differs from the manifest (altered)")
     count = 0
     try:
-        for key, members, unread in tar_samples(path, store.manifest.image_shape):
+        for key, members, unread in tar_samples(stream, store.manifest.image_shape, store.shard_path(record.index)):
             count += 1
             if unread:
                 problems.append(f"{name}: sample {key} has members no reader loads: {', '.join(sorted(unread))}")
@@ -80,14 +87,14 @@ def _check_shard(store: ShardDirectory, index: int, seen: dict[int, str]) -> lis
     except ShardError as err:
         problems.append(f"{name}: {err}")
     else:
-        if not _has_end_marker(path):
+        if not _has_end_marker(stream):
             problems.append(f"{name}: truncated or not a valid tar (no end-of-archive blocks)")
     if count != record.samples:
         problems.append(f"{name}: {count} samples, the manifest records {record.samples}")
     return problems
 
 
-def verify_shards(directory: str | os.PathLike) -> list[str]:
+def verify_shards(directory: Location) -> list[str]:
     """Everything wrong with a shard directory, one line each; empty when all is well.
 
     A manifest that is itself malformed is a ShardError (nothing else can be checked without it).
@@ -104,12 +111,12 @@ def verify_shards(directory: str | os.PathLike) -> list[str]:
             continue
         expected += store.anchor_range(index)
         problems += _check_shard(store, index, seen)
-        problem = _record_problem(store.path / schema.record_name(index), recorded[name])
+        problem = _record_problem(store, index, recorded[name])
         if problem:
             problems.append(problem)
     missing = [a for a in expected if a not in seen]
     if missing:
         problems.append(f"anchors missing from their shards: {_spans(missing)} ({len(missing)} in all)")
-    problems += [f"{path.name}: stray shard file, not recorded in the manifest"
-                 for path in sorted(store.path.glob("*.tar")) if path.name not in recorded]
+    problems += [f"{name}: stray shard file, not recorded in the manifest"
+                 for name in store.store.names("*.tar") if name not in recorded]
     return problems

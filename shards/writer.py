@@ -1,18 +1,18 @@
 """Writing a shard directory so that a crash or a concurrent writer never leaves it inconsistent.
 
-A shard is written under a temporary name, renamed into place only when complete, then recorded:
-first in its own ``shard-NNNNNN.json``, then in ``manifest.json``. Manifest updates are
-read-modify-rename under an exclusive ``flock``, so any number of processes (ranks of one job, or
-Slurm array tasks) can finish shards of one directory at once. A writer killed mid-shard leaves
-only a hidden temporary file, named after its process, that nothing registers; it is removed once
-that process is dead (``clsp.io.remove_stale_temporaries``), never while its writer is alive.
+A shard is written whole under its final name (see ``store``: a rename locally, one upload to an object
+store), then recorded in its own ``shard-NNNNNN.json``. In a local directory it is then also added to
+``manifest.json``: read-modify-rename under an exclusive ``flock``, so any number of processes (ranks of one
+job, or Slurm array tasks) can finish shards of one directory at once. On an object store, which has no
+lock, the record object is the registration: readers merge the records into the manifest, so writers
+never update a shared object. A writer killed mid-shard leaves at most a temporary file, named after its
+process, that nothing registers; a local one is removed once that process is dead
+(``clsp.io.remove_stale_temporaries``), never while its writer is alive.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -20,18 +20,14 @@ import webdataset as wds
 from pydantic import ValidationError
 
 from clsp.errors import UserError
-from clsp.io import atomic_file, exclusive_lock, file_digest, remove_stale_temporaries, write_json_atomic
+from clsp.io import file_digest, json_bytes
 from clsp.shards import schema
-from clsp.shards.reader import MANIFEST, ShardDirectory, read_manifest
+from clsp.shards.reader import MANIFEST, Location, ShardDirectory, read_manifest, read_manifest_file
+from clsp.shards.store import ShardStore
 
 LOCK = ".manifest.lock"
 TAR_MTIME = 0  # a fixed member time makes the same samples give byte-identical shards
 _SETTINGS = ("dataset", "generation", "num_anchors", "shard_size")
-
-
-def _manifest_lock(directory: Path):
-    """The directory's manifest lock (a symlink in its place is refused, never followed)."""
-    return exclusive_lock(directory / LOCK)
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -46,10 +42,9 @@ def _differences(old: dict, new: dict) -> list[str]:
     return diffs
 
 
-def _remove_shard_files(directory: Path) -> None:
-    for path in directory.glob("shard-*.*"):
-        path.unlink()
-    remove_stale_temporaries(directory, "shard-*")
+def _remove_shard_files(store: ShardStore) -> None:
+    store.remove(store.names("shard-*.*"))
+    store.remove_stale("shard-*")
 
 
 def _settings(*, dataset: dict, generation: dict, num_anchors: int, shard_size: int) -> schema.Manifest:
@@ -62,7 +57,7 @@ def _settings(*, dataset: dict, generation: dict, num_anchors: int, shard_size: 
                         f"pass at least one anchor, a positive shard size and the dataset's description") from None
 
 
-def init_manifest(directory: str | os.PathLike, *, dataset: dict, generation: dict, num_anchors: int,
+def init_manifest(directory: Location, *, dataset: dict, generation: dict, num_anchors: int,
                   shard_size: int, overwrite: bool = False) -> schema.Manifest:
     """Create ``manifest.json``, or return the existing one when it was made with the same settings.
 
@@ -72,21 +67,22 @@ def init_manifest(directory: str | os.PathLike, *, dataset: dict, generation: di
     settings the existing manifest is returned (resume), whatever ``overwrite`` says, so concurrent
     workers never wipe each other's shards. Temporaries of dead writers are removed first.
     """
-    directory = Path(directory)
+    store = ShardStore.open(directory)
+    store.require_writable()
     fresh = _settings(dataset=dataset, generation=generation, num_anchors=num_anchors, shard_size=shard_size)
-    with _manifest_lock(directory):
-        remove_stale_temporaries(directory)
-        if (directory / MANIFEST).exists():
-            existing = read_manifest(directory)
+    with store.lock(LOCK):
+        store.remove_stale()
+        if store.exists(MANIFEST):
+            existing = read_manifest(store)
             diffs = _differences(existing.model_dump(mode="json"), fresh.model_dump(mode="json"))
             if not diffs:
                 return existing
             if not overwrite:
                 shown = "; ".join(diffs[:3]) + (" ..." if len(diffs) > 3 else "")
-                raise UserError(f"{directory} holds shards made with other settings ({shown}); "
-                                f"pass --overwrite to replace them, or write to another directory")
-            _remove_shard_files(directory)
-        write_json_atomic(directory / MANIFEST, fresh.model_dump(mode="json"))
+                raise UserError(f"{store.location} holds shards made with other settings ({shown}); "
+                                f"replace them (clsp-gen --overwrite) or write to another location")
+            _remove_shard_files(store)
+        store.write_bytes(MANIFEST, json_bytes(fresh.model_dump(mode="json")))
     return fresh
 
 
@@ -110,29 +106,29 @@ def _checked(samples: Iterable[schema.ShardSample], anchors: range) -> Iterator[
                          f"{anchors.start}..{anchors.stop - 1}")
 
 
-def _register(directory: Path, name: str, record: schema.ShardRecord) -> None:
-    """Add a finished shard's record to the manifest: read-modify-rename under the lock."""
-    with _manifest_lock(directory):
-        remove_stale_temporaries(directory, MANIFEST)  # left by a writer killed mid-update
-        manifest = read_manifest(directory).model_dump(mode="json")
+def _register(store: ShardStore, name: str, record: schema.ShardRecord) -> None:
+    """Add a finished shard's record to a local manifest: read-modify-rename under the lock."""
+    with store.lock(LOCK):
+        store.remove_stale(MANIFEST)  # left by a writer killed mid-update
+        manifest = read_manifest(store).model_dump(mode="json")
         manifest["shards"][name] = record.model_dump(mode="json")
-        write_json_atomic(directory / MANIFEST, schema.Manifest.model_validate(manifest).model_dump(mode="json"))
+        store.write_bytes(MANIFEST, json_bytes(schema.Manifest.model_validate(manifest).model_dump(mode="json")))
 
 
-def write_shard(directory: str | os.PathLike, shard_index: int, samples: Iterable[schema.ShardSample], *,
+def write_shard(directory: Location, shard_index: int, samples: Iterable[schema.ShardSample], *,
                 rank: int = 0, world_size: int = 1) -> schema.ShardRecord:
     """Write shard ``shard_index`` from its samples (its whole anchor range, in order) and record it.
 
     Returns the shard's record. If the samples raise, or the process dies, nothing is registered and
     a rerun writes the shard afresh. Positives must have the manifest's image size.
     """
-    directory = Path(directory)
-    manifest = read_manifest(directory)
+    store = ShardStore.open(directory)
+    manifest = read_manifest_file(store)  # the settings and geometry: the records are not needed here
     anchors = manifest.anchor_range(shard_index)
     name = schema.shard_name(shard_index)
-    remove_stale_temporaries(directory, name)  # of an earlier, killed writer; a live one's are kept
+    store.remove_stale(name)  # of an earlier, killed writer; a live one's are kept
     candidates = 0
-    with atomic_file(directory / name) as stream:
+    with store.writing(name) as stream:
         with wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME) as tar:
             for sample in _checked(samples, anchors):
                 _check_shape(sample, manifest.image_shape)
@@ -143,8 +139,9 @@ def write_shard(directory: str | os.PathLike, shard_index: int, samples: Iterabl
     record = schema.ShardRecord(index=shard_index, samples=len(anchors), first_anchor=anchors.start,
                                 last_anchor=anchors.stop - 1, candidates=candidates, bytes=size, sha256=sha256,
                                 rank=rank, world_size=world_size)
-    write_json_atomic(directory / schema.record_name(shard_index), record.model_dump(mode="json"))
-    _register(directory, name, record)
+    store.write_bytes(schema.record_name(shard_index), json_bytes(record.model_dump(mode="json")))
+    if store.local:
+        _register(store, name, record)
     return record
 
 
@@ -158,6 +155,6 @@ def _check_shape(sample: schema.ShardSample, shape: tuple[int, int]) -> None:
                          f"is {list(shape)}")
 
 
-def completed_shards(directory: str | os.PathLike) -> set[int]:
+def completed_shards(directory: Location) -> set[int]:
     """Shards recorded in the manifest whose file is present with the recorded size and sha256."""
     return ShardDirectory.open(directory).verified_shards()

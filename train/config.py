@@ -82,7 +82,8 @@ class TrainSettings(Settings):
 class TrainJob(TrainSettings):
     """One training run: the settings plus where it reads and writes."""
 
-    shards: str = setting(..., "Shard directory from clsp-gen.")
+    shards: str = setting(..., "Shard directory or URL from clsp-gen (s3://, gs://, http(s)://; "
+                                 "simplecache::URL keeps a local copy).")
     out: str = setting(..., "Run directory: checkpoint, encoder, TensorBoard logs. A rerun resumes from it.")
     data_root: str = setting(DEFAULT_DATA_ROOT, "Where the real dataset lives (env CLSP_DATA_ROOT).")
     seed: int = setting(0, "Seed of the weights, the epoch order and every augmentation.", ge=0, le=2**63 - 1)

@@ -49,7 +49,7 @@ class ShardSet:
     shards: tuple[int, ...]
 
     @property
-    def directory(self) -> Path:
+    def directory(self) -> str:
         return self.store.path
 
     @property

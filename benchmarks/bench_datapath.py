@@ -161,8 +161,11 @@ def measure(args: argparse.Namespace, device: torch.device, work: Path) -> tuple
             to_device(positives, device)
 
     def read_tars() -> list:
-        return [(key, members) for s in shards.shards
-                for key, members, _ in reader.tar_samples(store.shard_path(s), shape)]
+        out = []
+        for s in shards.shards:
+            with open(store.shard_path(s), "rb") as stream:  # a local store: its locations are paths
+                out += [(key, members) for key, members, _ in reader.tar_samples(stream, shape, store.shard_path(s))]
+        return out
 
     raw = read_tars()
     records = [(key, schema.check_sample(key, members, candidates=None, where="bench"), members)

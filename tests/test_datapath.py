@@ -109,7 +109,7 @@ def test_cache_files_are_never_unpickled_and_a_wrong_one_is_refused(shards, tmp_
 
 def test_a_shard_altered_after_opening_is_refused_not_decoded(shards):
     shard_set, _, _ = shards
-    path = shard_set.store.shard_path(1)
+    path = Path(shard_set.store.shard_path(1))  # a local store: its location is a path
     data = bytearray(path.read_bytes())
     data[600] ^= 0xFF
     path.write_bytes(bytes(data))

@@ -12,7 +12,6 @@ under ``accelerate launch`` or a Slurm array) and records it the same way, so a 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -30,7 +29,7 @@ from clsp.config import DatasetConfig, Settings, parse, setting
 from clsp.errors import SETTINGS, Command, UserError
 from clsp.evaluate.config import EvaluateSettings
 from clsp.generate.config import DDPMJob, DDPMSettings, GenerateJob, GenerateSettings
-from clsp.io import check_creatable, write_json_atomic
+from clsp.io import check_creatable, exclusive_lock, write_json_atomic
 from clsp.shards.reader import MANIFEST
 from clsp.shards.store import ShardStore, exists
 from clsp.train.config import TrainJob, TrainSettings
@@ -286,14 +285,10 @@ class Pipeline:
     def _record(self, name: str, value: str) -> None:
         """Record a finished stage under a lock: several cluster jobs may finish at once."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        lock = os.open(self.run_dir / ".pipeline_state.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with exclusive_lock(self.run_dir / ".pipeline_state.lock"):
             state = self._state()
             state[name] = value
             write_json_atomic(self.state_file, state)
-        finally:
-            os.close(lock)
 
     def fingerprints(self) -> dict[str, str]:
         """Each stage's fingerprint: its identity plus its upstream stages' fingerprints."""

@@ -27,27 +27,27 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads: one thread is one core
 
-import argparse  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
+import argparse
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-from clsp.datasets import ArrayDataset, ImageDataset  # noqa: E402
-from clsp.io import write_json_atomic  # noqa: E402
-from clsp.shards import reader, schema, writer  # noqa: E402
-from clsp.train.augment import DeviceAugment, augment_images, cpu_transform  # noqa: E402
-from clsp.train.data import ContrastiveStream, ShardSet, make_loader, open_shards, plan_epoch  # noqa: E402
-from clsp.train.decoded_cache import DecodedShards  # noqa: E402
-from clsp.train.device_data import DeviceDataset  # noqa: E402
-from clsp.train.recipes import ViewAugmentation  # noqa: E402
+from clsp.datasets import ArrayDataset, ImageDataset
+from clsp.io import write_json_atomic
+from clsp.shards import reader, schema, writer
+from clsp.train.augment import DeviceAugment, augment_images, cpu_transform
+from clsp.train.data import ContrastiveStream, ShardSet, make_loader, open_shards, plan_epoch
+from clsp.train.decoded_cache import DecodedShards
+from clsp.train.device_data import DeviceDataset
+from clsp.train.recipes import ViewAugmentation
 
 GOAL_PER_CORE = 2000.0  # anchors/s from shards to device-ready uint8 batches
 RESULTS = Path(__file__).parent / "results" / "bench_datapath.json"

@@ -33,8 +33,8 @@ from PIL import Image
 from bench_datapath import synthetic_dataset, write_shards
 from clsp.datasets import get_dataset
 from clsp.io import write_json_atomic
-from clsp.train.device_data import DeviceDataset
 from clsp.train.config import TrainJob
+from clsp.train.device_data import DeviceDataset
 from clsp.train.methods import METHODS
 from clsp.train.trainer import Trainer
 

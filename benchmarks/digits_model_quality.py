@@ -21,10 +21,10 @@ import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
 from clsp.datasets import get_dataset
+from clsp.errors import Command
 from clsp.generate.unet import check_compatible, load_unet, resolve_unet, sample_images
 from clsp.io import write_json_atomic
 from digits_reference import DESCRIPTION, fit_reference_classifier, grey
-from clsp.errors import Command
 
 RESULTS = Path(__file__).parent / "results" / "digits_model_quality.json"
 

@@ -24,16 +24,16 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
-from bench_generate import mean_pairwise_l2
-from digits_reference import fit_reference_classifier, grey
 from sklearn.metrics import roc_auc_score
 
+from bench_generate import mean_pairwise_l2
 from clsp.datasets import get_dataset
 from clsp.errors import Command
 from clsp.generate import sample_positives
 from clsp.generate.scoring import bottleneck_agreement
 from clsp.generate.unet import load_unet, resolve_unet
 from clsp.io import write_json_atomic
+from digits_reference import fit_reference_classifier, grey
 
 RESULTS = Path(__file__).parent / "results" / "positives_class_keeping.json"
 

@@ -18,12 +18,12 @@ import click
 import torch
 
 from clsp.datasets import DEFAULT_DATA_ROOT
+from clsp.errors import Command
 from clsp.evaluate.features import labelled_splits, load_frozen_encoder
 from clsp.evaluate.knn import knn_protocol
 from clsp.evaluate.linear import linear_protocol
 from clsp.io import write_json_atomic
 from clsp.train.backbones import EncoderCard, build_backbone, export_encoder
-from clsp.errors import Command
 
 RESULTS = Path(__file__).parent / "results" / "random_init_probe.json"
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import difflib
 import types
-from typing import Any, Callable, Literal, TypeVar, Union, get_args, get_origin
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import click
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from clsp.datasets import DEFAULT_DATA_ROOT, IMAGEFOLDER, dataset_info
-from clsp.errors import UserError
+from clsp.errors import UserError, short
 
 M = TypeVar("M", bound=BaseModel)
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -28,9 +29,31 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=True, frozen=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic reads ``true`` as 1 for a number; a number field takes numbers only."""
+        if info.field_name is not None and _bool_for_number(cls.model_fields[info.field_name].annotation, value):
+            raise ValueError("needs a number, not true/false")
+        return value
+
     def replace(self: M, **changes: Any) -> M:
         """A validated copy with ``changes`` applied (``model_copy`` would skip validation)."""
         return type(self).model_validate({**self.model_dump(), **changes})
+
+
+def _bool_for_number(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` is, or holds, a bool where ``annotation`` wants a number (int or float, not bool)."""
+    options = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    if isinstance(value, bool):
+        return bool({int, float} & set(options)) and bool not in options
+    for option in options:
+        origin, args = get_origin(option), get_args(option)
+        if origin is dict and isinstance(value, dict) and len(args) == 2:
+            return any(_bool_for_number(args[1], item) for item in value.values())
+        if origin in (tuple, list) and isinstance(value, (list, tuple)) and args:
+            return any(_bool_for_number(args[0], item) for item in value)
+    return False
 
 
 def setting(default: Any = ..., help: str = "", *, cli: str | None = None, cli_exclude: bool = False,
@@ -114,6 +137,12 @@ def _field_at(model: type[BaseModel], loc: tuple) -> tuple[type[BaseModel] | Non
 _TYPE_NAMES = {"float", "int", "str", "bool", "none", "literal"}
 
 
+def _key(part: Any) -> str:
+    """A key of a validation location as quoted in a message (an unknown key may be any length)."""
+    text = str(part)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _describe(error: ValidationError, model: type[BaseModel], where: str) -> str:
     first = error.errors()[0]
     # a union's branch appears in the location as its type ("float", "dict[str,any]"): not a key
@@ -121,7 +150,7 @@ def _describe(error: ValidationError, model: type[BaseModel], where: str) -> str
                                                       (part in _TYPE_NAMES or "[" in part)))
     owner, name = _field_at(model, loc)
     section = (where,) if where not in ("cli", "") else ()
-    dotted = ".".join(str(part) for part in section + loc)
+    dotted = ".".join(_key(part) for part in section + loc)
     if where == "cli" and owner is not None and name in owner.model_fields:
         label = option_name(owner, name)
     else:
@@ -129,14 +158,14 @@ def _describe(error: ValidationError, model: type[BaseModel], where: str) -> str
     if first["type"] == "extra_forbidden":
         known = list(owner.model_fields) if owner is not None else []
         close = difflib.get_close_matches(name, known, n=1)
-        parent = ".".join(str(part) for part in section + loc[:-1])
+        parent = ".".join(_key(part) for part in section + loc[:-1])
         hint = f" (did you mean '{parent + '.' if parent else ''}{close[0]}'?)" if close else \
             (f"; known keys: {', '.join(known)}" if known else "")
         return f"unknown key {label}{hint}"
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] != "value_error":
         message = message[0].lower() + message[1:]
-    shown = "" if first["type"] in ("missing", "value_error") else f" (got {first.get('input')!r})"
+    shown = "" if first["type"] in ("missing", "value_error") else f" (got {short(first.get('input'))})"
     return f"{label}: {message}{shown}" if label else f"{message}{shown}"
 
 
@@ -174,3 +203,12 @@ class DatasetConfig(Settings):
         if known is not None and split is not None and split not in known.splits:
             raise ValueError(f"{info.data['name']} has splits {', '.join(known.splits)}, not {split!r}")
         return split
+
+
+class ValidationSettings(Settings):
+    """A validation split carved from the training split, so settings are chosen without the test split."""
+
+    validation: float = setting(
+        0.0, "Hold out this fraction of each label of the training split as validation data (fixed by the data's "
+             "fingerprint): training skips those anchors, evaluations fit on the rest and score on them, and the "
+             "test split is not read. 0: off.", ge=0, le=0.5)

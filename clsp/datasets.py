@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -23,6 +24,8 @@ DEFAULT_DATA_ROOT = os.environ.get("CLSP_DATA_ROOT", "data")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 _IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+MAX_IMAGE_PIXELS = 4096 * 4096  # per image file, from its header, before a pixel is decoded (4096: clsp's largest size)
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit (or 32-bit) grey: RGB conversion would clip to white
 
 
 def _hash(chunks) -> str:
@@ -122,12 +125,7 @@ class ImageFolderDataset(ImageDataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        path = self.files[index]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (UnidentifiedImageError, OSError) as err:
-            raise UserError(f"cannot read image {path}: {err}; remove or replace the file") from None
+        img = read_image(self.files[index])
         if self.resize:
             img = img.resize((self.resize, self.resize), Image.BICUBIC)
         return img, int(self.targets[index])
@@ -145,6 +143,40 @@ class ImageFolderDataset(ImageDataset):
                 part for f in self.files for part in (f.relative_to(self.root).as_posix().encode(), f.read_bytes())
             )
         return self._fingerprint
+
+
+def _grey_to_rgb(img: Image.Image, path: Path) -> Image.Image:
+    """A 16-bit grey image scaled to 8 bits (65535 -> 255), as RGB; wider values are refused, not clipped."""
+    values = np.asarray(img, dtype=np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise UserError(f"image {path} holds {img.mode} values outside 0..65535 (a 32-bit image?); save it as an "
+                        f"8- or 16-bit image")
+    grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def read_image(path: Path) -> Image.Image:
+    """An image file as 8-bit RGB, its pixel count checked from the header first (a small file can declare a
+    huge image); 16-bit grey is scaled to 8 bits, floating-point images are refused."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise UserError(f"image {path} is {width}x{height}, over the limit of {MAX_IMAGE_PIXELS} pixels; "
+                                    f"shrink it or remove it from the folder")
+                if img.mode == "F":
+                    raise UserError(f"image {path} has floating-point pixels; save it as an 8- or 16-bit image")
+                return _grey_to_rgb(img, path) if img.mode in _WIDE_GREY else img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(f"image {path} declares over {MAX_IMAGE_PIXELS} pixels (a decompression bomb?); shrink it or "
+                        f"remove it from the folder") from None
+    except UserError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError, ValueError) as err:
+        raise UserError(f"cannot read image {path}: {' '.join(str(err).split())[:150]}; remove or replace the "
+                        f"file") from None
 
 
 def _require(condition: bool, message: str) -> None:
@@ -180,7 +212,7 @@ def load_digits(split: str = "train", image_size: int | None = None, **_) -> Arr
     data = sk_digits()
     grey = np.clip(data.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
     rng = np.random.default_rng(DIGITS_SPLIT_SEED)
-    test_idx = []
+    test_idx: list[int] = []
     for label in range(10):
         members = np.flatnonzero(data.target == label)
         test_idx.extend(rng.permutation(members)[: int(round(len(members) * DIGITS_TEST_FRACTION))])
@@ -189,8 +221,7 @@ def load_digits(split: str = "train", image_size: int | None = None, **_) -> Arr
     keep = np.flatnonzero(is_test if split == "test" else ~is_test)
     big = np.stack([np.asarray(Image.fromarray(g).resize((size, size), Image.BILINEAR)) for g in grey[keep]])
     rgb = np.repeat(big[..., None], 3, axis=-1)
-    train_rgb = rgb if split == "train" else None
-    mean, std = _stats(train_rgb if train_rgb is not None else rgb)
+    mean, std = _stats(rgb)
     return ArrayDataset(name="digits", split=split, num_classes=10, mean=mean, std=std,
                         images=rgb, targets=data.target[keep])
 
@@ -248,9 +279,19 @@ def load_imagefolder(path: str, split: str = "train", image_size: int | None = N
     ds = ImageFolderDataset(name=f"imagefolder:{path}", split=split, num_classes=len(classes),
                             mean=_IMAGENET_STATS[0], std=_IMAGENET_STATS[1], files=files, targets=targets,
                             resize=image_size, root=root)
-    for i in range(len(ds)):  # name unreadable files now, not mid-run
-        ds[i]
+    first: tuple[tuple[int, int], Path] | None = None
+    for path in files:  # name unreadable files, and images of another size, now, not mid-run
+        size = read_image(path).size
+        first = first or (size, path)
+        _require(image_size is not None or size == first[0] and size[0] == size[1],
+                 f"imagefolder {root}: {_size_text(path, size, root)}" + (
+                     f" but {_size_text(first[1], first[0], root)}" if size != first[0] else ", not square")
+                 + "; images must be square and of one size, or pass --image-size N to resize them all")
     return ds
+
+
+def _size_text(path: Path, size: tuple[int, int], root: Path) -> str:
+    return f"{str(path.relative_to(root))[:80]} is {size[0]}x{size[1]}"
 
 
 def _shipped_model(folder: str) -> str:
@@ -323,3 +364,65 @@ def get_dataset(name: str, split: str | None = None, root: str | os.PathLike = D
     split = split or info.train_split
     _require(split in info.splits, f"{name} has splits {', '.join(info.splits)}, not {split!r}")
     return info.load(split, str(root), download, image_size)
+
+
+# ---- a validation split carved from the training split -------------------------------------------------------
+
+
+@dataclass
+class SubsetDataset(ImageDataset):
+    """Some images of another dataset, by index: the fit or the validation part of a training split."""
+
+    base: ImageDataset = field(default=None, repr=False)
+    indices: np.ndarray = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.indices = np.asarray(self.indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return self.base[int(self.indices[index])]
+
+    def array(self, indices) -> np.ndarray:
+        return self.base.array(self.indices[np.asarray(indices)])
+
+    @property
+    def image_size(self) -> int:
+        return self.base.image_size
+
+    def labels(self) -> np.ndarray:
+        return self.base.labels()[self.indices]
+
+    @property
+    def fingerprint(self) -> str:
+        return _hash([self.base.fingerprint.encode(), self.split.encode(), self.indices.tobytes()])
+
+
+def validation_indices(dataset: ImageDataset, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(fit, validation)``: sorted indices of a labelled training split, ``fraction`` of each label held out.
+
+    The draw is seeded by the data's fingerprint, not by a run's seed, so every run, seed and evaluation
+    of one dataset holds out the same images, and a study's choice never depends on which seeds it ran."""
+    _require(0 < fraction < 1, f"the validation fraction must lie in (0, 1), not {fraction}")
+    labels = dataset.labels() if dataset.has_labels else np.full(len(dataset), -1)
+    _require(bool(len(labels)) and (labels >= 0).all(),
+             f"{dataset.name} ({dataset.split}) has no labels; a validation split needs a labelled training split")
+    rng = np.random.default_rng(int(dataset.fingerprint, 16))
+    held = [rng.permutation(np.flatnonzero(labels == label))[: int(round((labels == label).sum() * fraction))]
+            for label in np.unique(labels)]
+    is_held = np.zeros(len(labels), dtype=bool)
+    is_held[np.concatenate(held)] = True
+    _require(is_held.any() and not is_held.all(), f"{dataset.name} ({dataset.split}) has too few images per label "
+             f"to hold out {fraction:g} of them as validation data; use a larger fraction or dataset")
+    return np.flatnonzero(~is_held), np.flatnonzero(is_held)
+
+
+def validation_splits(dataset: ImageDataset, fraction: float) -> tuple[SubsetDataset, SubsetDataset]:
+    """The fit part (training split less the validation images) and the validation part, as datasets."""
+    fit, held = validation_indices(dataset, fraction)
+    return tuple(SubsetDataset(name=dataset.name, split=f"{dataset.split}-{part}{fraction:g}",
+                               num_classes=dataset.num_classes, mean=dataset.mean, std=dataset.std, base=dataset,
+                               indices=indices)
+                 for part, indices in (("fit", fit), ("validation", held)))

@@ -3,7 +3,9 @@
 Every file another stage reads appears complete or not at all: it is written under a temporary name
 ``.<name>.<random>.tmp-<pid>@<host>`` and renamed into place. The name says which process owns it, so a
 temporary is removed only once its writer is dead (``remove_stale_temporaries``), never while another
-job is still writing it. Locks and temporaries are opened without following symlinks.
+job is still writing it. Locks and temporaries are opened without following symlinks. A write that fails
+(a full disk, a quota, ``ulimit -f``) is one ``UserError`` naming the file: its temporary is removed and
+the file it would have replaced is unchanged.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -50,6 +52,40 @@ def check_creatable(directory: str | os.PathLike) -> None:
             return
 
 
+# A write that fails for lack of room or for a size limit: what a full disk, a quota or `ulimit -f` gives.
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_WRITE_ERRNOS = _NO_ROOM | {errno.EIO, errno.EROFS}
+_OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)")  # how Rust writers (safetensors) report the errno
+
+
+def _write_errno(error: BaseException) -> int | None:
+    """The errno of a failed write behind ``error``: the OSError itself, one a library raised its own error over
+    (torch's zip writer), or a Rust writer's "(os error N)"; None for anything that is not a failed write."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.filename is None and seen.errno in _WRITE_ERRNOS:
+            return seen.errno
+        found = _OS_ERROR_TEXT.search(str(seen)) if not isinstance(seen, OSError) else None
+        if found and int(found[1]) in _WRITE_ERRNOS:
+            return int(found[1])
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+@contextmanager
+def explained_write(path: str | os.PathLike) -> Iterator[None]:
+    """A failed write inside the block as one UserError naming ``path`` (the file that was not written)."""
+    try:
+        yield
+    except Exception as error:  # only failed writes are replaced, the rest pass unchanged
+        code = _write_errno(error)
+        if code is None:
+            raise
+        fix = ("free space, raise the file-size limit (ulimit -f) or choose another path" if code in _NO_ROOM
+               else "check the disk or choose another path")
+        raise UserError(f"cannot write {path} ({os.strerror(code)}); it is unchanged: {fix}") from None
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
@@ -61,9 +97,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_path = _new_temporary(path)
     os.close(fd)
     try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; shared shard dirs need the usual mode
-        os.replace(tmp_path, path)
+        with explained_write(path):
+            yield tmp_path
+            os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; shared shard dirs need the usual mode
+            os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -78,12 +115,13 @@ def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_path = _new_temporary(path)
     try:
-        with os.fdopen(fd, "w+b") as stream:
-            yield stream
-            stream.flush()
-            os.fsync(stream.fileno())
-            os.fchmod(stream.fileno(), 0o666 & ~_UMASK)
-        os.replace(tmp_path, path)
+        with explained_write(path):
+            with os.fdopen(fd, "w+b") as stream:
+                yield stream
+                stream.flush()
+                os.fsync(stream.fileno())
+                os.fchmod(stream.fileno(), 0o666 & ~_UMASK)
+            os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -111,6 +149,20 @@ def save_torch_atomic(path: str | os.PathLike, state: dict[str, Any]) -> None:
 def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint without unpickling arbitrary objects."""
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_weights(module: torch.nn.Module, state: Mapping[str, Any], where: str | os.PathLike, fix: str) -> None:
+    """``module.load_state_dict(state)``, strict; a mismatch is one UserError naming the first tensors that are
+    missing, unexpected or of another shape (torch's own message lists every key over many lines)."""
+    own = module.state_dict()
+    problems = [f"{name[:60]} missing" for name in own if name not in state]
+    problems += [f"{name[:60]} unexpected" for name in state if name not in own]
+    problems += [f"{name[:60]} is {list(state[name].shape)} there, {list(tensor.shape)} here" for name, tensor in
+                 own.items() if name in state and getattr(state[name], "shape", tensor.shape) != tensor.shape]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UserError(f"the weights in {where} do not fit: {'; '.join(problems[:3])}{more}; {fix}")
+    module.load_state_dict(state)
 
 
 def file_digest(source: str | os.PathLike | IO[bytes]) -> tuple[int, str]:
@@ -157,20 +209,43 @@ def remove_stale_temporaries(directory: str | os.PathLike, pattern: str = "*") -
     return removed
 
 
-@contextmanager
-def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if absent); a symlink there is refused, not followed."""
-    path = Path(path)
+def _open_lock(path: Path) -> int:
+    """The descriptor of lock file ``path`` (created if absent); a symlink there is refused, not followed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666 & ~_UMASK)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666 & ~_UMASK)
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise LockError(f"the lock file is a symbolic link ({path}): remove it; clsp never follows links "
                             f"for its locks") from None
         raise
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if absent); a symlink there is refused, not followed."""
+    fd = _open_lock(Path(path))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+@contextmanager
+def owned_lock(path: str | os.PathLike, waiting: Callable[[str], object]) -> Iterator[None]:
+    """``exclusive_lock`` for long work: the holder writes its pid into the file, and a second process first
+    calls ``waiting`` with a line naming that pid (so a user sees why nothing happens), then waits."""
+    fd = _open_lock(Path(path))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 128, 0).decode(errors="replace").strip() or "another process"
+            waiting(f"waiting for process {holder}, which holds {path}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}@{_HOST}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

@@ -17,24 +17,27 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 import yaml
 from pydantic import ValidationError, model_validator
 
-from clsp.config import DatasetConfig, Settings, parse, setting
-from clsp.errors import SETTINGS, Command, UserError
+from clsp.config import DatasetConfig, Settings, ValidationSettings, parse, setting
+from clsp.errors import SETTINGS, Command, UserError, short
 from clsp.evaluate.config import EvaluateSettings
 from clsp.generate.config import DDPMJob, DDPMSettings, GenerateJob, GenerateSettings
-from clsp.io import check_creatable, exclusive_lock, write_json_atomic
+from clsp.io import check_creatable, exclusive_lock, owned_lock, write_json_atomic
 from clsp.shards.reader import MANIFEST
 from clsp.shards.store import ShardStore, exists
 from clsp.train.config import TrainJob, TrainSettings
+from clsp.yamlio import parse_yaml, read_yaml
 
 STATE_FILE = "pipeline_state.json"
+RUN_LOCK = ".run.lock"
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -59,11 +62,11 @@ class TrainSection(TrainSettings):
             raise ValueError("'runs' needs at least one run, e.g. {clsp: null, baseline: 0.0}")
         for name in self.runs:
             if not _RUN_NAME.match(name):
-                raise ValueError(f"run name {name!r} must be 1-64 letters, digits, '-' or '_'")
+                raise ValueError(f"run name {short(name)} must be 1-64 letters, digits, '-' or '_'")
             self.run_settings(name)  # each run's settings are valid on their own
             seed = self.run_seed(name)
             if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-                raise ValueError(f"run {name!r}: seed must be an integer >= 0, got {seed!r}")
+                raise ValueError(f"run {name!r}: seed must be an integer >= 0, got {short(seed)}")
         return self
 
     def run_seed(self, name: str) -> int | None:
@@ -82,7 +85,9 @@ class TrainSection(TrainSettings):
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(map(str, first["loc"]))
-            raise ValueError(f"run {name!r}: {where}: {first['msg'].lower()} (got {first.get('input')!r})") from None
+            message = first["msg"].removeprefix("Value error, ")
+            shown = "" if first["type"] == "value_error" else f" (got {short(first.get('input'))})"
+            raise ValueError(f"run {short(name)}: {where}: {message[0].lower()}{message[1:]}{shown}") from None
 
 
 class PipelineConfig(Settings):
@@ -92,38 +97,40 @@ class PipelineConfig(Settings):
     shards: str | None = setting(None, "Where the shards go: a directory or a URL (s3://bucket/prefix, gs://..., "
                                        "read-only http(s)://). [default: RUN_DIR/shards]", min_length=1)
     seed: int = setting(0, "Seed of every stage.", ge=0, le=2**63 - 1)
+    validation: float = ValidationSettings.model_fields["validation"]
     dataset: DatasetConfig = DatasetConfig()
     diffusion: DiffusionSection = DiffusionSection()
     generate: GenerateSettings = GenerateSettings()
     train: TrainSection = TrainSection()
     evaluate: EvaluateSettings = EvaluateSettings()
 
+    @model_validator(mode="after")
+    def _validation_only(self) -> PipelineConfig:
+        if self.validation and (self.evaluate.embed_plot or self.evaluate.transfer):
+            raise ValueError("with validation > 0 every score comes from the validation images; turn off "
+                             "evaluate.embed_plot and evaluate.transfer, which read test splits")
+        return self
+
 
 def _apply_override(config: dict, assignment: str) -> None:
     if "=" not in assignment:
-        raise UserError(f"--set {assignment!r} must look like key.sub=value, e.g. --set train.epochs=5")
+        raise UserError(f"--set {short(assignment)} must look like key.sub=value, e.g. --set train.epochs=5")
     dotted, raw = assignment.split("=", 1)
     keys = dotted.split(".")
     node = config
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise UserError(f"--set {dotted}: '{key}' is not a section")
-    try:
-        node[keys[-1]] = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        raise UserError(f"--set {dotted}: {raw!r} is not a YAML value") from None
+            raise UserError(f"--set {dotted[:60]}: '{key[:60]}' is not a section")
+    node[keys[-1]] = parse_yaml(raw, f"--set {dotted[:60]}")
 
 
 def load_config(path: str | Path, overrides: tuple[str, ...] = ()) -> PipelineConfig:
-    """Read, override and validate a pipeline configuration."""
+    """Read (within the budgets of ``clsp.yamlio``), override and validate a pipeline configuration."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"pipeline configuration {path} not found; pass a YAML file such as pipeline.yaml")
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    config = read_yaml(path) or {}
     if not isinstance(config, dict):
         raise UserError(f"{path} must hold a mapping of sections (dataset, generate, train, ...)")
     for assignment in overrides:
@@ -198,7 +205,8 @@ class Pipeline:
             run_seed = cfg.train.run_seed(run_name)
             job = parse(TrainJob, {**cfg.train.run_settings(run_name), "shards": shards, "out": str(out),
                                    "data_root": cfg.dataset.data_root, "seed": seed if run_seed is None else run_seed,
-                                   "allow_partial": cfg.generate.limit is not None}, where="train")
+                                   "allow_partial": cfg.generate.limit is not None, "validation": cfg.validation},
+                        where="train")
             resolved = job.resolved(cfg.dataset.name)
             self._add(Stage(f"train:{run_name}", job, lambda job=job: run_training(job), upstream=["generate"],
                             outputs=[out / "encoder.safetensors", out / "encoder.json"],
@@ -216,9 +224,9 @@ class Pipeline:
         wanted: dict[str, dict[str, Any]] = {}
         if e.linear:
             wanted["linear"] = {"dataset": ds.name, "protocol": e.linear_protocol, "epochs": e.linear_epochs,
-                                "lr": e.linear_lr}
+                                "lr": e.linear_lr, "validation": self.config.validation}
         if e.knn:
-            wanted["knn"] = {"dataset": ds.name}
+            wanted["knn"] = {"dataset": ds.name, "validation": self.config.validation}
         if e.positives:
             wanted["positives"] = {"shards": self.shards}
         if e.embed_plot:
@@ -243,7 +251,7 @@ class Pipeline:
     def check(self, only: str | None = None) -> list[str]:
         """Every check a stage would make before work; returns notes on what could not be checked here."""
         from clsp.datasets import dataset_info
-        from clsp.generate.unet import check_compatible, resolve_unet, unet_config
+        from clsp.generate.job import check_model_fits
 
         cfg, notes = self.config, []
         self.selected(only)
@@ -261,13 +269,7 @@ class Pipeline:
             if size is not None:
                 check_image_size(get_preset(self.stages["diffusion"].job.preset), size)
         else:
-            ref = resolve_unet(gen.unet, cfg.dataset.name)
-            config = unet_config(ref)
-            if config is None:
-                notes.append(f"diffusion model {ref} is not in the local cache: its fit to the data is checked "
-                             "when generation loads it")
-            elif size is not None:
-                check_compatible(config, size)
+            notes += check_model_fits(gen.unet, cfg.dataset.name, cfg.dataset.image_size)
         return notes
 
     def _state(self) -> dict[str, str]:
@@ -302,7 +304,17 @@ class Pipeline:
         return state.get(name) == prints[name] and all(exists(path) for path in stage.outputs)
 
     def run(self, only: str | None = None) -> Path | None:
-        """Run what is not done (or only the stage ``only``); returns the report path after a full run."""
+        """Run what is not done (or only the stage ``only``); returns the report path after a full run.
+
+        A whole run holds the run directory's lock, so a second ``clsp run`` or ``clsp study`` of it waits and
+        then skips what the first finished. ``--only`` stages take no lock: array tasks and the ranks of one
+        launch run the same stage at once by design (and record it under the state file's lock)."""
+        if only is not None or not _main_process():
+            return self._run(only)
+        with owned_lock(self.run_dir / RUN_LOCK, lambda line: self.echo(f"[clsp run] {line}")):
+            return self._run(only)
+
+    def _run(self, only: str | None) -> Path | None:
         prints, state = self.fingerprints(), self._state()
         for name in self.selected(only):
             stage = self.stages[name]

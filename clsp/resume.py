@@ -8,8 +8,9 @@ states travel with the checkpoint, and a digest of the weights per rank shows a 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
-from typing import ContextManager, Iterable, TypeVar
+from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -51,7 +52,7 @@ def resolve_precision(precision: str, device: torch.device | None = None) -> str
     return "bf16" if on_cuda or cpu_supports_bf16() else "fp32"
 
 
-def autocast(device: torch.device, precision: str) -> ContextManager:
+def autocast(device: torch.device, precision: str) -> AbstractContextManager:
     """bf16 autocast on the given device when asked for, else a no-op."""
     if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

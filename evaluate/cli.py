@@ -1,7 +1,7 @@
 """``clsp-eval`` (also ``clsp eval``): stage 3, evaluation of encoders and of the synthetic positives.
 
-Every command writes ``results.json`` (merged per command and dataset) and appends a section to
-``report.md`` in its run directory (``--out``, by default the encoder's directory). Features are
+Every command writes ``results.json`` (merged per command and dataset) and writes its section of
+``report.md`` (replacing that section when it is run again) in its run directory (``--out``, by default the encoder's directory). Features are
 cached under ``RUN_DIR/feature-cache`` and reused by every command until the encoder changes.
 
     clsp-eval linear --encoder runs/clsp --dataset cifar10
@@ -12,15 +12,16 @@ cached under ``RUN_DIR/feature-cache`` and reused by every command until the enc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from clsp.config import click_options, parse
 from clsp.errors import SETTINGS, Group, UserError
-from clsp.io import check_creatable
 from clsp.evaluate.config import CompareJob, EmbedPlotJob, EncoderEval, KnnJob, LinearJob, PositivesJob, TransferJob
+from clsp.io import check_creatable
 
 
 class _Context:
@@ -63,15 +64,17 @@ def linear_eval(job: LinearJob) -> dict:
     """The linear probe of one encoder (the stage function ``clsp run`` calls too)."""
     from clsp.evaluate.features import labelled_splits
     from clsp.evaluate.linear import linear_protocol
+    from clsp.evaluate.report import DETERMINISTIC_PROBE
 
     ctx = _Context(job)
     train, test = labelled_splits(job.dataset, "linear", root=job.data_root, download=job.download,
-                                  image_size=ctx.encoder.card.image_size)
+                                  image_size=ctx.encoder.card.image_size, validation=job.validation)
     result = linear_protocol(ctx.encoder, train, test, protocol=job.protocol, epochs=job.epochs, lr=job.lr,
                              batch_size=job.batch_size, seed=job.seed, cache_dir=ctx.cache_dir,
                              log_dir=ctx.run_dir / "tb" / "linear")
-    ctx.finish("linear", [result], f"linear ({job.protocol} protocol) {job.dataset}: top-1 {result['top1']:.2f}  "
-                                   f"top-5 {result['top5']:.2f}")
+    ctx.finish("linear", [result], f"linear ({job.protocol} protocol) {job.dataset}/{result['split']}: top-1 "
+                                   f"{result['top1']:.2f}  top-5 {result['top5']:.2f}; {DETERMINISTIC_PROBE}: top-1 "
+                                   f"{result['deterministic']['top1']:.2f}")
     return result
 
 
@@ -81,10 +84,11 @@ def knn_eval(job: KnnJob) -> dict:
 
     ctx = _Context(job)
     train, test = labelled_splits(job.dataset, "kNN", root=job.data_root, download=job.download,
-                                  image_size=ctx.encoder.card.image_size)
+                                  image_size=ctx.encoder.card.image_size, validation=job.validation)
     result = knn_protocol(ctx.encoder, train, test, ks=job.k, temperature=job.temperature, batch_size=job.batch_size,
                           cache_dir=ctx.cache_dir)
-    ctx.finish("knn", [result], f"kNN {job.dataset}: best top-1 {result['best_top1']:.2f} (k={result['best_k']})")
+    ctx.finish("knn", [result], f"kNN {job.dataset}/{result['split']}: best top-1 {result['best_top1']:.2f} "
+                                f"(k={result['best_k']})")
     return result
 
 

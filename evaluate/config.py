@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import field_validator
 
-from clsp.config import Settings, setting
+from clsp.config import Settings, ValidationSettings, setting
 from clsp.datasets import DEFAULT_DATA_ROOT, dataset_info
 
 LinearProtocol = Literal["authors", "standardized"]
@@ -46,7 +46,7 @@ class LinearSettings(Settings):
                                      "CIFAR-100 MoCo].", gt=0, le=1000)
 
 
-class LinearJob(EncoderEval, LinearSettings):
+class LinearJob(EncoderEval, LinearSettings, ValidationSettings):
     dataset: str = setting("digits", "Labelled dataset (digits, cifar10, imagefolder:PATH, ...).")
     _dataset = field_validator("dataset")(_known_dataset)
 
@@ -55,7 +55,7 @@ class TransferJob(EncoderEval, LinearSettings):
     datasets: str = setting(..., "Comma-separated labelled datasets, e.g. cifar100,imagefolder:PATH.", min_length=1)
 
 
-class KnnJob(EncoderEval):
+class KnnJob(EncoderEval, ValidationSettings):
     dataset: str = setting("digits", "Labelled dataset (digits, cifar10, imagefolder:PATH, ...).")
     k: tuple[int, ...] = setting(KNN_KS, "Neighbour counts to try (repeatable); each is capped at the "
                                          "training-set size.")

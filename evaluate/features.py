@@ -12,16 +12,16 @@ import hashlib
 import json
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clsp.datasets import ImageDataset, dataset_info, get_dataset
+from clsp.datasets import ImageDataset, dataset_info, get_dataset, validation_splits
 from clsp.errors import UserError
 from clsp.images import to_float
 from clsp.io import atomic_path, file_digest
@@ -145,6 +145,19 @@ def extract_features(encoder: FrozenEncoder, dataset: ImageDataset, *, cache_dir
     return features
 
 
+def randomly_flipped_features(encoder: FrozenEncoder, dataset: ImageDataset, *, seed: int,
+                              cache_dir: str | Path | None = None, batch_size: int = 256) -> np.ndarray:
+    """Features of ``dataset`` with each image mirrored or not at random (probability 0.5, drawn from ``seed``).
+
+    The encoder is frozen and in eval mode, so this equals a random horizontal flip in front of it; the plain
+    and the mirrored features are each extracted (and cached) once and chosen between per image.
+    """
+    plain = extract_features(encoder, dataset, cache_dir=cache_dir, batch_size=batch_size)
+    mirrored = extract_features(encoder, dataset, cache_dir=cache_dir, flip=True, batch_size=batch_size)
+    chosen = np.random.default_rng(seed).random(len(dataset)) < 0.5
+    return np.where(chosen[:, None], mirrored, plain)
+
+
 def _cached_features(path: Path, shape: tuple[int, int]) -> np.ndarray:
     """A cache entry, checked: a damaged one (an interrupted copy, a full disk) is refused, never half-used."""
     try:
@@ -178,13 +191,18 @@ def test_split(name: str, *, root: str | Path, download: bool, image_size: int |
     return get_dataset(name, split, root=root, download=download, image_size=image_size)
 
 
-def labelled_splits(name: str, protocol: str, *, root: str | Path, download: bool,
-                    image_size: int | None) -> tuple[ImageDataset, ImageDataset]:
-    """Train and test splits of a labelled dataset, or one line saying why ``protocol`` cannot use it."""
+def labelled_splits(name: str, protocol: str, *, root: str | Path, download: bool, image_size: int | None,
+                    validation: float = 0.0) -> tuple[ImageDataset, ImageDataset]:
+    """Train and test splits of a labelled dataset, or one line saying why ``protocol`` cannot use it.
+
+    With ``validation`` > 0 they are the training split less its validation images and those images
+    (``clsp.datasets.validation_splits``); the test split is then not read at all."""
     train = get_dataset(name, "train", root=root, download=download, image_size=image_size)
     if not train.has_labels or (train.labels() < 0).any():
         raise UserError(f"dataset {name} has no labels, which the {protocol} protocol needs; use a labelled "
                         "dataset (for imagefolder: train/ and test/ folders with one sub-folder per class)")
+    if validation:
+        return validation_splits(train, validation)
     if name.startswith("imagefolder:"):
         folder = Path(name.split(":", 1)[1])
         if not (folder / "train").is_dir():

@@ -1,19 +1,21 @@
 """Weighted cosine kNN over frozen backbone features (InstDisc / solo-learn protocol).
 
 Each test image's ``k`` nearest training images by cosine similarity (FAISS inner product on
-L2-normalised features) vote for their label with weight ``exp(similarity / temperature)``.
+L2-normalised features) vote for their label with weight ``exp(similarity / temperature)``. As in the
+authors' evaluation (METHOD.md section 4), the training images' features are taken with a random
+horizontal flip, the test images' without.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import faiss
 import numpy as np
 
 from clsp.datasets import ImageDataset
-from clsp.evaluate.features import FrozenEncoder, extract_features
+from clsp.evaluate.features import FrozenEncoder, extract_features, randomly_flipped_features
 
 KS = (5, 10, 20, 50, 100, 200)
 TEMPERATURE = 0.07
@@ -54,12 +56,16 @@ def knn_accuracy(train_features: np.ndarray, train_labels: np.ndarray, test_feat
 
 
 def knn_protocol(encoder: FrozenEncoder, train: ImageDataset, test: ImageDataset, *, ks: Sequence[int] = KS,
-                 temperature: float = TEMPERATURE, batch_size: int = 256, cache_dir: str | Path | None = None) -> dict:
-    """kNN evaluation of ``encoder`` on a labelled train/test pair: the table over ``ks`` and the best k."""
-    table = knn_accuracy(extract_features(encoder, train, cache_dir=cache_dir, batch_size=batch_size), train.labels(),
+                 temperature: float = TEMPERATURE, batch_size: int = 256, cache_dir: str | Path | None = None,
+                 seed: int = 0) -> dict:
+    """kNN evaluation of ``encoder`` on a labelled train/test pair: the table over ``ks`` and the best k
+    (``seed`` draws the training images' flips)."""
+    train_features = randomly_flipped_features(encoder, train, seed=seed, cache_dir=cache_dir, batch_size=batch_size)
+    table = knn_accuracy(train_features, train.labels(),
                          extract_features(encoder, test, cache_dir=cache_dir, batch_size=batch_size), test.labels(),
                          ks=ks, temperature=temperature, num_classes=train.num_classes)
     best_k = max(table, key=lambda k: (table[k], -k))
     return {"dataset": train.name, "best_top1": table[best_k], "best_k": best_k,
             "top1_by_k": {str(k): v for k, v in table.items()}, "temperature": temperature,
-            "train_size": len(train), "test_size": len(test), "encoder": encoder.describe()}
+            "train_flip": True, "seed": seed,
+            "train_size": len(train), "test_size": len(test), "split": test.split, "encoder": encoder.describe()}

@@ -10,19 +10,19 @@ which the label agreement checks through each positive's nearest real image.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
-from clsp.shards import reader
-from clsp.shards.schema import ShardSample
-from clsp.train.augment import augment_images, cpu_transform, view_augmentations
 from clsp.evaluate.features import FrozenEncoder, embed_batches, extract_features
 from clsp.evaluate.knn import cosine_index, normalized
 from clsp.evaluate.report import save_figure
+from clsp.shards import reader
+from clsp.shards.schema import ShardSample
+from clsp.train.augment import augment_images, cpu_transform, view_augmentations
 
 DISTRIBUTIONS = {"augmented_view": "augmented view of itself", "nearest_neighbour": "nearest real neighbour",
                  "synthetic": "synthetic positives"}

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from clsp.datasets import DATASETS, dataset_info
 from clsp.errors import UserError
@@ -23,6 +24,7 @@ REPORT_FILE = "report.md"
 
 PROTOCOL_NAMES = {"authors": "authors' protocol (METHOD.md section 4)",
                   "standardized": "standardised-feature probe (not comparable with the paper)"}
+DETERMINISTIC_PROBE = "deterministic probe (standardised logistic regression)"  # clsp.evaluate.linear; not the paper's
 
 
 def load_results(run_dir: str | Path) -> dict[str, Any]:
@@ -108,6 +110,26 @@ def _encoder_info(results: Mapping[str, Any], dataset: str) -> dict[str, Any]:
     return {}
 
 
+def collapse_note(label: str, encoder_dir: str | None) -> str | None:
+    """A line saying that the run's training sat at collapse (``clsp.train.collapse``), from the
+    ``train_summary.json`` beside its encoder; None when it did not or no summary is there."""
+    path = Path(encoder_dir) / "train_summary.json" if encoder_dir else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text()).get("collapse") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    epochs = ", ".join(map(str, record.get("epochs") or []))
+    if not epochs:
+        return None
+    if record.get("collapsed"):
+        return (f"**{label}: COLLAPSED at epochs {epochs}** (its projections ended nearly identical: std of the "
+                f"normalised projections x sqrt(d) below {record.get('threshold')}); its numbers measure a collapsed "
+                "encoder.")
+    return f"{label}: sat at collapse at epochs {epochs} and recovered by the last epoch."
+
+
 def write_report(run_dirs: Mapping[str, str | Path], out: str | Path, dataset: str) -> Path:
     """Put runs (e.g. ``{"clsp": dir, "baseline": dir}``) side by side with the paper's numbers.
 
@@ -118,9 +140,12 @@ def write_report(run_dirs: Mapping[str, str | Path], out: str | Path, dataset: s
     if out.is_dir():
         out = out / REPORT_FILE
     all_results = {label: load_results(path) for label, path in run_dirs.items()}
-    rows, linear, protocols = [], {}, set()
+    rows, linear, protocols, notes = [], {}, set(), []
     for label, results in all_results.items():
         enc = _encoder_info(results, dataset)
+        note = collapse_note(label, enc.get("path"))
+        if note:
+            notes.append(note)
         lin = results.get("linear", {}).get(dataset, {})
         knn = results.get("knn", {}).get(dataset, {})
         linear[label] = lin.get("top1")
@@ -129,22 +154,27 @@ def write_report(run_dirs: Mapping[str, str | Path], out: str | Path, dataset: s
         column = paper_column(enc.get("method"), enc.get("clsp_lambda"))
         weight = enc.get("clsp_lambda")
         rows.append([label, enc.get("method"), None if weight is None else f"{weight:g}", enc.get("backbone"),
-                     lin.get("top1"), lin.get("top5"), knn.get("best_top1"), knn.get("best_k"),
+                     lin.get("top1"), lin.get("top5"), (lin.get("deterministic") or {}).get("top1"),
+                     knn.get("best_top1"), knn.get("best_k"),
                      f"{paper:.2f} ({column})" if paper is not None else "n/a"])
     protocols.discard(None)
     authors = protocols == {"authors"}
-    headers = ["run", "method", "lambda", "backbone", "linear top-1", "linear top-5", "kNN top-1", "best k"]
+    headers = ["run", "method", "lambda", "backbone", "linear top-1", "linear top-5", "det. probe top-1",
+               "kNN top-1", "best k"]
+    splits = sorted({entry.get("split", "test") for results in all_results.values()
+                     for command in ("linear", "knn") for entry in results.get(command, {}).values()})
     if authors:
         headers.append("paper linear top-1")
     else:
         rows = [row[:-1] for row in rows]
     named = ", ".join(PROTOCOL_NAMES.get(p, p) for p in sorted(protocols)) or "no linear probe"
     parts = [f"# CLSP evaluation: {dataset}",
-             f"Linear probe ({named}) and kNN top-1 (%) on the test split."
+             f"Linear probe ({named}), {DETERMINISTIC_PROBE} and kNN top-1 (%) on the "
+             f"{' and '.join(splits) or 'test'} split."
              + (" The paper column is METHOD.md section 5 (ResNet-18, 1000 epochs), n/a where the paper reports "
                 "no number for this dataset." if authors else
                 " The paper's numbers are not shown: they were measured with the authors' protocol."),
-             markdown_table(headers, rows)]
+             markdown_table(headers, rows), *notes]
     labels = [label for label, value in linear.items() if value is not None]
     if len(labels) >= 2:
         first = labels[0]
@@ -203,12 +233,18 @@ def command_section(command: str, payload: Mapping[str, Any], run_dir: str | Pat
     parts = [_encoder_line(payload["encoder"])]
     if command == "linear":
         protocol = payload.get("protocol", "standardized")
-        parts.append(f"Protocol: {PROTOCOL_NAMES.get(protocol, protocol)}.")
+        parts.append(f"Protocol: {PROTOCOL_NAMES.get(protocol, protocol)}; scored on the "
+                     f"{payload.get('split', 'test')} split.")
         parts.append(markdown_table(
             ["top-1", "top-5", "epochs", "lr", "milestones", "batch", "flip", "train", "test"],
             [[payload["top1"], payload["top5"], payload["epochs"], payload["lr"],
               ",".join(map(str, payload["milestones"])), payload["batch_size"], payload["flip"],
               payload["train_size"], payload["test_size"]]]))
+        probe = payload.get("deterministic")
+        if probe:
+            parts.append(f"Beside it, the {DETERMINISTIC_PROBE}, C = {probe['C']:g}, {probe['solver']} "
+                         f"({probe['iterations']} iterations{'' if probe['converged'] else ', not converged'}; not "
+                         f"the paper's protocol): top-1 **{probe['top1']:.2f}**, top-5 {probe['top5']:.2f}.")
         return f"linear probe: {payload['dataset']}", "\n\n".join(parts)
     if command == "knn":
         parts.append(f"Weighted cosine kNN (temperature {payload['temperature']}): best top-1 "

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from clsp.errors import UserError
 from clsp.evaluate.features import FrozenEncoder, labelled_splits

@@ -7,6 +7,7 @@ import click
 
 from clsp.config import click_options, parse
 from clsp.errors import SETTINGS, Group
+from clsp.generate.authors_unet import ConvertJob
 from clsp.generate.config import DDPMJob, FIDJob, SampleJob
 
 
@@ -59,3 +60,20 @@ def fid(**options) -> None:
                          batch_size=job.batch_size, data_root=job.data_root, seed=job.seed, device=job.device)
     click.echo(f"FID {result['fid']:.2f} ({result['num_samples']} samples vs {result['num_real']} real images "
                f"of {result['dataset']})")
+
+
+@ddpm.command(context_settings=SETTINGS)
+@click.argument("checkpoint")
+@click_options(ConvertJob, exclude=("checkpoint",))
+def convert(checkpoint: str, **options) -> None:
+    """Convert the authors' DDPM CHECKPOINT (their U-Net, a plain state_dict) into a folder `clsp-gen --unet` loads.
+
+    The YAML is their diffusion config (configs/diffusion_cifar10.yaml). The conversion is exact: the
+    same noise prediction, and the same positives from the interpolated sampler.
+    """
+    from clsp.generate.authors_unet import convert as convert_checkpoint
+
+    job = parse(ConvertJob, {"checkpoint": checkpoint, **options})
+    out = convert_checkpoint(job)
+    click.echo(f"wrote {out}: the authors' U-Net as a diffusers UNet2DModel with its DDPM schedule; "
+               f"sample from it with `clsp-gen --unet {out}`")

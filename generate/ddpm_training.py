@@ -19,6 +19,7 @@ Output folder (a ``DDPMPipeline`` folder, readable by ``load_unet`` and ``DDPMPi
 
 from __future__ import annotations
 
+import logging
 import shlex
 import sys
 import time
@@ -27,20 +28,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from accelerate.utils import gather_object
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from clsp.datasets import get_dataset
 from clsp.errors import UserError
+from clsp.generate.config import DDPMJob
 from clsp.generate.ddpm_presets import build_unet, get_preset, preset_for_dataset
 from clsp.generate.unet import sample_images, save_grid
-from clsp.generate.config import DDPMJob
 from clsp.images import to_float
-from clsp.io import write_json_atomic
+from clsp.io import load_weights, write_json_atomic
+from clsp.log import Rate
 from clsp.resume import load_checkpoint, resume_settings, save_checkpoint, set_rng_state, weights_digest
 from clsp.runtime import make_accelerator, progress, resolve_precision
 
+log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 GRID_IMAGES = 64
 
@@ -139,12 +142,12 @@ def train_ddpm(job: DDPMJob) -> dict:
     ckpt_path = out / CHECKPOINT
     state = load_checkpoint(ckpt_path, settings)
     if state is not None:
-        unet.load_state_dict(state["model"])
+        load_weights(unet, state["model"], ckpt_path, "delete it to start the run over, or pass another --out")
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         step, elapsed, resumed_from = int(state["step"]), float(state["elapsed_s"]), int(state["step"])
         set_rng_state(state["rng"])
-        accelerator.print(f"resumed from {ckpt_path} at step {step}")
+        log.info(f"resumed from {ckpt_path} at step {step}")
 
     model, optimizer = accelerator.prepare(unet, optimizer)
     ema.to(accelerator.device)
@@ -157,9 +160,9 @@ def train_ddpm(job: DDPMJob) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         writer = SummaryWriter(str(out / "tensorboard"))
     params = sum(p.numel() for p in unet.parameters())
-    accelerator.print(f"training {preset.name} U-Net ({params / 1e6:.2f}M params) on {cfg.name} "
-                      f"({len(dataset)} images, {image_size}x{image_size}) for {cfg.steps} steps, global batch "
-                      f"{cfg.batch_size}, {world} process(es), {precision}; from step {step}")
+    log.info(f"training {preset.name} U-Net ({params / 1e6:.2f}M params) on {cfg.name} "
+             f"({len(dataset)} images, {image_size}x{image_size}) for {cfg.steps} steps, global batch "
+             f"{cfg.batch_size}, {world} process(es), {precision}; from step {step}")
 
     def checkpoint() -> None:
         accelerator.wait_for_everyone()
@@ -171,6 +174,7 @@ def train_ddpm(job: DDPMJob) -> dict:
         accelerator.wait_for_everyone()
 
     started = time.time()
+    rate = Rate(cfg.steps, step)
     recent: list[float] = []
     model.train()
     bar = progress(total=cfg.steps, desc="ddpm train", main_process=accelerator.is_main_process, unit="step")
@@ -200,12 +204,13 @@ def train_ddpm(job: DDPMJob) -> dict:
             bar.set_postfix(loss=f"{np.mean(recent):.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             checkpoint()
-            accelerator.print(f"step {step}: loss {np.mean(recent):.4f} (mean of last {len(recent)}), checkpoint saved")
+            log.info(f"step {step}/{cfg.steps}: loss {np.mean(recent):.4f} (mean of last {len(recent)}), lr {lr:.3g}, "
+                     f"{rate.describe(step, 'img', scale=cfg.batch_size)}; checkpoint saved")
         if accelerator.is_main_process and (step % cfg.sample_every == 0 or step == cfg.steps):
             _draw_grid(ema, unet, scheduler, out, step, cfg.seed, accelerator.device)
     bar.close()
     if not recent:  # nothing left to train: the run was already complete
-        accelerator.print(f"{out} is already trained to step {step}; pass a larger --steps to train longer")
+        log.info(f"{out} is already trained to step {step}; pass a larger --steps to train longer")
 
     summary = {
         "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),

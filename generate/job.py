@@ -12,29 +12,34 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from clsp.datasets import ImageDataset, get_dataset
+from clsp.datasets import ImageDataset, dataset_info, get_dataset
 from clsp.errors import UserError
+from clsp.generate.config import GenerateJob
+from clsp.generate.ddim import ddim_scheduler
 from clsp.generate.sampler import num_skips, sample_positives
 from clsp.generate.scoring import bottleneck_agreement
-from clsp.generate.config import GenerateJob
+from clsp.generate.unet import check_compatible, load_unet, resolve_unet, unet_config
 from clsp.images import to_float, to_uint8
-from clsp.generate.unet import check_compatible, load_unet, resolve_unet
+from clsp.log import Rate
 from clsp.runtime import make_accelerator, progress, resolve_precision
 from clsp.shards import schema, verify, writer
 from clsp.shards.preview import arrays_png, preview_png
 from clsp.shards.store import ShardStore
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 PREVIEW_ANCHORS = 4
 PREVIEW = "preview.png"
 
@@ -148,12 +153,30 @@ def _preview(store: ShardStore, gen: _PositiveDrawer, count: int, done: set[int]
     store.write_bytes(PREVIEW, png)
 
 
+def check_model_fits(unet: str | None, dataset: str, image_size: int | None) -> list[str]:
+    """Refuse a diffusion model that does not fit the images, from its config alone: before any image is
+    loaded or resized (at a size the model cannot take that would be gigabytes of work for nothing).
+
+    Returns a note when the model is a hub id not in the local cache: then loading it checks the fit."""
+    ref = resolve_unet(unet, dataset)
+    config = unet_config(ref)
+    if config is None:
+        return [f"diffusion model {ref} is not in the local cache: its fit to the data is checked when "
+                "generation loads it"]
+    info = dataset_info(dataset)
+    size = image_size or (info.image_size if info is not None else None)
+    if size is not None:  # an image folder's size is known once its first image is read: _load checks it
+        check_compatible(config, size)
+    return []
+
+
 def _load(cfg: GenerateJob, device: torch.device):
     """Dataset, model reference, model and scheduler, with every check that can be made before any work."""
     unet_ref = resolve_unet(cfg.unet, cfg.name)
     dataset = get_dataset(cfg.name, split=cfg.split, root=cfg.data_root, image_size=cfg.image_size)
     unet, scheduler = load_unet(unet_ref, device=device)
     check_compatible(unet.config, dataset.image_size)
+    ddim_scheduler(scheduler)  # a scheduler config field the sampler cannot honour is refused here, before any work
     if cfg.mix_depth > num_skips(unet):
         raise UserError(f"--mix-depth {cfg.mix_depth} exceeds the {num_skips(unet)} skip connections of {unet_ref}; "
                         f"pass at most {num_skips(unet)}")
@@ -171,6 +194,7 @@ def run_generation(cfg: GenerateJob, echo: Callable[[str], object] = print) -> d
 
     Problems found by the final verification are an error naming the first (rerunning rewrites them)."""
     num_workers, worker_index = array_worker(cfg.num_workers, cfg.worker_index)
+    check_model_fits(cfg.unet, cfg.name, cfg.image_size)
     store = ShardStore.open(cfg.shards)  # a bad URL, a missing extra or missing credentials: before any work
     store.require_writable()
     store.probe()
@@ -207,20 +231,25 @@ def _run(cfg: GenerateJob, accelerator: Accelerator, num_workers: int, worker_in
         _compile(unet)
     gen = _PositiveDrawer(cfg, dataset, unet, scheduler, precision)
     if accelerator.is_main_process:
-        echo(f"generating {num_anchors} anchors x {cfg.candidates} candidates into {total} shards in {cfg.shards} "
+        log.info(f"generating {num_anchors} anchors x {cfg.candidates} candidates into {total} shards in {cfg.shards} "
              f"({len(done)} already complete; {world} worker{'s' if world > 1 else ''}, {precision}, "
              f"{accelerator.device})")
         if cfg.preview and rank == 0:
             store = ShardStore.open(cfg.shards)
             _preview(store, gen, min(PREVIEW_ANCHORS, num_anchors), done)
-            echo(f"wrote {store.where(PREVIEW)}: check the positives before the long run")
+            log.info(f"wrote {store.where(PREVIEW)}: check the positives before the long run")
 
     began = time.perf_counter()
     anchors = sum(len(manifest.anchor_range(i)) for i in mine)
+    rate, finished = Rate(anchors), 0
     with progress(total=anchors, desc="clsp-gen", main_process=accelerator.is_main_process, unit="anchor") as bar:
-        for index in mine:
+        for count, index in enumerate(mine, 1):
             writer.write_shard(cfg.shards, index, gen.shard(manifest.anchor_range(index), bar.update),
                                rank=rank, world_size=world)
+            finished += len(manifest.anchor_range(index))
+            if bar.disable:  # no terminal (a batch job): one line per shard instead of the bar
+                log.info(f"shard {index} written ({count}/{len(mine)} of this process): anchors {finished}/{anchors}, "
+                         f"{rate.describe(finished, 'anchors')}")
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - began
     written = gather_object([(len(mine), anchors)])

@@ -21,6 +21,7 @@ from clsp.errors import UserError
 from clsp.images import to_uint8
 from clsp.io import atomic_path
 
+
 def resolve_unet(unet: str | None, dataset_name: str) -> str:
     """``unet`` as given, else the dataset's known model (a shipped folder or a hub id); refused in one line
     where the dataset has none."""

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import click
 
+from clsp.config import click_options, parse
 from clsp.datasets import DEFAULT_DATA_ROOT
 from clsp.errors import Group, UserError
+from clsp.shards.import_npy import ImportJob
 
 _DIR = click.argument("directory")  # a local path or a URL: not a click.Path, which would mangle "s3://"
 
@@ -24,7 +26,7 @@ def _size(num_bytes: int) -> str:
 @click.group(cls=Group, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 def shards() -> None:
     """Inspect, verify and preview a shard directory written by clsp-gen (a local path, or a URL: s3://,
-    gs://, http(s)://)."""
+    gs://, http(s)://), or import the authors' synthetic positives into one."""
 
 
 @shards.command()
@@ -92,3 +94,17 @@ def preview(directory: str, out_png: Path, num_anchors: int, data_root: str) -> 
     dataset = None if first.anchor is not None else load_dataset(store.manifest, data_root)
     write_bytes_atomic(out_png, preview_png(store, num_anchors, dataset))
     click.echo(f"wrote {out_png}")
+
+
+@shards.command("import")
+@click.argument("file")
+@click_options(ImportJob, exclude=("file", "split"))
+def import_(file: str, **options) -> None:
+    """Write the authors' synthetic set FILE (.npy, uint8 [N, k, H, W, 3], row i = training image i) as a
+    verified shard directory that clsp-train reads.
+
+    The file is memory-mapped, never loaded whole; a rerun resumes.
+    """
+    from clsp.shards.import_npy import import_npy
+
+    import_npy(parse(ImportJob, {"file": file, **options}), echo=click.echo)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 import re
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Iterator
+from typing import IO
 
 from pydantic import ValidationError
 
@@ -101,6 +102,8 @@ def tar_samples(stream: IO[bytes], shape: tuple[int, int],
                         yield key, members, unread
                     key, members, unread = match[1], {}, []
                 suffix = match[2]
+                if suffix in members or suffix in unread:  # a dict of members would silently keep the last copy
+                    raise ShardError(f"member {info.name[:80]} appears twice ({where}): {_REGENERATE}")
                 if not info.isfile() or not schema.is_readable_member(f".{suffix}"):
                     unread.append(suffix)
                     continue

@@ -54,6 +54,7 @@ READABLE_SUFFIXES = (".json", ".png", ".cls")
 MAX_CANDIDATES = 64
 MAX_IMAGE_SIZE = 4096  # pixels per side
 MAX_ANCHORS = 10**9
+MAX_SHARDS = 100_000  # a manifest claiming more is refused before any per-shard work (the names allow 10**6)
 MAX_SAMPLE_RECORD_BYTES = 16 * 1024
 MAX_SHARD_RECORD_BYTES = 16 * 1024
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # about 200,000 shard entries
@@ -127,7 +128,7 @@ class Manifest(_Strict):
     generation: dict[Name, Scalar] = Field(max_length=256)
     num_anchors: int = Field(ge=1, le=MAX_ANCHORS)
     shard_size: int = Field(ge=1, le=MAX_ANCHORS)
-    num_shards: int = Field(ge=1, le=MAX_ANCHORS)
+    num_shards: int = Field(ge=1, le=MAX_SHARDS)
     shards: dict[Annotated[str, StringConstraints(pattern=SHARD_NAME)], ShardRecord]
 
     @model_validator(mode="after")
@@ -168,6 +169,9 @@ class Manifest(_Strict):
 
 def new_manifest(*, dataset: dict, generation: dict, num_anchors: int, shard_size: int) -> Manifest:
     """A manifest with no finished shard yet (what the writer starts a directory with)."""
+    if shard_size > 0 and math.ceil(num_anchors / shard_size) > MAX_SHARDS:
+        raise ShardError(f"{num_anchors} anchors in shards of {shard_size} make more than the {MAX_SHARDS} shards a "
+                         f"directory may hold; pass a --shard-size of at least {math.ceil(num_anchors / MAX_SHARDS)}")
     return Manifest.model_validate(
         {"schema_version": SCHEMA_VERSION, "dataset": dataset, "generation": generation, "num_anchors": num_anchors,
          "shard_size": shard_size, "num_shards": math.ceil(num_anchors / shard_size) if shard_size > 0 else 0,

@@ -10,8 +10,11 @@ Every read and write of a shard directory goes through a ``ShardStore``, so the 
 - ``http(s)://`` is read-only.
 
 The filesystem is resolved per process (fsspec's instances are not fork-safe, and DataLoader workers are
-forks), and errors of the storage client (a missing extra, missing credentials, an unreachable endpoint)
-become one-line ``UserError``s naming the location.
+forks), and errors of the storage client (a missing extra, missing credentials, an unreachable endpoint,
+an HTTP status) become one-line ``UserError``s naming the location. Only the protocols above (and
+``simplecache::`` chained before one of them) are accepted: fsspec knows many more (``memory://``, whose
+"shards" vanish with the process, ``ftp://``, ``github://``, ...) that clsp does not promise anything for.
+Remote requests time out after ``CLSP_STORAGE_TIMEOUT`` seconds (connect and each read; default 60).
 """
 
 from __future__ import annotations
@@ -20,21 +23,27 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 import fsspec
-from fsspec.core import url_to_fs
+from fsspec.core import split_protocol, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from clsp.errors import UserError
-from clsp.io import atomic_file, exclusive_lock, remove_stale_temporaries, write_bytes_atomic
+from clsp.io import atomic_file, exclusive_lock, explained_write, remove_stale_temporaries, write_bytes_atomic
 
 SPOOL_BYTES = 64 << 20  # a downloaded shard is kept in memory up to this size, then in a temporary file
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
 _READ_ONLY = ("http", "https")
+_ALLOWED = ("file", "s3", "s3a", "gs", "gcs", "http", "https")  # the last link of a chain; before it only _CACHE
+_CACHE = "simplecache"
+_ACCEPTED = "a local directory or one of file://, s3://, gs://, http://, https:// (optionally after simplecache::)"
+TIMEOUT_VARIABLE = "CLSP_STORAGE_TIMEOUT"
+DEFAULT_TIMEOUT_S = 60.0
 _NO_BUCKET = "create the bucket first; clsp writes into it but does not create it"
 _ONE_SLASH = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/(?!/)")  # "s3:/bucket": a URL missing a slash
 # Exception classes of the storage clients, by name: they are optional dependencies, never imported here.
@@ -58,7 +67,9 @@ def _credentials_hint(location: str) -> str:
                 "S3-compatible server")
     if {"gs", "gcs"} & set(_protocols(location)):
         return "set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`"
-    return "check the credentials"
+    if _is_url(location) and not location.startswith("file://"):
+        return "check the credentials"
+    return "check the file permissions"
 
 
 def _endpoint_hint(location: str) -> str:
@@ -67,12 +78,27 @@ def _endpoint_hint(location: str) -> str:
     return "check the URL and the network"
 
 
+def _invalid_url(error: BaseException, where: str) -> UserError:
+    return UserError(f"{where} is not a valid URL ({' '.join(str(error).split())[:200] or type(error).__name__}): "
+                     f"check it")
+
+
 def _translate(error: BaseException, where: str) -> UserError | None:
     """The one-line UserError for a storage client's error, or None when it is not one clsp explains."""
     if isinstance(error, UserError):
         return None
     names = {cls.__name__ for cls in type(error).__mro__}
     detail = " ".join(str(error).split())[:200]
+    if "ClientResponseError" in names:  # aiohttp's answer with an HTTP status (http(s):// locations)
+        if "TooManyRedirects" in names:
+            return UserError(f"too many redirects from {where} (a redirect loop?): check the URL")
+        return UserError(f"HTTP {getattr(error, 'status', '?')} from {where}: check the URL and the server")
+    if names & {"InvalidURL", "InvalidUrlClientError", "NonHttpUrlClientError"}:
+        return _invalid_url(error, where)
+    if names & {"ServerTimeoutError", "ConnectTimeoutError", "ReadTimeoutError", "FSTimeoutError"} \
+            or isinstance(error, TimeoutError):
+        return UserError(f"no answer from {where} within {timeout_s():g} s: check the URL and the network, or "
+                         f"set {TIMEOUT_VARIABLE} (seconds) higher")
     if names & _NO_CREDENTIALS:
         return UserError(f"no credentials to reach {where}: {_credentials_hint(where)}")
     if isinstance(error, PermissionError):
@@ -91,7 +117,7 @@ def _explained(where: str, missing: str | None = None) -> Iterator[None]:
     ``missing``, a FileNotFoundError too (a write into a bucket that does not exist), with that advice."""
     try:
         yield
-    except Exception as error:  # noqa: BLE001 - only the errors _translate recognises are replaced
+    except Exception as error:  # only the errors _translate recognises are replaced
         if missing is not None and isinstance(error, FileNotFoundError):
             raise UserError(f"cannot write {where} ({' '.join(str(error).split())[:200]}): {missing}") from None
         translated = _translate(error, where)
@@ -100,23 +126,63 @@ def _explained(where: str, missing: str | None = None) -> Iterator[None]:
         raise translated from None
 
 
+def timeout_s() -> float:
+    """Seconds a remote request may take to connect, and between bytes read: ``CLSP_STORAGE_TIMEOUT``."""
+    text = os.environ.get(TIMEOUT_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 86400:
+        raise UserError(f"{TIMEOUT_VARIABLE}={text[:40]!r} is not a number of seconds in (0, 86400]; unset it for "
+                        f"the default of {DEFAULT_TIMEOUT_S:g}")
+    return value
+
+
+def _client_options(protocols: list[str]) -> dict[str, dict]:
+    """fsspec options, keyed by protocol, that bound every request of the storage clients in ``protocols``."""
+    seconds, options = timeout_s(), {}
+    for protocol in protocols:
+        if protocol in ("http", "https"):
+            from aiohttp import ClientTimeout
+
+            options[protocol] = {"client_kwargs": {"timeout": ClientTimeout(total=None, sock_connect=seconds,
+                                                                            sock_read=seconds)}}
+        elif protocol in ("s3", "s3a"):
+            options[protocol] = {"config_kwargs": {"connect_timeout": seconds, "read_timeout": seconds}}
+    return options
+
+
+def _chain(location: str) -> list[str]:
+    """The protocols of a location's chain as fsspec reads them ("file" for a local path); UserError for any
+    outside the allow-list, before fsspec creates (and for some protocols, contacts) anything."""
+    *links, target = location.split("::")
+    protocols = [split_protocol(link if "://" in link else f"{link}://")[0] for link in links]
+    protocols.append(split_protocol(target)[0] or "file")
+    if any(p != _CACHE for p in protocols[:-1]) or protocols[-1] not in _ALLOWED:
+        raise UserError(f"unknown storage protocol in {location[:200]!r}: use {_ACCEPTED}")
+    return protocols
+
+
 def _filesystem(location: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """``(fs, root)`` of a location; UserError for a bad URL or a protocol whose extra is not installed."""
+    """``(fs, root)`` of a location; UserError for a bad URL, a protocol outside the allow-list or one whose
+    extra is not installed."""
     if _ONE_SLASH.match(location):
         raise UserError(f"{location!r} looks like a URL with one slash after the protocol; write "
                         f"{location.replace(':/', '://', 1)!r}, or ./{location} for a local directory")
+    protocols = _chain(location)
     try:
-        fs, root = url_to_fs(location)
+        fs, root = url_to_fs(location, **_client_options(protocols))
+    except UserError:
+        raise
     except ImportError:
         protocol = next((p for p in _protocols(location) if p in _EXTRAS), _protocols(location)[-1])
         extra = _EXTRAS.get(protocol, protocol)
         raise UserError(f"{protocol}:// locations need an optional dependency: pip install 'clsp[{extra}]'") from None
     except ValueError as error:
-        if "Protocol not known" not in str(error):
-            raise UserError(f"{location!r} is not a valid location ({error})") from None
-        known = ", ".join(sorted(f"{p}://" for p in _EXTRAS))
-        raise UserError(f"unknown storage protocol in {location!r}: use a local directory or one of {known}") \
-            from None
+        raise UserError(f"{location[:200]!r} is not a valid location ({str(error)[:200]})") from None
     if not isinstance(fs, LocalFileSystem) and not root.strip("/"):
         raise UserError(f"{location!r} names no bucket or host; write e.g. s3://bucket/shards")
     return fs, root.rstrip("/")
@@ -170,6 +236,8 @@ class ShardStore:
                 return self._resolved()[0].info(path)
             except FileNotFoundError as missing:  # fsspec's HTTP client reports a refused connection so
                 cause = missing.__cause__
+                if type(cause) is ValueError:  # what the HTTP client's URL parser raises, e.g. for port 99999
+                    raise _invalid_url(cause, where) from None
                 if cause is not None and _translate(cause, where) is not None:
                     raise cause from None
                 return None
@@ -256,7 +324,8 @@ class ShardStore:
                 yield stream
             return
         fs = self._resolved()[0]
-        with tempfile.NamedTemporaryFile(prefix=f".{name}.", suffix=".upload") as stream:
+        with tempfile.NamedTemporaryFile(prefix=f".{name}.", suffix=".upload") as stream, \
+                explained_write(stream.name):  # the local spool, on the temporary directory's disk
             yield stream
             stream.flush()
             with _explained(self.where(name), missing=_NO_BUCKET):

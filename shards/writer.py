@@ -13,7 +13,7 @@ process, that nothing registers; a local one is removed once that process is dea
 from __future__ import annotations
 
 import json
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import webdataset as wds

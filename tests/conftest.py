@@ -10,9 +10,9 @@ from pathlib import Path
 # Before torch loads: OpenMP threads that spin-wait turn a busy 2-core machine into a crawl.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
+import pytest
+import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,11 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from clsp.datasets import get_dataset
 from clsp.errors import LockError
+from clsp.evaluate.cli import knn_eval
+from clsp.evaluate.config import KnnJob
 from clsp.evaluate.report import RESULTS_FILE, RESULTS_LOCK, record_result
 from clsp.io import atomic_path, remove_stale_temporaries
 from clsp.shards import reader, schema, verify, writer
+from test_evaluate import make_encoder
 
 SIZE = 8
 DATASET = {"name": "digits", "split": "train", "size": 64, "fingerprint": "0123456789abcdef", "image_size": SIZE,
@@ -74,6 +79,47 @@ def test_concurrent_record_result_never_loses_an_entry(tmp_path):
         results = json.loads((run_dir / RESULTS_FILE).read_text())
         assert {c: sorted(d) for c, d in results.items()} == {f"command{w}": [f"dataset{e}" for e in range(5)]
                                                               for w in range(4)}, f"trial {trial}"
+
+
+def labelled_folder(root: Path, offset: int) -> Path:
+    """A tiny imagefolder dataset (train/ and test/, two classes) cut from digits at ``offset``."""
+    digits = get_dataset("digits")
+    labels = digits.labels()
+    for split, count in (("train", 6), ("test", 3)):
+        for label in (0, 1):
+            chosen = np.flatnonzero(labels == label)[offset:offset + count]
+            (root / split / str(label)).mkdir(parents=True)
+            for index in chosen:
+                Image.fromarray(digits.array([int(index)])[0]).save(root / split / str(label) / f"{index}.png")
+    return root
+
+
+def _knn(job: KnnJob, start: multiprocessing.synchronize.Event) -> None:
+    start.wait(30)
+    knn_eval(job)
+
+
+@pytest.mark.slow
+def test_four_concurrent_knn_evaluations_into_one_run_directory_never_lose_an_entry(tmp_path):
+    encoder = make_encoder(tmp_path / "encoder")
+    datasets = [f"imagefolder:{labelled_folder(tmp_path / f'data{i}', 10 * i)}" for i in range(4)]
+    for trial in range(10):
+        out = tmp_path / f"trial{trial}"
+        start = FORK.Event()
+        workers = [FORK.Process(target=_knn, args=(KnnJob(encoder=str(encoder), dataset=name, out=str(out),
+                                                          cache_dir=str(tmp_path / "cache"), k=(3,)), start))
+                   for name in datasets]
+        for w in workers:
+            w.start()
+        start.set()
+        for w in workers:
+            w.join(timeout=300)
+        assert [w.exitcode for w in workers] == [0] * 4, f"trial {trial}"
+        results = json.loads((out / RESULTS_FILE).read_text())
+        assert sorted(results["knn"]) == sorted(datasets), f"trial {trial}"
+        report = (out / "report.md").read_text()
+        assert all(report.count(f"## kNN: {name}") == 1 for name in datasets), f"trial {trial}: {report}"
+        assert not list(out.rglob(".*.tmp-*"))
 
 
 def test_symlinked_locks_are_refused_not_followed(tmp_path):

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMPipeline
 
-from clsp.generate.ddpm_presets import TINY, build_unet
 from clsp.generate.config import DDPMJob
+from clsp.generate.ddpm_presets import TINY, build_unet
 from clsp.generate.ddpm_training import CHECKPOINT, make_ddpm_scheduler, train_ddpm
 from clsp.generate.unet import check_compatible, load_unet
 from clsp.io import load_torch

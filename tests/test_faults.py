@@ -1,6 +1,7 @@
 """Faults through the real commands in real processes: kill -9 during generation, training and ``clsp run``
 (each rerun completes what an uninterrupted run would have written), and concurrent commands in one
-directory (nothing lost, nothing corrupt)."""
+directory (nothing lost, nothing corrupt); concurrent evaluations into one run directory are in
+test_concurrency.py."""
 
 from __future__ import annotations
 
@@ -11,21 +12,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
-from safetensors.torch import load_file
 import torch
+from safetensors.torch import load_file
 
-from clsp.datasets import get_dataset
 from clsp.evaluate.report import RESULTS_FILE
 from clsp.io import load_torch
 from clsp.pipeline import STATE_FILE, Pipeline, load_config
 from clsp.shards import reader, schema, verify, writer
 from conftest import clsp_run, reduced_config
-from test_evaluate import make_encoder
-from test_gen_job import JOB, NUM_SHARDS, model_dir, reference, run_gen, shard_bytes  # noqa: F401 (fixtures)
-from test_trainer import clsp_train, shard_dir, tiny  # noqa: F401 (fixture)
+from test_gen_job import JOB, NUM_SHARDS, model_dir, reference, run_gen, shard_bytes
+from test_trainer import clsp_train, shard_dir, tiny
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -165,39 +162,6 @@ def test_killed_pipeline_reruns_to_the_uninterrupted_report_with_a_valid_state(p
     same_report = (killed / "report.md").read_text().replace(str(killed), "RUN_DIR")
     assert same_report == (pipeline_reference / "report.md").read_text().replace(str(pipeline_reference), "RUN_DIR")
     assert temporaries(killed) == []
-
-
-# ---- concurrent evaluations --------------------------------------------------------------------------------
-
-def labelled_folder(root: Path, offset: int) -> Path:
-    """A tiny imagefolder dataset (train/ and test/, two classes) cut from digits at ``offset``."""
-    digits = get_dataset("digits")
-    labels = digits.labels()
-    for split, count in (("train", 6), ("test", 3)):
-        for label in (0, 1):
-            chosen = np.flatnonzero(labels == label)[offset:offset + count]
-            (root / split / str(label)).mkdir(parents=True)
-            for index in chosen:
-                Image.fromarray(digits.array([int(index)])[0]).save(root / split / str(label) / f"{index}.png")
-    return root
-
-
-def test_four_concurrent_knn_commands_into_one_run_directory_never_lose_an_entry(tmp_path, cli_env):
-    encoder = make_encoder(tmp_path / "encoder")
-    datasets = [f"imagefolder:{labelled_folder(tmp_path / f'data{i}', 10 * i)}" for i in range(4)]
-    for trial in range(10):
-        out = tmp_path / f"trial{trial}"
-        runs = [subprocess.Popen([str(BIN / "clsp-eval"), "knn", "--encoder", str(encoder), "--dataset", name,
-                                  "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--k", "3"],
-                                 env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                for name in datasets]
-        for run in runs:
-            assert run.wait(timeout=300) == 0, run.stdout.read()
-        results = json.loads((out / RESULTS_FILE).read_text())
-        assert sorted(results["knn"]) == sorted(datasets), f"trial {trial}"
-        report = (out / "report.md").read_text()
-        assert all(report.count(f"## kNN: {name}") == 1 for name in datasets), f"trial {trial}: {report}"
-        assert temporaries(out) == []
 
 
 # ---- a loss that is no longer finite -----------------------------------------------------------------------

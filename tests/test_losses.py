@@ -74,6 +74,14 @@ def test_losses_compute_in_float32_inside_bf16_autocast():
         assert a.dtype == torch.float32 and a.item() == pytest.approx(b.item(), rel=1e-6)
 
 
+def test_losses_take_their_tensors_as_keywords_and_still_compute_in_float32():
+    z1, z2 = torch.randn(6, 8).bfloat16(), torch.randn(6, 8).bfloat16()
+    by_keyword = nt_xent(z1=z1, z2=z2, temperature=0.5), clsp_loss(z1=z1, z3=z2)
+    by_position = nt_xent(z1.float(), z2.float(), 0.5), clsp_loss(z1.float(), z2.float())
+    for a, b in zip(by_keyword, by_position):
+        assert a.dtype == torch.float32 and a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
 def test_gather_is_the_identity_without_a_process_group():
     x = torch.randn(4, 3, requires_grad=True)
     assert gather(x) is x and get_rank() == 0 and get_world_size() == 1

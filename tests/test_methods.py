@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,9 +11,11 @@ from torch import nn
 
 from clsp.errors import UserError
 from clsp.train.backbones import build_backbone
-from clsp.train.memory import FIFOQueue
 from clsp.train.config import TrainJob
+from clsp.train.losses import clsp_loss
+from clsp.train.memory import FIFOQueue
 from clsp.train.methods import METHODS, build_method
+from clsp.train.methods.base import running_stats_kept
 from clsp.train.methods.moco import cosine_momentum, ema_update
 from clsp.train.recipes import RECIPES
 
@@ -39,8 +42,14 @@ def _views(n: int = 3, batch: int = 8, seed: int = 1) -> list[torch.Tensor]:
 
 
 def _count_backbone_calls(method) -> list[int]:
-    calls = [0]
-    method.backbone.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    """[calls, images] through the backbone, counted as they happen."""
+    calls = [0, 0]
+
+    def count(module, inputs, output):
+        calls[0] += 1
+        calls[1] += len(inputs[0])
+
+    method.backbone.register_forward_hook(count)
     return calls
 
 
@@ -52,7 +61,8 @@ def test_forward_backward_gives_finite_losses_and_backbone_gradients(name: str, 
     x1, x2, x3 = _views()
     labels = torch.arange(8) % 3
     out = method(x1, x2, x3 if with_x3 else None, labels=labels)
-    assert calls[0] == (3 if with_x3 else 2)
+    views = 3 if with_x3 else 2
+    assert calls == ([1, 8 * views] if RECIPES[name].forward == "joint" else [views, 8 * views])
     assert {"loss", "loss_base", "loss_clsp", "features"} <= out.keys()
     assert out["features"].shape == (8, method.backbone.feature_dim) and not out["features"].requires_grad
     for key in ("loss", "loss_base", "loss_clsp"):
@@ -72,7 +82,7 @@ def test_clsp_lambda_zero_skips_view_three(name: str):
     method = _small_method(name, clsp_lambda=0.0)
     calls = _count_backbone_calls(method)
     out = method(*_views(), labels=torch.zeros(8, dtype=torch.long))
-    assert calls[0] == 2
+    assert calls[1] == 16  # the two real views only, in one or two calls
     assert out["loss_clsp"] == 0
     torch.testing.assert_close(out["loss"], out["loss_base"])
 
@@ -221,3 +231,74 @@ def test_parameter_groups_exclude_bias_and_norm_from_weight_decay():
     assert id(method.backbone.bn1.weight) in no_decay and id(method.projector[0].bias) in no_decay
     grouped = [id(p) for g in groups.values() for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in method.parameters() if p.requires_grad)
+
+
+def _running_stats(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: buffer.clone() for name, buffer in module.named_buffers()
+            if name.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("mode", ["joint", "separate"])
+def test_batchnorm_running_statistics_after_a_step(name: str, mode: str):
+    """Separate: those of the two real views alone; joint: those of the concatenation of the three views.
+    The expected values come from a copy with plain BatchNorm fed the same tensors."""
+    method = _small_method(name, forward=mode)
+    reference = copy.deepcopy(method)
+    x1, x2, x3 = _views()
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.1)
+    method.train()
+    out = method(x1, x2, x3, labels=torch.arange(8) % 3)
+    out["loss"].backward()
+    optimizer.step()
+    reference.train()
+    with torch.no_grad():  # NNCLR's projector has BatchNorm too, and its predictor sees views 1 and 2 apart
+        if mode == "joint":
+            projections = reference.projector(reference.backbone(torch.cat([x1, x2, x3]))).split(8)[:2]
+        else:
+            projections = [reference.projector(reference.backbone(x)) for x in (x1, x2)]
+        for projection in projections if name == "nnclr" else ():
+            reference.predictor(projection)
+    expected, got = _running_stats(reference), _running_stats(method)
+    online = [key for key in expected if not key.startswith("momentum_")]
+    assert online and any(key.startswith("projector.") for key in online) == (name == "nnclr")
+    for key in online:
+        torch.testing.assert_close(got[key], expected[key], msg=key)
+    # the synthetic view is normalised with its own batch statistics in the separate pass (training-mode
+    # BatchNorm, the reference's weights are those before the step)
+    with torch.no_grad():
+        v1, _, v3 = reference.encode_joint([x1, x2, x3]) if mode == "joint" else map(reference.encode, (x1, x2, x3))
+    torch.testing.assert_close(out["loss_clsp"], clsp_loss(v1.z, v3.z))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_joint_and_separate_passes_give_the_same_loss_without_batch_statistics(name: str):
+    method = _small_method(name)
+    x1, x2, x3 = _views()
+    labels = torch.arange(8) % 3
+    losses = {}
+    for mode in ("joint", "separate"):
+        copied = copy.deepcopy(method)  # the same weights, queues and support set for both
+        copied.forward_mode = mode
+        copied.eval()  # BatchNorm normalises with its running statistics: the grouping of the views cannot matter
+        losses[mode] = copied(x1, x2, x3, labels=labels)
+    for key in ("loss", "loss_base", "loss_clsp"):
+        torch.testing.assert_close(losses["joint"][key], losses["separate"][key], msg=key)
+    # in training mode the grouping is what BatchNorm normalises with, so the two differ
+    trained = {}
+    for mode in ("joint", "separate"):
+        copied = copy.deepcopy(method)
+        copied.forward_mode = mode
+        trained[mode] = copied.train()(x1, x2, x3, labels=labels)["loss"]
+    assert not torch.allclose(trained["joint"], trained["separate"])
+
+
+def test_running_stats_kept_restores_the_layers():
+    layer = nn.BatchNorm1d(4)
+    with running_stats_kept(nn.Sequential(layer)):
+        layer(torch.randn(16, 4) + 5.0)
+        assert layer.track_running_stats is False
+    assert layer.track_running_stats is True
+    assert torch.equal(layer.running_mean, torch.zeros(4)) and int(layer.num_batches_tracked) == 0
+    layer(torch.randn(16, 4) + 5.0)
+    assert layer.running_mean.mean() > 0.3 and int(layer.num_batches_tracked) == 1

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import importlib.util
-import math
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_scheduler, make_tiny_unet
-from diffusers import UNet2DModel
+from click.testing import CliRunner
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from clsp.errors import UserError
 from clsp.generate import interpolated_noise_prediction, sample_positives
 from clsp.generate import sampler as sampler_module
-from clsp.generate.sampler import _decode, ddim_timestep_pairs, encode, num_skips, time_embedding
+from clsp.generate.cli import gen
+from clsp.generate.ddim import ddim_scheduler, ddim_update, timestep_pairs
+from clsp.generate.unet_split import decode, encode, num_skips, time_embedding
+from conftest import make_scheduler, make_tiny_unet
 
 
 def _load_bench():
@@ -132,7 +135,7 @@ def _bottleneck_only_reference(unet, sample, timestep, anchor_sample, w, mix_dep
             h_anchor = h_anchor.repeat_interleave(share, dim=0)
         bottleneck = torch.lerp(h_anchor, h, w)
         residuals = tuple(res[:rows] for res in residuals)
-    return _decode(unet, bottleneck, residuals, emb, timesteps)
+    return decode(unet, bottleneck, residuals, emb, timesteps)
 
 
 @pytest.mark.parametrize("share", [False, True])
@@ -205,10 +208,141 @@ def test_mix_depth_with_a_shared_anchor_pass():
 
 
 def test_timestep_pairs_follow_method():
-    pairs = ddim_timestep_pairs(1000, 100)
+    pairs = timestep_pairs(1000, 100)
     assert len(pairs) == 100 and pairs[0] == (999, 989) and pairs[-1] == (9, -1)
-    assert ddim_timestep_pairs(1000, 3) == [(999, 665), (665, 332), (332, -1)]
-    assert ddim_timestep_pairs(1000, 1000)[-2:] == [(1, 0), (0, -1)]
+    assert timestep_pairs(1000, 3) == [(999, 665), (665, 332), (332, -1)]
+    assert timestep_pairs(1000, 1000)[-2:] == [(1, 0), (0, -1)]
+
+
+def test_timestep_pairs_are_ddim_trailing_spacing_where_steps_divide_the_training_timesteps():
+    """Where S divides T diffusers' own trailing spacing is METHOD.md's rule (and step()'s t - T // S its t_next);
+    elsewhere it is not, which is why each step sets its previous alpha_bar (generate/ddim.py)."""
+    for steps in (1, 2, 8, 100, 250, 1000, 3, 7):
+        trailing = DDIMScheduler(timestep_spacing="trailing")
+        trailing.set_timesteps(steps)
+        same = trailing.timesteps.tolist() == [t for t, _ in timestep_pairs(1000, steps)]
+        assert same == (1000 % steps == 0), steps
+
+
+@pytest.mark.parametrize("t, t_next", [(999, 499), (665, 332), (400, 300), (123, 23), (9, -1)])
+def test_one_update_is_ddim_scheduler_step_to_t_next(t, t_next):
+    """Any gap, as METHOD.md's rule makes them: the scheduler that steps exactly from t to t_next agrees."""
+    gen = torch.Generator().manual_seed(t)
+    output, x, z = (torch.randn(2, 3, 4, 4, generator=gen) for _ in range(3))
+    stock = DDIMScheduler(clip_sample=False)
+    stock.alphas_cumprod = stock.alphas_cumprod.double()  # the sampler's alpha_bar precision
+    stock.set_timesteps(1000 // (t - t_next))
+    want = stock.step(output, t, x, eta=0.3, variance_noise=z).prev_sample
+    got = ddim_update(ddim_scheduler(make_scheduler()), output, t, t_next, x, 0.3, None if t_next < 0 else z)
+    assert torch.equal(got, want)
+
+
+def _plain_ddim_loop(unet, config, rows: int, k: int, steps: int, eta: float, seed: int,
+                     float64: bool = True) -> torch.Tensor:
+    """The independent oracle: diffusers' DDIMScheduler with trailing spacing (METHOD.md's timesteps where
+    ``steps`` divides T) stepping the plain U-Net, with the sampler's random draws in its order."""
+    scheduler = DDIMScheduler.from_config(config, timestep_spacing="trailing")
+    if float64:
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
+    scheduler.set_timesteps(steps)
+    gen, shape = torch.Generator().manual_seed(seed), (rows, k, 3, 16, 16)
+    x = torch.randn(shape, generator=gen).flatten(0, 1)
+    with torch.inference_mode():
+        for i, t in enumerate(scheduler.timesteps):
+            torch.randn(shape, generator=gen)  # the anchor's noise, which w = 1 ignores
+            output = unet(x, t).sample
+            z = torch.randn(shape, generator=gen).flatten(0, 1) if eta > 0 and i < steps - 1 else torch.zeros_like(x)
+            x = scheduler.step(output, t, x, eta=eta, variance_noise=z).prev_sample
+    return x.clamp(-1, 1).reshape(shape)
+
+
+def _method_scheduler(**fields) -> DDPMScheduler:
+    """The model's scheduler of METHOD.md section 2 (linear 1e-4 .. 0.02, T = 1000), without per-step clipping."""
+    return DDPMScheduler.from_config(make_scheduler().config, **{"clip_sample": False, **fields})
+
+
+@pytest.mark.parametrize("steps, eta", [(1, 0.0), (2, 0.5), (5, 0.1), (8, 1.0)])
+def test_w_one_is_bit_for_bit_a_plain_ddim_scheduler_loop(tiny_unet, steps, eta):
+    scheduler = _method_scheduler()
+    out = sample_positives(tiny_unet, scheduler, _anchors(2), 2, w=1.0, steps=steps, eta=eta,
+                           generator=torch.Generator().manual_seed(5), precision="fp32")
+    assert torch.equal(out, _plain_ddim_loop(tiny_unet, scheduler.config, 2, 2, steps, eta, seed=5))
+    # diffusers' float32 alpha_bar differs from the sampler's float64 in rounding only
+    float32 = _plain_ddim_loop(tiny_unet, scheduler.config, 2, 2, steps, eta, seed=5, float64=False)
+    torch.testing.assert_close(out, float32, rtol=0, atol=1e-4)
+
+
+HONOURED = {
+    "v-prediction": dict(prediction_type="v_prediction"),
+    "sample-prediction": dict(prediction_type="sample"),
+    "cosine-betas": dict(beta_schedule="squaredcos_cap_v2"),
+    "trained-betas": dict(trained_betas=torch.linspace(2e-4, 0.03, 1000).tolist()),
+    "zero-terminal-snr": dict(rescale_betas_zero_snr=True, prediction_type="v_prediction"),
+    "500-timesteps": dict(num_train_timesteps=500),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HONOURED))
+def test_the_models_noise_process_and_prediction_type_are_honoured(tiny_unet, name):
+    scheduler = _method_scheduler(**HONOURED[name])
+    kwargs = dict(w=1.0, steps=4, eta=0.3, precision="fp32")
+    out = sample_positives(tiny_unet, scheduler, _anchors(1), 2, generator=torch.Generator().manual_seed(1), **kwargs)
+    assert torch.equal(out, _plain_ddim_loop(tiny_unet, scheduler.config, 1, 2, 4, 0.3, seed=1))
+    default = sample_positives(tiny_unet, _method_scheduler(), _anchors(1), 2,
+                               generator=torch.Generator().manual_seed(1), **kwargs)
+    assert not torch.allclose(out, default, atol=1e-3)  # the field matters
+
+
+def test_the_configs_sampling_options_give_way_to_methods(tiny_unet):
+    """clip_sample (the shipped digits model's true), timestep_spacing and steps_offset do not change the positives:
+    METHOD.md section 2 clips only the final image and fixes the timesteps."""
+    kwargs = dict(num_candidates=2, w=0.5, steps=4, eta=0.2, precision="fp32")
+    base = sample_positives(tiny_unet, _method_scheduler(), _anchors(2), generator=_gens(0, 1), **kwargs)
+    for fields in (dict(clip_sample=True), dict(clip_sample=True, clip_sample_range=0.5),
+                   dict(timestep_spacing="linspace", steps_offset=1), dict(timestep_spacing="leading")):
+        assert torch.equal(sample_positives(tiny_unet, _method_scheduler(**fields), _anchors(2), generator=_gens(0, 1),
+                                            **kwargs), base), fields
+    # honouring clip_sample would have clipped x0 at every step: a different result
+    clipped = _plain_ddim_loop(tiny_unet, make_scheduler().config, 2, 2, 4, 0.0, seed=0)
+    plain = sample_positives(tiny_unet, make_scheduler(), _anchors(2), 2, w=1.0, steps=4, eta=0.0,
+                             generator=torch.Generator().manual_seed(0), precision="fp32")
+    assert not torch.allclose(plain, clipped, atol=1e-3)
+
+
+@pytest.mark.parametrize("steps", [3, 7])
+def test_steps_that_do_not_divide_t_visit_methods_timesteps(tiny_unet, steps):
+    seen = []
+    hook = tiny_unet.time_proj.register_forward_hook(lambda m, args, out: seen.append(int(args[0][0])))
+    sample_positives(tiny_unet, make_scheduler(), _anchors(1), 1, w=1.0, steps=steps, generator=_gens(0),
+                     precision="fp32")
+    hook.remove()
+    assert seen == [t for t, _ in timestep_pairs(1000, steps)]
+
+
+REFUSED = {
+    "thresholding": (dict(thresholding=True), "thresholding: true"),
+    "set_alpha_to_one": (dict(set_alpha_to_one=False), "set_alpha_to_one: false"),
+    "variance_type": (dict(variance_type="learned_range"), 'variance_type: "learned_range"'),
+    "beta_schedule": (dict(beta_schedule="sigmoid"), 'beta_schedule: "sigmoid"'),
+    "prediction_type": (dict(prediction_type="flow"), 'prediction_type: "flow"'),
+    "rescale_betas_zero_snr": (dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr: true"),
+}
+
+
+@pytest.mark.parametrize("field", sorted(REFUSED))
+def test_a_scheduler_field_the_sampler_cannot_honour_is_one_error_line(field, tmp_path):
+    fields, needle = REFUSED[field]
+    model = tmp_path / "model"
+    make_tiny_unet().save_pretrained(model)
+    make_scheduler().save_pretrained(model)
+    path = model / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+    result = CliRunner().invoke(gen, ["--dataset", "digits", "--limit", "2", "--candidates", "1", "--steps", "2",
+                                      "--shards", str(tmp_path / "s"), "--unet", str(model)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], result.output
+    assert not list((tmp_path / "s").glob("*"))  # refused before anything is written
 
 
 def _anchors(rows: int, size: int = 16, seed: int = 3) -> torch.Tensor:
@@ -242,27 +376,6 @@ def test_per_anchor_generators_make_candidates_independent_of_the_batch(tiny_une
     torch.testing.assert_close(alone[0], batch[1], rtol=0, atol=1e-3)
     torch.testing.assert_close(reordered.flip(0), batch, rtol=0, atol=1e-3)
     assert torch.equal(batch, sample_positives(tiny_unet, scheduler, anchors, generator=_gens(10, 11, 12), **kwargs))
-
-
-def test_two_steps_follow_the_ddim_formulas_at_w_one(tiny_unet):
-    """Reproduce the sampler's random draws (x_T, anchor noise, eta noise) and METHOD.md's update by hand."""
-    scheduler, anchors, eta, k = make_scheduler(), _anchors(2), 0.5, 2
-    out = sample_positives(tiny_unet, scheduler, anchors, k, w=1.0, steps=2, eta=eta,
-                           generator=torch.Generator().manual_seed(5), precision="fp32")
-    gen, shape = torch.Generator().manual_seed(5), (2, k, 3, 16, 16)
-    ab = scheduler.alphas_cumprod.double()
-    x = torch.randn(shape, generator=gen).flatten(0, 1)
-    torch.randn(shape, generator=gen)  # anchor noise, unused at w = 1
-    with torch.inference_mode():
-        eps = tiny_unet(x, 999).sample
-        x0 = (x - (1 - ab[999]).sqrt() * eps) / ab[999].sqrt()
-        sigma = eta * math.sqrt((1 - ab[999] / ab[499]) * (1 - ab[499]) / (1 - ab[999]))
-        x = ab[499].sqrt() * x0 + (1 - ab[499] - sigma**2).sqrt() * eps
-        x = (x + sigma * torch.randn(shape, generator=gen).flatten(0, 1)).float()
-        torch.randn(shape, generator=gen)
-        eps = tiny_unet(x, 499).sample
-        x0 = (x - (1 - ab[499]).sqrt() * eps) / ab[499].sqrt()
-    torch.testing.assert_close(out, x0.clamp(-1, 1).reshape(shape).float(), rtol=1e-4, atol=1e-4)
 
 
 def test_w_pulls_candidates_towards_the_anchor_bottleneck(tiny_unet):
@@ -315,7 +428,7 @@ def test_sampling_uses_eval_mode_and_restores_the_callers_mode():
     (lambda u, s, a: sample_positives(u, s, a, 2, generator=_gens(0)), "got 1 generators for 2 anchors"),
     (lambda u, s, a: sample_positives(torch.nn.Conv2d(3, 3, 1), s, a, 2), "needs a diffusers UNet2DModel"),
     (lambda u, s, a: sample_positives(_unet(num_class_embeds=10), s, a, 2), "class-conditional"),
-    (lambda u, s, a: sample_positives(u, object(), a, 2), "has no alphas_cumprod"),
+    (lambda u, s, a: sample_positives(u, object(), a, 2), "has no diffusers config"),
     (lambda u, s, a: interpolated_noise_prediction(u, a, 10, a[:, :, :8], 0.5), "anchor_sample must be"),
     (lambda u, s, a: interpolated_noise_prediction(u, a, 10, a[:1].expand(3, -1, -1, -1), 0.5), "not a multiple"),
     (lambda u, s, a: interpolated_noise_prediction(u, a, 10, a, 2.0), "w must be in [0, 1]"),

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from clsp.config import parse
 from clsp.datasets import get_dataset
 from clsp.errors import UserError
 from clsp.shards import schema, writer
-from clsp.config import parse
 from clsp.train.augment import DeviceAugment, augment_images, cpu_transform, view_augmentations
 from clsp.train.config import TrainJob
 from clsp.train.data import ContrastiveStream, make_loader, open_shards, plan_epoch

@@ -10,13 +10,14 @@ import json
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import torch
 import torchvision
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clsp.errors import UserError
-from clsp.io import atomic_path, write_json_atomic
+from clsp.io import atomic_path, load_weights, write_json_atomic
 from clsp.train.config import Backbone
 
 BACKBONES: tuple[str, ...] = get_args(Backbone)
@@ -43,6 +44,14 @@ class EncoderCard(BaseModel):
     std: list[float] | None = Field(None, min_length=3, max_length=3)
     probe_lr: float | None = Field(None, gt=0)  # the recipe's linear-probe learning rate
     settings: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, std: list[float] | None) -> list[float] | None:
+        """Inputs are divided by ``std``: zero or a negative value gives infinite or inverted images."""
+        if std is not None and min(std) <= 0:
+            raise ValueError("every std must be > 0")
+        return std
 
     @classmethod
     def read(cls, path: Path) -> EncoderCard:
@@ -126,9 +135,18 @@ def load_encoder(path: str | Path) -> tuple[nn.Module, EncoderCard]:
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise UserError(f"{weights} cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
                         "re-export the encoder with clsp-train") from None
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as err:
-        raise UserError(f"{weights} does not match the {card.backbone} architecture in {arch_file}: "
-                        f"{str(err).splitlines()[0]}") from None
+    load_weights(net, state, weights, f"not a {card.backbone}; re-export the encoder with clsp-train")
+    _check_values(state, net.state_dict(), weights)
     return net.eval(), card
+
+
+def _check_values(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], weights: Path) -> None:
+    """Refuse weights that load yet give meaningless features (chance accuracy reported as a result): integer
+    tensors where floats belong (``load_state_dict`` casts them silently), NaN or infinity."""
+    for name, tensor in state.items():
+        if expected[name].is_floating_point() and not tensor.is_floating_point():
+            raise UserError(f"{weights}: tensor {name[:80]} is {str(tensor.dtype).removeprefix('torch.')}, not "
+                            "floating point (quantised encoders are not supported); re-export it with clsp-train")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"{weights}: tensor {name[:80]} holds NaN or infinite values (a diverged run or an "
+                            "altered file); use another encoder or re-export it")

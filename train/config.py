@@ -6,9 +6,12 @@ being trained; ``TrainJob.resolved`` fills them in and refuses settings that do 
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
-from clsp.config import Precision, Settings, setting
+from pydantic import field_validator
+
+from clsp.config import Precision, Settings, ValidationSettings, setting
 from clsp.datasets import DEFAULT_DATA_ROOT
 from clsp.errors import UserError
 from clsp.train.recipes import RECIPES, Method
@@ -16,6 +19,7 @@ from clsp.train.recipes import RECIPES, Method
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet-narrow"]
 NNIndex = Literal["flat", "ivf", "hnsw"]
 _RECIPE = "[default: the method's recipe]"
+MIN_LAMBDA = 1e-6  # the smallest CLSP lambda; below it the term is noise in float32 (0 is the baseline)
 
 # Settings that only some methods have: set for another method, they are refused rather than ignored.
 _METHOD_ONLY = {"pred_hidden_dim": ("nnclr",), "queue_size": ("moco", "nnclr"), "momentum": ("moco",),
@@ -37,7 +41,7 @@ class TrainSettings(Settings):
     weight_decay: float | None = setting(None, f"Weight decay. {_RECIPE}", ge=0, le=1)
     weight_decay_scope: Literal["all", "weights"] | None = setting(
         None, f"all: every parameter is decayed; weights: biases and norm parameters are not. {_RECIPE}")
-    warmup_epochs: float | None = setting(None, f"Linear warm-up from lr 1e-3, then cosine to 0. {_RECIPE}",
+    warmup_epochs: float | None = setting(None, f"Linear warm-up from --warmup-start-lr, then cosine to 0. {_RECIPE}",
                                           ge=0, le=100_000)
     temperature: float | None = setting(None, f"Softmax temperature of the contrastive loss. {_RECIPE}",
                                         gt=0, le=100)
@@ -68,7 +72,8 @@ class TrainSettings(Settings):
         None, "cpu: per image in DataLoader workers; device: batched on the training device. "
               "[default: device on CUDA, else cpu]")
     precision: Precision = setting("auto", "auto: bf16 autocast on GPUs and on CPUs with bf16 units.")
-    workers: int = setting(4, "DataLoader worker processes per process (0: in-process).", ge=0, le=256)
+    workers: int = setting(min(4, len(os.sched_getaffinity(0))), "DataLoader worker processes per process (0: "
+                           "in-process) [default: 4, at most the usable cores].", ge=0, le=256)
     decoded_cache_dir: str | None = setting(
         None, "Keep the decoded positives here as memory-mapped files, shared by workers, ranks and later "
               "runs [default: in memory, for this run].", min_length=1, max_length=4096)
@@ -77,6 +82,30 @@ class TrainSettings(Settings):
     checkpoint_every: int = setting(10, "Checkpoint every N epochs (and at the end).", ge=1, le=100_000)
     checkpoint_steps: int = setting(0, "Also checkpoint every N steps within an epoch (0: never).", ge=0)
     log_every: int = setting(10, "Steps between logged scalars.", ge=1, le=100_000)
+    stop_on_collapse: bool = setting(False, "Stop with an error (no encoder written) when an epoch sits at "
+                                            "collapse, instead of warning and training on.")
+    positive_source: Literal["synthetic", "self", "oracle"] = setting(
+        "synthetic", "What fills the CLSP positive: synthetic = the shards' positives (METHOD.md); self = an extra "
+                     "augmented view of the anchor itself (the authors' simclr_aug control); oracle = a random other "
+                     "training image of the same class (needs labels; the ceiling of what a positive can give).")
+    forward: Literal["joint", "separate"] | None = setting(
+        None, "joint: one backbone call on the concatenated views, whose BatchNorm statistics it keeps; separate: "
+              "one call per view, the synthetic one leaving BatchNorm's running statistics untouched. "
+              f"{_RECIPE}")
+    schedule_unit: Literal["epoch", "step"] | None = setting(
+        None, f"Move the warm-up and cosine schedule once per epoch (peak at the last warm-up epoch) or per step. "
+              f"{_RECIPE}")
+    warmup_start_lr: float | None = setting(None, f"Learning rate of the first warm-up epoch or step. {_RECIPE}",
+                                            gt=0, le=100)
+
+
+    @field_validator("clsp_lambda")
+    @classmethod
+    def _lambda_or_baseline(cls, value: float | None) -> float | None:
+        """A lambda that rounds to nothing would make a "CLSP" run a second baseline."""
+        if value is not None and 0 < value < MIN_LAMBDA:
+            raise ValueError(f"lambda must be 0 (the baseline) or at least {MIN_LAMBDA:g}, not {value}")
+        return value
 
 
 class TrainJob(TrainSettings):
@@ -88,6 +117,7 @@ class TrainJob(TrainSettings):
     data_root: str = setting(DEFAULT_DATA_ROOT, "Where the real dataset lives (env CLSP_DATA_ROOT).")
     seed: int = setting(0, "Seed of the weights, the epoch order and every augmentation.", ge=0, le=2**63 - 1)
     allow_partial: bool = setting(False, "Train on the anchors whose shards are finished when some are missing.")
+    validation: float = ValidationSettings.model_fields["validation"]
 
     def resolved(self, dataset: str) -> TrainJob:
         """A copy with every unset setting taken from the method's recipe for ``dataset``."""

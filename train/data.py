@@ -18,15 +18,17 @@ computes it alone, DataLoader workers split it without duplicates, and a resumed
 Each anchor's positive is one of its k candidates, chosen from one uniform draw per ``(seed, epoch)``
 by the positive-choice policy (uniform as METHOD.md; top-m or score-weighted by the stored scores), and the
 augmentation of step ``s`` is seeded with ``(seed, epoch, rank, s)``: batch contents never depend
-on timing, and skipping the first ``s`` steps of an epoch reproduces the rest of it exactly.
+on timing, and skipping the first ``s`` steps of an epoch reproduces the rest of it exactly. A control
+positive source (``clsp.train.positive_sources``) fills the positive from the anchor itself or from a
+same-class anchor drawn per ``(seed, epoch)``, with the same plan and seeds, and decodes no shard positives.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -38,6 +40,7 @@ from clsp.shards import reader
 from clsp.train.augment import augment_images, cpu_transform
 from clsp.train.decoded_cache import DecodedShards
 from clsp.train.positive_choice import POSITIVE_CHOICES
+from clsp.train.positive_sources import POSITIVE_SOURCES, OraclePartners
 from clsp.train.recipes import ViewAugmentation
 
 
@@ -47,6 +50,7 @@ class ShardSet:
 
     store: reader.ShardDirectory
     shards: tuple[int, ...]
+    held_out: frozenset[int] = frozenset()  # validation anchors (clsp.datasets.validation_indices): never trained on
 
     @property
     def directory(self) -> str:
@@ -66,7 +70,12 @@ class ShardSet:
 
     @property
     def num_anchors(self) -> int:
-        return sum(len(self.anchors(s)) for s in self.shards)
+        return len(self.anchor_indices())
+
+    def anchor_indices(self) -> np.ndarray:
+        """Every anchor of the usable shards that is not held out, in shard order."""
+        anchors = np.concatenate([np.arange(r.start, r.stop) for r in map(self.anchors, self.shards)])
+        return anchors[~np.isin(anchors, list(self.held_out))] if self.held_out else anchors
 
 
 def open_shards(directory: str | Path, *, allow_partial: bool = False) -> ShardSet:
@@ -113,7 +122,7 @@ class EpochPlan:
 def plan_epoch(shards: ShardSet, *, seed: int, epoch: int, batch_size: int, rank: int = 0, world_size: int = 1,
                num_workers: int = 0) -> EpochPlan:
     """This rank's anchors for one epoch (see the module docstring for the scheme)."""
-    anchors = np.concatenate([np.arange(r.start, r.stop) for r in map(shards.anchors, shards.shards)])
+    anchors = shards.anchor_indices()
     stream = anchors[np.random.default_rng([seed, epoch]).permutation(len(anchors))]
     steps = steps_per_epoch(len(stream), batch_size, world_size)
     block = stream[rank * steps * batch_size:(rank + 1) * steps * batch_size]
@@ -135,14 +144,16 @@ class ContrastiveStream(IterableDataset):
     ``x1``, ``x2``, ``x3`` (``views`` given: the two real views' lists, augmented here on the CPU into
     normalised float32 ``[B, 3, S, S]``) or the raw ``anchor`` and ``positive`` images (``views`` None:
     uint8 ``[B, 3, H, W]``, augmented later on the device by ``DeviceAugment``). Without ``positives`` (the
-    CLSP weight is 0) the shards only fix the anchor set and no positive is read. Decoded shards are kept in
-    memory, or under ``cache_dir`` when given. Call ``set_epoch`` before each epoch.
+    CLSP weight is 0) the shards only fix the anchor set and no positive is read. ``source`` says what the
+    positive is (``clsp.train.positive_sources``); only ``synthetic`` reads the shards' positives. Decoded
+    shards are kept in memory, or under ``cache_dir`` when given. Call ``set_epoch`` before each epoch.
     """
 
     def __init__(self, shards: ShardSet, dataset: ImageDataset, *, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, positives: bool = True,
                  views: tuple[ViewAugmentation, ViewAugmentation] | None = None, choice: str = "uniform",
-                 choice_params: dict | None = None, cache_dir: str | Path | None = None) -> None:
+                 choice_params: dict | None = None, cache_dir: str | Path | None = None,
+                 source: str = "synthetic") -> None:
         super().__init__()
         need = batch_size * world_size
         if shards.num_anchors < need:
@@ -156,8 +167,13 @@ class ContrastiveStream(IterableDataset):
         size = dataset.image_size
         self.transforms = None if views is None else \
             tuple(cpu_transform(size, dataset.mean, dataset.std, view) for view in views)
+        if source not in POSITIVE_SOURCES:
+            raise ValueError(f"unknown positive source {source!r}; one of {', '.join(POSITIVE_SOURCES)}")
+        self.source = source
         # made here, in the process that starts the workers: forked workers share its pages
-        self.decoded = DecodedShards(shards, cache_dir) if positives else None
+        self.decoded = DecodedShards(shards, cache_dir) if positives and source == "synthetic" else None
+        self.oracle = OraclePartners(shards.anchor_indices(), self.labels) if positives and source == "oracle" \
+            else None
         self.epoch, self.start_step = 0, 0
 
     @property
@@ -210,7 +226,7 @@ class ContrastiveStream(IterableDataset):
         images = self._anchor_images(anchors, part)
         batch = {"index": torch.from_numpy(anchors.astype(np.int64)),
                  "label": torch.from_numpy(self.labels[anchors])}
-        positive = None if part is None else _chw(part[0])
+        positive = self._positive_images(anchors, part, images)
         if self.transforms is None:
             batch["anchor"] = images
             if positive is not None:
@@ -224,6 +240,17 @@ class ContrastiveStream(IterableDataset):
             if positive is not None:  # the synthetic view gets view 1's list (METHOD.md section 3)
                 batch["x3"] = augment_images(first, positive)
         return batch
+
+    def _positive_images(self, anchors: np.ndarray, part: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+                         images: torch.Tensor) -> torch.Tensor | None:
+        """The uint8 positive of each anchor from this run's source (None without positives)."""
+        if not self.positives:
+            return None
+        if self.source == "self":
+            return images
+        if self.source == "oracle":
+            return _chw(self.dataset.array(self.oracle.partners(anchors, self.seed, self.epoch)))
+        return _chw(part[0])
 
     def _anchor_images(self, anchors: np.ndarray, part: tuple[np.ndarray, np.ndarray, np.ndarray] | None
                        ) -> torch.Tensor:

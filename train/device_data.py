@@ -10,7 +10,7 @@ same seed gives the same batches on the same device type.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch

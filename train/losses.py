@@ -9,7 +9,7 @@ of each other by position.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +19,17 @@ from clsp.train.distributed import gather, get_rank, get_world_size
 
 
 def float32_math(loss: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """Run ``loss`` with autocast switched off, on its tensor arguments raised to at least float32."""
+    """Run ``loss`` with autocast switched off, on its tensor arguments (positional or keyword) raised to at
+    least float32."""
+
+    def raised(value):
+        return value.to(torch.promote_types(value.dtype, torch.float32)) if isinstance(value, Tensor) else value
 
     @functools.wraps(loss)
     def wrapper(*args, **kwargs) -> Tensor:
-        with torch.autocast(args[0].device.type, enabled=False):
-            return loss(*(a.to(torch.promote_types(a.dtype, torch.float32)) if isinstance(a, Tensor) else a
-                          for a in args), **kwargs)
+        device = next(v.device for v in (*args, *kwargs.values()) if isinstance(v, Tensor))
+        with torch.autocast(device.type, enabled=False):
+            return loss(*map(raised, args), **{key: raised(value) for key, value in kwargs.items()})
 
     return wrapper
 

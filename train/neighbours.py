@@ -78,7 +78,7 @@ def _flat_cuda(queries: Tensor, bank: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if resources is None:
         _warn_no_faiss_gpu()
         return torch.topk(queries @ bank.T, k, dim=1)
-    import faiss.contrib.torch_utils  # noqa: F401  (lets FAISS's GPU search take and return CUDA tensors)
+    import faiss.contrib.torch_utils  # (lets FAISS's GPU search take and return CUDA tensors)
 
     scores, indices = faiss.knn_gpu(resources, queries, bank, k, metric=faiss.METRIC_INNER_PRODUCT,
                                     device=queries.device.index or 0)

@@ -12,7 +12,7 @@ u picks exactly what the plain draw ``int(u * k)`` picked before policies existe
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -12,6 +12,7 @@ baseline through the same code. What a run leaves in ``out``:
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -21,29 +22,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from clsp.errors import UserError
-from clsp.io import check_creatable, remove_stale_temporaries, write_json_atomic
+from clsp.io import check_creatable, load_weights, remove_stale_temporaries, write_json_atomic
+from clsp.log import Rate
 from clsp.resume import load_checkpoint, resume_settings, save_checkpoint, set_rng_state, weights_digest
 from clsp.runtime import make_accelerator, progress, resolve_precision
 from clsp.shards import reader
 from clsp.train.augment import DeviceAugment, view_augmentations
 from clsp.train.backbones import EncoderCard, build_backbone, export_encoder
+from clsp.train.collapse import CollapseMonitor, nt_xent_at_collapse
 from clsp.train.config import TrainJob
 from clsp.train.data import ContrastiveStream, make_loader, open_shards, step_seed
 from clsp.train.methods import build_method
 from clsp.train.optim import build_optimizer, warmup_cosine
-from clsp.train.recipes import RECIPES
+from clsp.train.recipes import normalisation, probe_lr
 from clsp.train.schedules import clsp_lambda_at
 
 ONLINE_PROBE_LR = 0.1  # the online probe only monitors training; the evaluation probe is clsp-eval linear
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "train_summary.json"
 CURVE = "loss_curve.png"
-METRICS = ("loss", "loss_base", "loss_clsp", "nn_acc", "probe_acc")
+METRICS = ("loss", "loss_base", "loss_clsp", "nn_acc", "probe_acc", "z_std")
 # Settings that do not change the weights, so a run may resume with other values of them.
 # Where a run reads and writes: not part of what an encoder is (its card stays the same wherever it was trained).
 _PATHS = {"out", "shards", "data_root", "decoded_cache_dir"}
 _NOT_RESUMED = ("out", "shards", "data_root", "decoded_cache_dir", "allow_partial", "checkpoint_every",
-                "checkpoint_steps", "log_every", "compile")
+                "checkpoint_steps", "log_every", "compile", "stop_on_collapse")
 
 
 class Trainer:
@@ -62,11 +65,22 @@ class Trainer:
         manifest = reader.read_manifest(job.shards)
         self.dataset = reader.load_dataset(manifest, job.data_root)
         self.config = job = job.resolved(self.dataset.name)
+        # the recipe's statistics (NNCLR's CIFAR-10 std is not the authors'): used by the augmentation and
+        # recorded in the encoder card, so evaluation normalises as training did
+        self.dataset.mean, self.dataset.std = normalisation(job.method, self.dataset.name,
+                                                            (self.dataset.mean, self.dataset.std))
         if job.batch_size % self.world_size:
             raise UserError(f"--batch-size {job.batch_size} is the global batch and does not split over "
                             f"{self.world_size} processes; use a multiple of {self.world_size}")
         self.batch_size = job.batch_size // self.world_size
         self.shards = open_shards(job.shards, allow_partial=job.allow_partial)
+        if job.validation:  # the validation images stay unseen: their anchors are skipped
+            from dataclasses import replace
+
+            from clsp.datasets import validation_indices
+
+            held = validation_indices(self.dataset, job.validation)[1]
+            self.shards = replace(self.shards, held_out=frozenset(held.tolist()))
         self.image_size = self.dataset.image_size
         views = view_augmentations(job.method, job.model_dump())
         self.stream = ContrastiveStream(
@@ -75,7 +89,10 @@ class Trainer:
             views=views if job.augment == "cpu" else None, choice=job.positive_choice,
             choice_params={"top-m": {"m": job.positive_top_m},
                            "score-weighted": {"tau": job.positive_tau}}.get(job.positive_choice, {}),
-            cache_dir=job.decoded_cache_dir)
+            cache_dir=job.decoded_cache_dir, source=job.positive_source)
+        if job.positive_source != "synthetic" and job.positive_choice != "uniform":
+            raise UserError(f"--positive-choice {job.positive_choice} chooses among the shards' candidates, which "
+                            f"--positive-source {job.positive_source} does not use; leave --positive-choice uniform")
         if job.positive_choice != "uniform" and job.clsp_lambda > 0 and not manifest.generation.get("scores"):
             raise UserError(f"--positive-choice {job.positive_choice} needs the candidates' scores, which the shards "
                             f"in {job.shards} do not hold; generate them with clsp-gen --scores (the default)")
@@ -93,9 +110,10 @@ class Trainer:
                                     job.lr)
         self.steps_per_epoch = self.stream.steps
         self.total_steps = self.steps_per_epoch * job.epochs
-        warmup = min(self.total_steps, round(job.warmup_epochs * self.steps_per_epoch))
         self.lambda_ramp_steps = round(job.clsp_lambda_ramp_epochs * self.steps_per_epoch)
-        self.scheduler = warmup_cosine(optimizer, warmup_steps=warmup, total_steps=self.total_steps)
+        self.scheduler = warmup_cosine(optimizer, unit=job.schedule_unit, warmup_epochs=job.warmup_epochs,
+                                       epochs=job.epochs, steps_per_epoch=self.steps_per_epoch,
+                                       start_lr=job.warmup_start_lr)
         probe = nn.Linear(backbone.feature_dim, max(1, self.dataset.num_classes))
         probe_optimizer = torch.optim.SGD(probe.parameters(), lr=ONLINE_PROBE_LR, momentum=0.9)
         self.model, self.optimizer, self.probe, self.probe_optimizer = self.accelerator.prepare(
@@ -105,6 +123,8 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.elapsed = 0, 0, 0.0
         self.history: list[list[float]] = []  # per step: global step, loss, loss_base, loss_clsp (rank 0)
         self.epoch_metrics: dict[str, float] = {}
+        self.collapse = CollapseMonitor(job.proj_output_dim, nt_xent_at_collapse(job.batch_size)
+                                        if job.method == "simclr" else None)
 
     # ---- state -------------------------------------------------------------------------------------
     @property
@@ -130,7 +150,7 @@ class Trainer:
                 "probe_optimizer": self.probe_optimizer.state_dict(), "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch, "elapsed": self.elapsed,
                 "history": torch.tensor(self.history, dtype=torch.float64).reshape(-1, 4),
-                "epoch_metrics": self.epoch_metrics}, self._settings())
+                "epoch_metrics": self.epoch_metrics, "collapse_z_std": self.collapse.z_std}, self._settings())
         self.accelerator.wait_for_everyone()
 
     def maybe_resume(self) -> bool:
@@ -138,15 +158,17 @@ class Trainer:
         state = load_checkpoint(self.out / CHECKPOINT, self._settings())
         if state is None:
             return False
-        self.method.load_state_dict(state["model"])
+        fix = "delete it to start the run over, or pass another --out"
+        load_weights(self.method, state["model"], self.out / CHECKPOINT, fix)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.accelerator.unwrap_model(self.probe).load_state_dict(state["probe"])
+        load_weights(self.accelerator.unwrap_model(self.probe), state["probe"], self.out / CHECKPOINT, fix)
         self.probe_optimizer.load_state_dict(state["probe_optimizer"])
         set_rng_state(state["rng"])
         self.epoch, self.step_in_epoch, self.elapsed = state["epoch"], state["step_in_epoch"], state["elapsed"]
         self.history = state["history"].tolist()
         self.epoch_metrics = state["epoch_metrics"]
+        self.collapse.z_std = list(state["collapse_z_std"])
         return True
 
     # ---- one step ------------------------------------------------------------------------------------
@@ -177,7 +199,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.method.on_train_step_end((self.global_step + 1) / self.total_steps)
-        metrics = {k: out[k].detach().float() for k in ("loss", "loss_base", "loss_clsp", "nn_acc") if k in out}
+        metrics = {k: out[k].detach().float() for k in ("loss", "loss_base", "loss_clsp", "nn_acc", "z_std")
+                   if k in out}
         if self.labelled:
             logits = self.probe(out["features"].float())
             probe_loss = F.cross_entropy(logits, labels)
@@ -212,6 +235,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         counted = 0
         pending: list[tuple[int, dict[str, torch.Tensor]]] = []
+        rate = Rate(self.steps_per_epoch * (config.epochs - self.epoch), self.step_in_epoch)
         bar = progress(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{config.epochs}",
                        main_process=acc.is_main_process, unit="step")
         bar.update(self.step_in_epoch)
@@ -240,9 +264,30 @@ class Trainer:
         if acc.is_main_process:
             for key, value in self.epoch_metrics.items():
                 self.writer.add_scalar(f"epoch/{key}", value, self.epoch)
+            self._log_epoch(rate.describe(self.steps_per_epoch, "img", scale=config.batch_size))
+        if sums:
+            self._check_collapse()
         if self.epoch % config.checkpoint_every == 0 or self.epoch == config.epochs:
             self.elapsed = elapsed0 + time.perf_counter() - started
             self.save()
+
+    def _log_epoch(self, speed: str) -> None:
+        """One line per epoch for logs without a progress bar (a batch job's output file)."""
+        terms = ", ".join(f"{key} {value:.4f}" for key, value in self.epoch_metrics.items() if key.startswith("loss"))
+        logging.getLogger(__name__).info(f"epoch {self.epoch}/{self.config.epochs}: {terms or 'no steps'}, "
+                                         f"lr {self.scheduler.get_last_lr()[0]:.4g}, {speed}")
+
+    def _check_collapse(self) -> None:
+        """Record the epoch's z_std; warn in one line when the epoch sat at collapse (or stop, if asked to)."""
+        z_std = self.epoch_metrics["z_std"]
+        if not self.collapse.observe(z_std):
+            return
+        line = self.collapse.warning(str(self.out), self.epoch, z_std, self.epoch_metrics.get("loss_base"))
+        if self.config.stop_on_collapse:
+            raise UserError(f"{line}; stopped (--stop-on-collapse), no encoder written: ramp lambda in "
+                            "(--clsp-lambda-ramp-epochs), lower --clsp-lambda or --lr, and train into a new --out")
+        if self.accelerator.is_main_process:
+            logging.getLogger(__name__).warning(line)
 
     def _log_steps(self, pending: list, bar) -> None:
         """Write the buffered steps' scalars (one device sync per ``log_every`` steps)."""
@@ -283,14 +328,14 @@ class Trainer:
             "anchors_per_epoch": self.steps_per_epoch * config.batch_size,
             "precision": resolve_precision(config.precision, self.device), "settings": config.model_dump(exclude=_PATHS),
             "time_s": round(self.elapsed, 2), "final": self.epoch_metrics, "rank_checksums": checksums,
-            "ranks_in_sync": len(set(checksums)) == 1,
+            "ranks_in_sync": len(set(checksums)) == 1, "collapse": self.collapse.record(),
         }
         if acc.is_main_process:
             card = EncoderCard(backbone=config.backbone, small_stem=self.small_stem, feature_dim=backbone.feature_dim,
                                method=config.method, clsp_lambda=config.clsp_lambda,
                                dataset=self.shards.store.manifest.dataset.model_dump(), image_size=self.image_size,
                                mean=list(self.dataset.mean), std=list(self.dataset.std),
-                               probe_lr=RECIPES[config.method].for_dataset(self.dataset.name)["probe_lr"],
+                               probe_lr=probe_lr(config.method, self.dataset.name, config.clsp_lambda),
                                settings=config.model_dump(exclude=_PATHS))
             export_encoder(backbone, self.out, card)
             write_json_atomic(self.out / SUMMARY, summary)

@@ -17,7 +17,8 @@ _CLASSES: dict[str, type[Method]] = {"simclr": SimCLR, "moco": MoCo, "nnclr": NN
 def build_method(job: TrainJob, backbone: nn.Module) -> Method:
     """The method of a resolved ``job`` (``TrainJob.resolved``) on ``backbone`` (which needs ``.feature_dim``)."""
     common = {"clsp_lambda": job.clsp_lambda, "temperature": job.temperature,
-              "proj_hidden_dim": job.proj_hidden_dim, "proj_output_dim": job.proj_output_dim}
+              "proj_hidden_dim": job.proj_hidden_dim, "proj_output_dim": job.proj_output_dim,
+              "forward_mode": job.forward}
     extra = {"simclr": {},
              "moco": {"queue_size": job.queue_size, "momentum": job.momentum, "momentum_end": job.momentum_end},
              "nnclr": {"queue_size": job.queue_size, "pred_hidden_dim": job.pred_hidden_dim,

@@ -36,9 +36,11 @@ class MoCo(Method):
     name = "moco"
 
     def __init__(self, backbone: nn.Module, *, clsp_lambda: float, temperature: float, proj_hidden_dim: int,
-                 proj_output_dim: int, queue_size: int, momentum: float, momentum_end: float) -> None:
+                 proj_output_dim: int, queue_size: int, momentum: float, momentum_end: float,
+                 forward_mode: str = "separate") -> None:
         projector = simclr_projector(backbone.feature_dim, proj_hidden_dim, proj_output_dim)
-        super().__init__(backbone, projector, clsp_lambda=clsp_lambda, temperature=temperature)
+        super().__init__(backbone, projector, clsp_lambda=clsp_lambda, temperature=temperature,
+                         forward_mode=forward_mode)
         self.momentum_backbone = copy.deepcopy(backbone).requires_grad_(False)
         self.momentum_projector = copy.deepcopy(projector).requires_grad_(False)
         self.base_momentum, self.end_momentum = float(momentum), float(momentum_end)

@@ -22,9 +22,11 @@ class NNCLR(Method):
     name = "nnclr"
 
     def __init__(self, backbone: nn.Module, *, clsp_lambda: float, temperature: float, proj_hidden_dim: int,
-                 proj_output_dim: int, pred_hidden_dim: int, queue_size: int, nn_index: str) -> None:
+                 proj_output_dim: int, pred_hidden_dim: int, queue_size: int, nn_index: str,
+                 forward_mode: str = "separate") -> None:
         projector = nnclr_projector(backbone.feature_dim, proj_hidden_dim, proj_output_dim)
-        super().__init__(backbone, projector, clsp_lambda=clsp_lambda, temperature=temperature)
+        super().__init__(backbone, projector, clsp_lambda=clsp_lambda, temperature=temperature,
+                         forward_mode=forward_mode)
         self.predictor = nnclr_predictor(proj_output_dim, pred_hidden_dim)
         self.support_set = SupportSet(queue_size, proj_output_dim, index=nn_index)
 

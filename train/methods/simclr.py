@@ -13,9 +13,10 @@ class SimCLR(Method):
     name = "simclr"
 
     def __init__(self, backbone: nn.Module, *, clsp_lambda: float, temperature: float, proj_hidden_dim: int,
-                 proj_output_dim: int) -> None:
+                 proj_output_dim: int, forward_mode: str = "separate") -> None:
         projector = simclr_projector(backbone.feature_dim, proj_hidden_dim, proj_output_dim)
-        super().__init__(backbone, projector, clsp_lambda=clsp_lambda, temperature=temperature)
+        super().__init__(backbone, projector, clsp_lambda=clsp_lambda, temperature=temperature,
+                         forward_mode=forward_mode)
 
     def base_loss(self, v1: EncodedView, v2: EncodedView, labels: Tensor | None) -> dict[str, Tensor]:
         return {"loss_base": nt_xent(v1.z, v2.z, self.temperature)}

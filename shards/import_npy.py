@@ -1,0 +1,100 @@
+"""Import the authors' synthetic-positive sets (METHOD.md section 3) as a verified shard directory.
+
+Their sets are one ``.npy`` of uint8 ``[N, k, H, W, 3]`` whose row i holds the k positives of training image i.
+The file is memory-mapped and read one shard's rows at a time (the CIFAR-10 set is 1.2 GB), written through the
+same shard writer as ``clsp-gen``, and verified, so ``clsp-train --shards DIR`` trains on exactly those
+positives. The manifest's generation record names the source file and its sha256; a rerun resumes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from clsp.config import DatasetConfig, setting
+from clsp.errors import UserError
+from clsp.generate.config import GenerateJob
+
+_GEN = GenerateJob.model_fields
+
+
+class ImportJob(DatasetConfig):
+    """``clsp shards import``: one authors' ``.npy`` into a shard directory for a dataset's training split."""
+
+    name: str = _GEN["name"]
+    file: str = setting(..., "The authors' synthetic set: uint8 [N, k, H, W, 3], row i = training image i.",
+                        cli_exclude=True, min_length=1)
+    shards: str = setting(..., "Output shard directory or URL; a rerun resumes it.", min_length=1)
+    shard_size: int = _GEN["shard_size"]
+    limit: int | None = _GEN["limit"]
+    overwrite: bool = _GEN["overwrite"]
+
+
+def open_positives(path: str | Path) -> np.ndarray:
+    """The file as a read-only memory map, refused in one line unless it is uint8 ``[N, k, H, W, 3]``."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as err:  # pickled objects, a bad header, not a .npy at all
+        raise UserError(f"cannot read {path} as a .npy array: {' '.join(str(err).split())}") from None
+    if not isinstance(array, np.ndarray):
+        raise UserError(f"{path} is an .npz archive; pass the .npy array of positives itself")
+    if array.dtype != np.uint8 or array.ndim != 5 or array.shape[-1] != 3 or array.shape[1] < 1:
+        raise UserError(f"{path} holds {array.dtype} {list(array.shape)}; the authors' sets are uint8 "
+                        f"[N, k, H, W, 3] (row i = the k positives of training image i)")
+    return array
+
+
+def check_fits(array: np.ndarray, path: str | Path, describe: dict) -> None:
+    """Refuse a set whose row count or image size differs from the dataset's training split."""
+    n, _, height, width, _ = array.shape
+    if n != describe["size"]:
+        raise UserError(f"{path} has {n} rows but {describe['name']}/{describe['split']} has {describe['size']} "
+                        f"images; the row count must equal the training split's (row i = image i)")
+    size = describe["image_size"]
+    if (height, width) != (size, size):
+        raise UserError(f"{path} holds {height}x{width} images but {describe['name']}'s are {size}x{size}; "
+                        f"import it for the dataset it was made from (or pass --image-size {height})")
+
+
+def import_npy(job: ImportJob, echo: Callable[[str], object] = print) -> dict:
+    """Write (or finish) the shard directory of ``job.file``; verify it; return a summary."""
+    from clsp.datasets import get_dataset
+    from clsp.io import file_digest
+    from clsp.runtime import progress
+    from clsp.shards import schema, verify, writer
+    from clsp.shards.store import ShardStore
+
+    store = ShardStore.open(job.shards)  # a bad URL or missing credentials: before any work
+    store.require_writable()
+    store.probe()
+    array = open_positives(job.file)
+    dataset = get_dataset(job.name, root=job.data_root, image_size=job.image_size)
+    identity = dataset.describe()
+    check_fits(array, job.file, identity)
+    size, sha256 = file_digest(job.file)
+    n, k = array.shape[:2]
+    num_anchors = min(job.limit or n, n)
+    generation = {"source": "imported", "file": Path(job.file).name, "bytes": size, "sha256": sha256,
+                  "candidates": k, "scores": False, "limit": job.limit}
+    manifest = writer.init_manifest(job.shards, dataset=identity, generation=generation, num_anchors=num_anchors,
+                                    shard_size=job.shard_size, overwrite=job.overwrite)
+    done = writer.completed_shards(job.shards)
+    labels = dataset.labels()
+    todo = [i for i in range(manifest.num_shards) if i not in done]
+    with progress(total=sum(len(manifest.anchor_range(i)) for i in todo), desc="import", unit="anchor") as bar:
+        for index in todo:
+            anchors = manifest.anchor_range(index)
+            rows = np.array(array[anchors.start:anchors.stop])  # one shard's rows leave the memory map
+            writer.write_shard(job.shards, index, (
+                schema.ShardSample(anchor_index=a, positives=rows[a - anchors.start], label=int(labels[a]))
+                for a in anchors))
+            bar.update(len(anchors))
+    problems = verify.verify_shards(job.shards)
+    if problems:
+        raise UserError(f"{len(problems)} problems in {job.shards} after the import (first: {problems[0]}); rerun "
+                        "the same command to rewrite the damaged shards")
+    echo(f"imported {num_anchors} anchors x {k} positives from {job.file} into {manifest.num_shards} shards in "
+         f"{job.shards} ({len(done)} already complete); verify: no problems")
+    return {"num_anchors": num_anchors, "candidates": k, "shards_written": len(todo), "shards_skipped": len(done)}

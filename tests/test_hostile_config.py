@@ -1,0 +1,275 @@
+"""Small hostile inputs to configurations, settings and encoders: bounded, refused in one line, nothing changed.
+
+Each case is a file or value a careless colleague or a hostile one could hand over: a YAML alias bomb, a
+100,000-deep nesting, a 6.7 MB file, duplicate keys, another encoding, ``true`` for a number, a lambda that
+rounds to nothing, an image size the model cannot take, an encoder with NaN or integer weights. Every one must
+end as one short ``Error:`` line, without a traceback, leaving every existing file as it was.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import tracemalloc
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from safetensors.torch import load_file, save_file
+
+from clsp.errors import short
+from clsp.pipeline import Pipeline, Stage, load_config, run
+from clsp.train.config import TrainSettings
+from clsp.yamlio import MAX_ALIASES, MAX_BYTES, MAX_DEPTH, MAX_NODES
+
+ROOT = Path(__file__).resolve().parents[1]
+MEMORY_BUDGET = 500 << 20
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _refused(result: Result, exit_code: int = 1) -> str:
+    """The one ``Error:`` line of a refused command (asserting there is exactly one, short, and no traceback)."""
+    assert result.exit_code == exit_code, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error:")]
+    assert len(errors) == 1 and len(errors[0]) < 300, result.output[:2000]
+    assert "Traceback" not in result.output
+    return errors[0]
+
+
+def _alias_bomb() -> str:
+    """The 500-byte "billion laughs": nine levels of nine aliases, 2 * 9**9 values once expanded."""
+    levels = ["a0: &a0 [x, x]"] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    return "\n".join(levels + ["run_dir: *a9"]) + "\n"
+
+
+HOSTILE_YAML = {
+    "alias-bomb": (_alias_bomb(), f"more than {MAX_NODES} values"),
+    "deep": ("run_dir: " + "[" * 100_000 + "]" * 100_000 + "\n", f"nested more than {MAX_DEPTH} levels"),
+    "400k-runs": ("train:\n  runs:\n" + "".join(f"    r{i}: 0.0\n" for i in range(400_000)), f"{MAX_BYTES}-byte"),
+    "300k-list": ("run_dir: [" + ", ".join(["1"] * 300_000) + "]\n", f"more than {MAX_NODES} values"),
+    "many-aliases": ("a: &a 1\nb: [" + ", ".join(["*a"] * (MAX_ALIASES + 1)) + "]\n", f"more than {MAX_ALIASES} alias"),
+    "duplicate-key": ("train:\n  epochs: 1\n  epochs: 500\n", "line 3: duplicate key 'epochs'"),
+    "bool-for-float": ("generate:\n  interpolation: true\n", "'generate.interpolation': needs a number"),
+    "bool-for-int": ("train:\n  epochs: true\n", "'train.epochs': needs a number"),
+    "bool-for-lambda": ("train:\n  runs: {clsp: true, baseline: 0}\n", "'train.runs': needs a number"),
+    "tiny-lambda": ("train:\n  runs: {clsp: 1.0e-320, baseline: 0}\n", "lambda must be 0 (the baseline) or at least"),
+    "5k-list": ("run_dir: [" + ", ".join(["1"] * 5_000) + "]\n", "'run_dir': input should be a valid string"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_YAML))
+def test_hostile_yaml_is_refused_in_one_line_within_budget(case: str, tmp_path: Path):
+    text, expected = HOSTILE_YAML[case]
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(text)
+    before = _snapshot(tmp_path)
+    tracemalloc.start()
+    try:
+        result = CliRunner().invoke(run, [str(config), "--check"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    line = _refused(result)
+    assert expected in line, line
+    assert peak < MEMORY_BUDGET, f"{peak >> 20} MiB"
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("data, expected", [
+    ("run_dir: caf\xe9\n".encode("latin-1"), "is not UTF-8: byte 0xe9 at offset 12"),
+    ("run_dir: x\n".encode("utf-16"), "is not UTF-8: byte 0xff at offset 0 (it starts with a UTF-16 byte-order mark)"),
+], ids=["latin-1", "utf-16"])
+def test_config_in_another_encoding_names_the_file_and_offset(data: bytes, expected: str, tmp_path: Path):
+    config = tmp_path / "pipeline.yaml"
+    config.write_bytes(data)
+    line = _refused(CliRunner().invoke(run, [str(config), "--check"]))
+    assert str(config) in line and expected in line, line
+
+
+@pytest.mark.parametrize("assignment, expected", [
+    ("train.epochs=true", "'train.epochs': needs a number"),
+    ("generate.interpolation=true", "'generate.interpolation': needs a number"),
+    ("train.runs={a: 0, a: 1}", "duplicate key 'a'"),
+    ("train.runs={clsp: 1e-320, baseline: 0}", "lambda must be 0 (the baseline)"),
+    ("run_dir=[" + ", ".join(["1"] * 1000) + "]", "(got [1, 1, 1, 1, ...])"),
+])
+def test_set_overrides_are_held_to_the_same_rules(assignment: str, expected: str, tmp_path: Path):
+    result = CliRunner().invoke(run, [str(ROOT / "pipeline.yaml"), "--check", "--set", f"run_dir={tmp_path / 'r'}",
+                                      "--set", assignment])
+    line = _refused(result)
+    assert expected in line, line
+    assert not (tmp_path / "r").exists()
+
+
+def test_numbers_where_numbers_belong_still_load(tmp_path: Path):
+    """An int for a float field and plain YAML numbers are fine; only bools are refused for numbers."""
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("generate:\n  interpolation: 1\ntrain:\n  epochs: 3\n  warmup_epochs: 1\n  flip: true\n"
+                      "  runs: {clsp: 1.0e-6, baseline: 0}\n")
+    loaded = load_config(config)
+    assert loaded.generate.interpolation == 1.0 and loaded.train.epochs == 3 and loaded.train.flip is True
+    assert loaded.train.runs == {"clsp": 1e-6, "baseline": 0.0}
+
+
+def test_error_quotes_only_a_prefix_of_a_huge_value():
+    bomb: list = [1, 2]
+    for _ in range(40):  # 2**41 values if formatted in full
+        bomb = [bomb] * 2
+    assert len(short(bomb)) <= 80 and len(short("x" * 10**6)) <= 80 and len(short(list(range(10**6)))) <= 80
+
+
+def test_cli_refuses_true_for_numbers_and_a_tiny_lambda(tmp_path: Path):
+    from clsp.train.cli import train
+
+    out = tmp_path / "out"
+    for args in (["--epochs", "true"], ["--clsp-lambda", "1e-320"], ["--clsp-lambda", "5e-7"]):
+        result = CliRunner().invoke(train, ["--shards", str(tmp_path / "shards"), "--out", str(out), *args])
+        line = _refused(result, exit_code=2 if args[0] == "--epochs" else 1)
+        assert args[0] in line, line
+        assert "1e-320" not in args or "lambda must be 0 (the baseline) or at least 1e-06" in line
+    assert not out.exists()
+
+
+def test_study_refuses_a_lambda_that_rounds_to_nothing(tmp_path: Path):
+    from clsp.study import study
+
+    result = CliRunner().invoke(study, [str(ROOT / "pipeline.yaml"), "--seeds", "2", "--methods", "simclr",
+                                        "--clsp-lambda", "1e-320", "--set", f"run_dir={tmp_path / 'r'}"])
+    assert "lambda must be 0 (the baseline) or at least 1e-06" in _refused(result)
+    assert not (tmp_path / "r").exists()
+
+
+def test_image_size_the_model_cannot_take_is_refused_before_any_image_is_resized(tmp_path: Path, monkeypatch):
+    from clsp import datasets
+    from clsp.generate.cli import gen
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the dataset was loaded before the model's fit was checked")
+
+    monkeypatch.setattr(datasets, "load_digits", no_loading)
+    shards = tmp_path / "gen" / "shards"
+    line = _refused(CliRunner().invoke(gen, ["--dataset", "digits", "--image-size", "1024", "--shards", str(shards)]))
+    assert "1024x1024" in line and "--image-size 16" in line, line
+    assert not (tmp_path / "gen").exists()  # a refused run leaves no empty output directory
+
+
+def _encoder(directory: Path, **card_changes) -> Path:
+    from clsp.train.backbones import EncoderCard, build_backbone, export_encoder
+
+    net = build_backbone("resnet-narrow", small_stem=True)
+    card = EncoderCard(backbone="resnet-narrow", small_stem=True, feature_dim=net.feature_dim, image_size=8,
+                       mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    export_encoder(net, directory, card.model_copy(update=card_changes))
+    return directory
+
+
+def _damage_weights(directory: Path, how: str) -> None:
+    state = load_file(str(directory / "encoder.safetensors"))
+    name = "layer1.0.conv1.weight"
+    if how == "nan":
+        state[name][0, 0, 0, 0] = float("nan")
+    elif how == "inf":
+        state[name][0, 0, 0, 0] = float("inf")
+    else:
+        state[name] = state[name].to(torch.int8)
+    save_file(state, str(directory / "encoder.safetensors"))
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("nan", "layer1.0.conv1.weight holds NaN or infinite values"),
+    ("inf", "layer1.0.conv1.weight holds NaN or infinite values"),
+    ("int8", "layer1.0.conv1.weight is int8, not floating point"),
+    ("std0", "every std must be > 0"), ("std-negative", "every std must be > 0"),
+])
+@pytest.mark.parametrize("command", ["linear", "knn", "transfer", "positives", "embed-plot"])
+def test_meaningless_encoders_are_refused_by_every_evaluation(command: str, damage: str, expected: str,
+                                                             tmp_path: Path):
+    from clsp.evaluate.cli import evaluate
+
+    std = {"std0": [0.0, 0.25, 0.25], "std-negative": [0.25, -1.0, 0.25]}.get(damage)
+    encoder = _encoder(tmp_path / "enc", **({"std": std} if std else {}))
+    if std is None:
+        _damage_weights(encoder, damage)
+    before = _snapshot(tmp_path)
+    extra = {"transfer": ["--datasets", "digits"], "positives": ["--shards", str(tmp_path / "shards")]}.get(
+        command, ["--dataset", "digits"])
+    result = CliRunner().invoke(evaluate, [command, "--encoder", str(encoder), "--out", str(tmp_path / "eval"),
+                                           *extra])
+    assert expected in _refused(result)
+    assert _snapshot(tmp_path) == before and not (tmp_path / "eval").exists()
+
+
+def test_a_sound_encoder_still_loads(tmp_path: Path):
+    from clsp.train.backbones import load_encoder
+
+    net, card = load_encoder(_encoder(tmp_path / "enc"))
+    assert card.std == [0.25, 0.25, 0.25] and not net.training
+
+
+def test_default_workers_fit_the_usable_cores_and_torch_does_not_warn():
+    from torch.utils.data import DataLoader
+
+    workers = TrainSettings().workers
+    assert 1 <= workers <= min(4, len(os.sched_getaffinity(0)))
+
+    def warned(num_workers: int) -> list[str]:  # the check DataLoader makes when it starts its workers
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            DataLoader(list(range(8)), num_workers=num_workers).check_worker_number_rationality()
+        return [str(w.message) for w in caught]
+
+    assert warned(workers) == []
+    assert any("worker" in message for message in warned(2 * len(os.sched_getaffinity(0)) + 1))
+
+
+# ---- one whole run per run directory ----------------------------------------------------------------------
+def _locked_run(run_dir: Path, who: str, log: Path, gate, started, lines) -> None:
+    """A child process: a pipeline of two cheap stages; stage one waits for ``gate`` (so the other process
+    arrives while this one holds the run directory)."""
+    config = load_config(ROOT / "pipeline.yaml", (f"run_dir={run_dir}",))
+    pipeline = Pipeline(config, echo=lambda line: lines.put((who, line)))
+
+    def stage(name: str) -> None:
+        with log.open("a") as f:
+            f.write(f"{who} {name}\n")
+        if name == "one":
+            started.set()
+            gate.wait(120)
+        (run_dir / f"{name}.out").write_text(who)
+
+    pipeline.stages = {name: Stage(name, config, lambda name=name: stage(name), outputs=[run_dir / f"{name}.out"])
+                       for name in ("one", "two")}
+    pipeline._report = lambda: run_dir / "report.md"  # the stages write no evaluation results
+    pipeline.run()
+
+
+@pytest.mark.slow
+def test_a_second_whole_run_of_one_run_directory_waits_then_skips_what_the_first_did(tmp_path: Path):
+    ctx = multiprocessing.get_context("fork")
+    gate, started, lines = ctx.Event(), ctx.Event(), ctx.Queue()
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    first = ctx.Process(target=_locked_run, args=(run_dir, "first", log, gate, started, lines))
+    first.start()
+    assert started.wait(120)
+    second = ctx.Process(target=_locked_run, args=(run_dir, "second", log, gate, started, lines))
+    second.start()
+    waiting = f"[clsp run] waiting for process {first.pid}@"
+    said: list[tuple[str, str]] = []
+    while not any(who == "second" and line.startswith(waiting) for who, line in said):
+        said.append(lines.get(timeout=120))
+    assert log.read_text() == "first one\n"  # the second process waits: it has run nothing
+    gate.set()
+    first.join(120)
+    second.join(120)
+    assert first.exitcode == 0 and second.exitcode == 0
+    while not lines.empty():
+        said.append(lines.get(timeout=10))
+    assert log.read_text() == "first one\nfirst two\n"  # every stage ran once, in the first process
+    assert ("second", "[clsp run] one: done already, skipped") in said
+    assert ("second", "[clsp run] two: done already, skipped") in said

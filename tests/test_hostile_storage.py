@@ -1,0 +1,349 @@
+"""Small hostile inputs to storage: manifests that claim too much, tars with a member twice, URLs of
+protocols clsp does not support, servers that fail or never answer, image files that are bombs, of mixed
+sizes or 16-bit, full disks, and weights that do not fit their model.
+
+Each is refused in one ``Error:`` line (or one ``UserError``) that names the file, with nothing existing
+changed. Servers run on 127.0.0.1 only, and answer a bounded number of requests.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.server
+import io
+import json
+import resource
+import socket
+import tarfile
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from fsspec.implementations.local import LocalFileSystem
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from clsp.cli import main as clsp_main
+from clsp.datasets import get_dataset
+from clsp.errors import UserError
+from clsp.generate.cli import gen
+from clsp.io import atomic_file, write_json_atomic
+from clsp.pipeline import run as clsp_run
+from clsp.resume import save_checkpoint
+from clsp.shards import reader, schema
+from clsp.train.backbones import EncoderCard, build_backbone, export_encoder, load_encoder
+from clsp.train.cli import train
+from test_object_store import GEN, TRAIN, QuietHandler, free_port
+from test_shard_contracts import make_shards, raws_of, reseal
+
+ACCEPTED = "use a local directory or one of file://, s3://, gs://, http://, https:// (optionally after simplecache::)"
+
+
+def one_error_line(result) -> str:
+    """The refusal's only line, after checking it is one: non-zero exit, no traceback, under 300 characters."""
+    lines = result.output.strip().splitlines()
+    assert result.exit_code != 0 and not isinstance(result.exception, Exception), result.output
+    errors = [line for line in lines if line.startswith("Error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert len(errors[0]) < 300, errors[0]
+    return errors[0]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---- manifests: counts checked before any per-shard loop ------------------------------------------------------
+
+def _claims(directory: Path, anchors: int, shard_size: int, num_shards: int) -> None:
+    path = directory / reader.MANIFEST
+    data = json.loads(path.read_text())
+    data["dataset"]["size"] = anchors
+    data.update(num_anchors=anchors, shard_size=shard_size, num_shards=num_shards, shards={})
+    path.write_text(json.dumps(data))
+
+
+def test_a_manifest_claiming_a_billion_shards_is_refused_by_every_reader(tmp_path):
+    make_shards(tmp_path)
+    _claims(tmp_path, 999_999_999, 1, 999_999_999)
+    assert (tmp_path / reader.MANIFEST).stat().st_size < 2000
+    before = snapshot(tmp_path)
+    for command, args in ((clsp_main, ["shards", "verify", str(tmp_path)]),
+                          (clsp_main, ["shards", "info", str(tmp_path)]),
+                          (train, [*TRAIN, "--shards", str(tmp_path), "--out", str(tmp_path / "out")])):
+        line = one_error_line(CliRunner().invoke(command, args))
+        assert f"num_shards: Input should be less than or equal to {schema.MAX_SHARDS}" in line
+        assert str(tmp_path / reader.MANIFEST) in line
+    assert snapshot(tmp_path) == before
+
+
+def test_many_planned_shards_are_summarised_in_one_problem_line(tmp_path):
+    make_shards(tmp_path)
+    _claims(tmp_path, schema.MAX_SHARDS, 1, schema.MAX_SHARDS)
+    result = CliRunner().invoke(clsp_main, ["shards", "verify", str(tmp_path)])
+    assert result.output.splitlines()[0] == (f"  - shards not written yet (planned, not in the manifest): "
+                                             f"0-{schema.MAX_SHARDS - 1} ({schema.MAX_SHARDS} in all)")
+    assert one_error_line(result).startswith("Error: 3 problem(s)")  # the others: the two shard files, now stray
+
+
+def test_a_record_claiming_a_billion_samples_costs_what_its_file_holds(tmp_path):
+    make_shards(tmp_path, num_anchors=8, shard_size=8)
+    path = tmp_path / reader.MANIFEST
+    data = json.loads(path.read_text())
+    data["dataset"]["size"] = data["num_anchors"] = data["shard_size"] = 10**9
+    record = data["shards"]["shard-000000.tar"]
+    record.update(samples=10**9, last_anchor=10**9 - 1)
+    path.write_text(json.dumps(data))
+    (tmp_path / schema.record_name(0)).write_text(json.dumps(record))
+    result = CliRunner().invoke(clsp_main, ["shards", "verify", str(tmp_path)])
+    assert "  - shard-000000.tar: 8 samples, the manifest records 1000000000" in result.output
+    assert f"  - anchors missing from their shards: 8-{10**9 - 1} ({10**9 - 8} in all)" in result.output
+    one_error_line(result)
+
+
+# ---- a tar member twice --------------------------------------------------------------------------------------
+
+def test_a_shard_holding_a_member_twice_fails_verification_naming_both(tmp_path):
+    manifest = make_shards(tmp_path)
+    shard = tmp_path / schema.shard_name(0)
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for raw in raws_of(manifest, 0):
+            key = raw.pop("__key__")
+            members = [(f"{key}.{suffix}", data) for suffix, data in raw.items()]
+            if key == schema.sample_key(0):  # a second pos0: the reader would have kept the last one silently
+                members.append((f"{key}.pos0.png", raw["pos1.png"]))
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    reseal(tmp_path, 0)
+    result = CliRunner().invoke(clsp_main, ["shards", "verify", str(tmp_path)])
+    assert f"  - shard-000000.tar: member 000000000.pos0.png appears twice ({shard})" in result.output
+    one_error_line(result)
+    with pytest.raises(UserError, match=r"member 000000000\.pos0\.png appears twice"):
+        list(reader.ShardDirectory.open(tmp_path).read_shard(0))
+
+
+# ---- an allow-list of storage protocols -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("location", ["memory://shards", "simplecache::memory://shards", "ftp://127.0.0.1/shards",
+                                      "github://owner:repo@/shards", "data:text/plain,shards",
+                                      "blockcache::s3://bucket/shards"])
+def test_a_protocol_outside_the_allow_list_is_refused_by_every_command(location, tmp_path):
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "shards": location}))
+    for command, args in ((clsp_main, ["shards", "info", location]), (clsp_main, ["shards", "verify", location]),
+                          (gen, [*GEN, "--shards", location]),
+                          (train, [*TRAIN, "--shards", location, "--out", str(tmp_path / "out")]),
+                          (clsp_run, [str(config), "--check"])):
+        line = one_error_line(CliRunner().invoke(command, args))
+        assert line == f"Error: unknown storage protocol in {location!r}: {ACCEPTED}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline.yaml"]
+
+
+def test_simplecache_before_an_allowed_protocol_is_accepted(tmp_path):
+    make_shards(tmp_path)
+    result = CliRunner().invoke(clsp_main, ["shards", "verify", f"simplecache::file://{tmp_path}"])
+    assert result.exit_code == 0 and result.output.startswith("OK: 2 shards"), result.output
+
+
+# ---- remote reads: timeouts and HTTP statuses -----------------------------------------------------------------
+
+class StatusHandler(QuietHandler):
+    """500 for everything, except /loop/..., which redirects to itself."""
+
+    def do_GET(self) -> None:
+        looping = self.path.startswith("/loop/")
+        self.send_response(302 if looping else 500)
+        if looping:
+            self.send_header("Location", self.path)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_HEAD = do_GET
+
+
+@contextmanager
+def status_server():
+    """A loopback server that answers at most 200 requests, and stops when the block ends."""
+    server, done = http.server.HTTPServer(("127.0.0.1", 0), StatusHandler), threading.Event()
+    server.timeout = 0.1
+
+    def serve() -> None:
+        for _ in range(200):
+            if done.is_set():
+                break
+            server.handle_request()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        done.set()
+        thread.join()
+        server.server_close()
+
+
+def test_http_statuses_redirect_loops_and_bad_ports_are_named_as_such():
+    with status_server() as url:
+        expected = {f"{url}/shards": f"Error: HTTP 500 from {url}/shards/manifest.json: check the URL and the server",
+                    f"{url}/loop/shards": f"Error: too many redirects from {url}/loop/shards/manifest.json "
+                                          f"(a redirect loop?): check the URL",
+                    "http://127.0.0.1:99999/shards": "Error: http://127.0.0.1:99999/shards/manifest.json is not a "
+                                                     "valid URL (Port out of range 0-65535): check it"}
+        for location, message in expected.items():
+            assert one_error_line(CliRunner().invoke(clsp_main, ["shards", "verify", location])) == message
+
+
+def test_a_server_that_never_answers_is_one_line_after_the_timeout(monkeypatch):
+    monkeypatch.setenv("CLSP_STORAGE_TIMEOUT", "1")
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/shards"
+        for args in (["shards", "verify", url], ["shards", "info", url]):
+            line = one_error_line(CliRunner().invoke(clsp_main, args))
+            assert line == (f"Error: no answer from {url}/manifest.json within 1 s: check the URL and the network, "
+                            f"or set CLSP_STORAGE_TIMEOUT (seconds) higher")
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1", "nan"])
+def test_a_bad_storage_timeout_is_one_line(monkeypatch, value):
+    monkeypatch.setenv("CLSP_STORAGE_TIMEOUT", value)
+    line = one_error_line(CliRunner().invoke(clsp_main, ["shards", "info", f"http://127.0.0.1:{free_port()}/x"]))
+    assert line.startswith(f"Error: CLSP_STORAGE_TIMEOUT={value!r} is not a number of seconds in (0, 86400]")
+
+
+def test_a_local_path_is_never_told_to_check_credentials(tmp_path, monkeypatch):
+    def denied(self, path, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(LocalFileSystem, "info", denied)
+    line = one_error_line(CliRunner().invoke(clsp_main, ["shards", "info", str(tmp_path)]))
+    assert line.startswith(f"Error: access denied to {tmp_path}/manifest.json") and "credentials" not in line
+    assert line.endswith("check the file permissions")
+
+
+# ---- image folders ---------------------------------------------------------------------------------------------
+
+def _folder(root: Path, images: dict[str, Image.Image]) -> Path:
+    for name, image in images.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        image.save(root / name)
+    return root
+
+
+def test_images_of_different_sizes_are_refused_unless_resized(tmp_path, tiny_model_dir):
+    folder = _folder(tmp_path / "mixed", {"a/1.png": Image.new("RGB", (8, 8)), "b/2.png": Image.new("RGB", (8, 8)),
+                                          "b/3.png": Image.new("RGB", (12, 10))})
+    result = CliRunner().invoke(gen, [*GEN[2:], "--dataset", f"imagefolder:{folder}", "--unet", str(tiny_model_dir),
+                                      "--shards", str(tmp_path / "s")])
+    assert one_error_line(result) == (f"Error: imagefolder {folder}: b/3.png is 12x10 but a/1.png is 8x8; images must "
+                                      f"be square and of one size, or pass --image-size N to resize them all")
+    assert not (tmp_path / "s").exists()
+    resized = get_dataset(f"imagefolder:{folder}", image_size=8)
+    assert {resized[i][0].size for i in range(3)} == {(8, 8)}
+
+
+def test_a_decompression_bomb_png_is_one_line_naming_it(tmp_path, tiny_model_dir):
+    folder = _folder(tmp_path / "bomb", {"ok.png": Image.new("RGB", (8, 8)), "big.png": Image.new("1", (14000, 13000))})
+    assert (folder / "big.png").stat().st_size < 100_000  # 182 million pixels declared in a few KB
+    result = CliRunner().invoke(gen, [*GEN[2:], "--dataset", f"imagefolder:{folder}", "--unet", str(tiny_model_dir),
+                                      "--shards", str(tmp_path / "s")])
+    assert one_error_line(result).startswith(f"Error: image {folder / 'big.png'} declares over 16777216 pixels")
+
+
+def test_an_image_over_the_pixel_budget_but_under_pillows_is_refused_from_its_header(tmp_path):
+    folder = _folder(tmp_path / "wide", {"wide.png": Image.new("1", (8192, 4096))})
+    with pytest.raises(UserError, match=r"wide\.png is 8192x4096, over the limit of 16777216 pixels"):
+        get_dataset(f"imagefolder:{folder}")
+
+
+def test_a_16_bit_grey_png_is_scaled_to_8_bits(tmp_path):
+    values = np.array([[0, 257, 25700, 65535], [1000, 32896, 65278, 128]] * 2, dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as stored:
+        assert stored.mode == "I;16"  # what the loader is given: converting this to RGB would clip to white
+    image = np.asarray(get_dataset(f"imagefolder:{tmp_path}")[0][0])
+    expected = np.round(values / 257).astype(np.uint8)
+    assert image.shape == (4, 4, 3) and (image == expected[..., None]).all()
+    assert expected[0].tolist() == [0, 1, 100, 255]
+
+
+# ---- write failures ------------------------------------------------------------------------------------------------
+
+@contextmanager
+def file_size_limit(limit: int):
+    """``ulimit -f``: writes past ``limit`` bytes fail with EFBIG (Python ignores SIGXFSZ)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_checkpoint_over_the_file_size_limit_leaves_the_previous_one(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"w": torch.zeros(4)}, {"lr": 0.1})
+    before = path.read_bytes()
+    with file_size_limit(16384), pytest.raises(UserError) as refused:
+        save_checkpoint(path, {"w": torch.zeros(100_000)}, {"lr": 0.1})
+    assert str(refused.value) == (f"cannot write {path} (File too large); it is unchanged: free space, raise the "
+                                  f"file-size limit (ulimit -f) or choose another path")
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_a_full_disk_while_a_command_writes_is_one_line_and_changes_nothing(tmp_path):
+    shards = tmp_path / "shards"
+    make_shards(shards)
+    out = tmp_path / "preview.png"
+    out.write_bytes(b"the previous preview")
+    with file_size_limit(2048):
+        result = CliRunner().invoke(clsp_main, ["shards", "preview", str(shards), "--out", str(out)])
+    assert one_error_line(result) == (f"Error: cannot write {out} (File too large); it is unchanged: free space, "
+                                      f"raise the file-size limit (ulimit -f) or choose another path")
+    assert out.read_bytes() == b"the previous preview"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preview.png", "shards"]
+
+
+def test_no_space_left_while_writing_json_names_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    write_json_atomic(path, {"old": 1})
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", full)
+    with pytest.raises(UserError, match=rf"^cannot write {path} \(No space left on device\); it is unchanged"):
+        write_json_atomic(path, {"new": 2})
+    assert json.loads(path.read_text()) == {"old": 1} and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_other_errors_inside_an_atomic_write_pass_unchanged(tmp_path):
+    with pytest.raises(FileNotFoundError), atomic_file(tmp_path / "a.bin") as stream:
+        stream.write(b"partial")
+        (tmp_path / "missing").read_bytes()  # an error of reading something else, not of the write
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- weights that do not fit ----------------------------------------------------------------------------------------
+
+def test_encoder_weights_that_do_not_fit_name_the_tensors(tmp_path):
+    net = build_backbone("resnet-narrow", True)
+    export_encoder(net, tmp_path, EncoderCard(backbone="resnet-narrow", feature_dim=64))
+    state = load_file(str(tmp_path / "encoder.safetensors"))
+    state["conv1.weight"] = state["conv1.weight"][:, :1].contiguous()
+    state["extra.bias"] = state.pop("bn1.bias")
+    save_file(state, str(tmp_path / "encoder.safetensors"))
+    with pytest.raises(UserError) as refused:
+        load_encoder(tmp_path)
+    message = str(refused.value)
+    assert message.startswith(f"the weights in {tmp_path / 'encoder.safetensors'} do not fit: ")
+    assert "bn1.bias missing; extra.bias unexpected; conv1.weight is [" in message and len(message) < 300

@@ -143,8 +143,8 @@ def load_diversity_model(path: str | None, device: torch.device):
     from diffusers import DDPMScheduler, UNet2DModel
 
     if path is None:
-        return build_unet(get_preset("digits"), 16).to(device), DDPMScheduler(
-            num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"), "digits preset, random weights"
+        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+        return build_unet(get_preset("digits"), 16).to(device), scheduler, "digits preset, random weights"
     sub = "unet" if (Path(path) / "unet").is_dir() else None
     unet = UNet2DModel.from_pretrained(path, subfolder=sub).to(device)
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler" if sub else None)
@@ -172,7 +172,7 @@ def share_benchmark(args, device: torch.device, precision: str) -> dict:
     now = time.process_time if args.clock == "cpu" else time.perf_counter
     sample_positives(unet, scheduler, anchors, 2, steps=2, precision=precision)  # warm-up
     for share in (False, True):
-        def run() -> torch.Tensor:
+        def run(share: bool = share) -> torch.Tensor:
             generators = [torch.Generator().manual_seed(i) for i in range(len(anchors))]
             return sample_positives(unet, scheduler, anchors, args.candidates, w=args.weight,
                                     steps=args.diversity_steps, generator=generators, precision=precision,
@@ -234,7 +234,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: time by process CPU time (for busy shared CPUs; use with --threads 1)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the plain U-Net and the interpolated step")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the plain U-Net and the interpolated step")
     parser.add_argument("--diversity-model", default=None, help="trained model folder for the diversity measurement")
     parser.add_argument("--diversity-anchors", type=int, default=4)
     parser.add_argument("--diversity-steps", type=int, default=100)

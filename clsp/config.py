@@ -20,8 +20,15 @@ from clsp.datasets import DEFAULT_DATA_ROOT, IMAGEFOLDER, dataset_info
 from clsp.errors import UserError, short
 
 M = TypeVar("M", bound=BaseModel)
-PRECISIONS = ("auto", "bf16", "fp32")
+T = TypeVar("T")
 Precision = Literal["auto", "bf16", "fp32"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+# What a setting is for. result: it shapes what a run produces (weights, shards, scores), so it is part of
+# a stage's fingerprint, of what a resumed run must match and of the records a result carries; location:
+# where a run reads and writes; logging: what it reports and how often it checkpoints; speed: how fast it
+# runs, with the same result. A setting that changes numerics (precision, the order of batches) is result.
+Role = Literal["result", "location", "logging", "speed"]
+ROLES: tuple[str, ...] = get_args(Role)
 
 
 class Settings(BaseModel):
@@ -56,12 +63,55 @@ def _bool_for_number(annotation: Any, value: Any) -> bool:
     return False
 
 
-def setting(default: Any = ..., help: str = "", *, cli: str | None = None, cli_exclude: bool = False,
-            **constraints: Any) -> Any:
-    """A field with its help text; ``cli`` renames its option (``--dataset`` for ``name``),
-    ``cli_exclude`` keeps it out of the command line (pipeline-only settings)."""
+def setting(default: Any = ..., help: str = "", *, role: Role = "result", cli: str | None = None,
+            cli_exclude: bool = False, **constraints: Any) -> Any:
+    """A field with its help text and its ``role`` (``ROLES``: whether it shapes the result, or only says
+    where a run reads and writes, what it logs, or how fast it runs); ``cli`` renames its option
+    (``--dataset`` for ``name``), ``cli_exclude`` keeps it out of the command line (pipeline-only settings)."""
+    if role not in ROLES:
+        raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
     extra = {key: value for key, value in (("cli", cli), ("cli_exclude", cli_exclude)) if value}
-    return Field(default, description=help, json_schema_extra=extra or None, **constraints)
+    return Field(default, description=help, json_schema_extra={"role": role, **extra}, **constraints)
+
+
+def same_setting(model: type[BaseModel], name: str) -> Any:
+    """The setting ``name`` exactly as ``model`` declares it (default, help, role, constraints), for another
+    model that takes it too: declared once. ``Any``, like ``setting``, so that it stands as a field's default."""
+    return model.model_fields[name]
+
+
+def required(value: T | None, name: str) -> T:
+    """A setting that a job's resolution (``TrainJob.resolved``, ``resolve_ddpm``) fills from the recipe or
+    preset when left unset: never None afterwards, which its type cannot say; ValueError on an unresolved job."""
+    if value is None:
+        raise ValueError(f"the setting {name} is unset: resolve the job's recipe or preset defaults before using it")
+    return value
+
+
+def _extra(model: type[BaseModel], name: str) -> dict[str, Any]:
+    """What ``setting`` recorded about a field beside pydantic's own (its role, its option's spelling)."""
+    extra = model.model_fields[name].json_schema_extra
+    return extra if isinstance(extra, dict) else {}
+
+
+def role_of(model: type[BaseModel], name: str) -> str:
+    """The role a field was declared with (``result`` for a field not declared with ``setting``)."""
+    return str(_extra(model, name).get("role", "result"))
+
+
+def fields_with_role(model: type[BaseModel] | BaseModel, *roles: str) -> set[str]:
+    """The fields of ``model`` declared with one of ``roles``."""
+    cls = model if isinstance(model, type) else type(model)
+    unknown = set(roles) - set(ROLES)
+    if unknown:
+        raise ValueError(f"unknown roles {sorted(unknown)}; roles are {', '.join(ROLES)}")
+    return {name for name in cls.model_fields if role_of(cls, name) in roles}
+
+
+def identity(job: BaseModel) -> dict[str, Any]:
+    """The settings of ``job`` that shape its result: what a stage's fingerprint hashes, what a resumed run
+    must match and what a result records about how it was made."""
+    return job.model_dump(include=fields_with_role(job, "result"))
 
 
 def _unwrap_optional(annotation: Any) -> tuple[bool, Any]:
@@ -75,14 +125,12 @@ def _unwrap_optional(annotation: Any) -> tuple[bool, Any]:
 
 def option_name(model: type[BaseModel], field: str) -> str:
     """The command-line spelling of a field (``--batch-size``)."""
-    extra = model.model_fields[field].json_schema_extra or {}
-    return extra.get("cli") or "--" + field.replace("_", "-")
+    return str(_extra(model, field).get("cli") or "--" + field.replace("_", "-"))
 
 
 def cli_fields(model: type[BaseModel], exclude: tuple[str, ...] = ()) -> list[str]:
     """The fields of ``model`` that appear as command-line options."""
-    return [name for name, info in model.model_fields.items()
-            if name not in exclude and not (info.json_schema_extra or {}).get("cli_exclude")]
+    return [name for name in model.model_fields if name not in exclude and not _extra(model, name).get("cli_exclude")]
 
 
 def _option(model: type[BaseModel], name: str) -> Callable:
@@ -157,7 +205,7 @@ def _describe(error: ValidationError, model: type[BaseModel], where: str) -> str
         label = f"'{dotted}'" if dotted else ""
     if first["type"] == "extra_forbidden":
         known = list(owner.model_fields) if owner is not None else []
-        close = difflib.get_close_matches(name, known, n=1)
+        close = difflib.get_close_matches(name, known, n=1) if name is not None else []
         parent = ".".join(_key(part) for part in section + loc[:-1])
         hint = f" (did you mean '{parent + '.' if parent else ''}{close[0]}'?)" if close else \
             (f"; known keys: {', '.join(known)}" if known else "")
@@ -185,7 +233,7 @@ class DatasetConfig(Settings):
                         cli="--dataset", min_length=1, max_length=4096)
     split: str | None = setting(None, "Dataset split [default: the dataset's training split].", max_length=64)
     data_root: str = setting(DEFAULT_DATA_ROOT, "Where datasets are stored or downloaded (env CLSP_DATA_ROOT).",
-                             min_length=1, max_length=4096)
+                             role="location", min_length=1, max_length=4096)
     image_size: int | None = setting(None, "Resize the images to this size [default: the dataset's].", ge=8, le=1024)
 
     @field_validator("name")

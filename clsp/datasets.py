@@ -66,6 +66,10 @@ class ImageDataset:
     def labels(self) -> np.ndarray:
         return np.array([self[i][1] for i in range(len(self))], dtype=np.int64)
 
+    def array(self, indices) -> np.ndarray:  # pragma: no cover - abstract
+        """uint8 ``[n, H, W, 3]`` images for a batch of indices."""
+        raise NotImplementedError
+
     def describe(self) -> dict:
         """The identity recorded in manifests and caches."""
         return {"name": self.name, "split": self.split, "size": len(self), "fingerprint": self.fingerprint,
@@ -76,8 +80,8 @@ class ImageDataset:
 class ArrayDataset(ImageDataset):
     """Images held in memory as a uint8 ``[N, H, W, 3]`` array (CIFAR, STL-10, digits)."""
 
-    images: np.ndarray = field(default=None, repr=False)
-    targets: np.ndarray = field(default=None, repr=False)
+    images: np.ndarray = field(repr=False)
+    targets: np.ndarray = field(repr=False)
 
     def __post_init__(self) -> None:
         self.images = np.ascontiguousarray(self.images, dtype=np.uint8)
@@ -114,7 +118,7 @@ class ImageFolderDataset(ImageDataset):
     """Any folder of images; labels from sub-folders when present, else -1."""
 
     files: list[Path] = field(default_factory=list, repr=False)
-    targets: np.ndarray = field(default=None, repr=False)
+    targets: np.ndarray = field(repr=False, kw_only=True)
     resize: int | None = None
     root: Path = field(default=Path("."), repr=False)
 
@@ -179,7 +183,7 @@ def read_image(path: Path) -> Image.Image:
                         f"file") from None
 
 
-def _require(condition: bool, message: str) -> None:
+def _require(condition: bool | np.bool_, message: str) -> None:
     if not condition:
         raise UserError(message)
 
@@ -190,9 +194,10 @@ def _resize_array(images: np.ndarray, size: int | None) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images])
 
 
-def _stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _stats(images: np.ndarray) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     flat = images.reshape(-1, 3).astype(np.float64) / 255.0
-    return tuple(float(v) for v in flat.mean(0)), tuple(float(max(v, 1e-3)) for v in flat.std(0))
+    mean, std = [float(v) for v in flat.mean(0)], [float(max(v, 1e-3)) for v in flat.std(0)]
+    return (mean[0], mean[1], mean[2]), (std[0], std[1], std[2])
 
 
 DIGITS_DEFAULT_SIZE = 16
@@ -280,11 +285,11 @@ def load_imagefolder(path: str, split: str = "train", image_size: int | None = N
                             mean=_IMAGENET_STATS[0], std=_IMAGENET_STATS[1], files=files, targets=targets,
                             resize=image_size, root=root)
     first: tuple[tuple[int, int], Path] | None = None
-    for path in files:  # name unreadable files, and images of another size, now, not mid-run
-        size = read_image(path).size
-        first = first or (size, path)
+    for file in files:  # name unreadable files, and images of another size, now, not mid-run
+        size = read_image(file).size
+        first = first or (size, file)
         _require(image_size is not None or size == first[0] and size[0] == size[1],
-                 f"imagefolder {root}: {_size_text(path, size, root)}" + (
+                 f"imagefolder {root}: {_size_text(file, size, root)}" + (
                      f" but {_size_text(first[1], first[0], root)}" if size != first[0] else ", not square")
                  + "; images must be square and of one size, or pass --image-size N to resize them all")
     return ds
@@ -297,11 +302,13 @@ def _size_text(path: Path, size: tuple[int, int], root: Path) -> str:
 def _shipped_model(folder: str) -> str:
     """Path of a diffusion model shipped in ``clsp.generate.pretrained`` (without importing torch)."""
     spec = importlib.util.find_spec("clsp.generate")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("clsp.generate is not installed; reinstall clsp (pip install -e .)")
     return str(Path(list(spec.submodule_search_locations)[0]) / "pretrained" / folder)
 
 
 @dataclass(frozen=True)
-class DatasetInfo:
+class KnownDataset:
     """Everything the project knows about one named dataset, in one place."""
 
     load: Callable[[str, str, bool, int | None], ImageDataset]  # (split, root, download, image_size)
@@ -320,29 +327,29 @@ def _vision(name: str) -> Callable[[str, str, bool, int | None], ImageDataset]:
     return lambda split, root, download, image_size: _torchvision(name, split, root, download, image_size)
 
 
-DATASETS: dict[str, DatasetInfo] = {
-    "digits": DatasetInfo(load=lambda split, root, download, image_size: load_digits(split, image_size),
+DATASETS: dict[str, KnownDataset] = {
+    "digits": KnownDataset(load=lambda split, root, download, image_size: load_digits(split, image_size),
                           splits=("train", "test"), train_split="train", test_split="test",
                           image_size=DIGITS_DEFAULT_SIZE, default_unet=lambda: _shipped_model("digits-ddpm"),
                           ddpm_preset="digits"),
-    "cifar10": DatasetInfo(
+    "cifar10": KnownDataset(
         load=_vision("cifar10"), splits=("train", "test"), train_split="train", test_split="test", image_size=32,
         default_unet=lambda: "google/ddpm-cifar10-32",
         paper_linear_top1={"SimCLR": 91.45, "CLSP-SimCLR": 94.45, "MoCo": 92.29, "CLSP-MoCo": 94.62,
                            "NNCLR": 91.88, "All4One": 93.24},
         paper_linear_top1_resnet50={"CLSP-MoCo": 96.04}),
-    "cifar100": DatasetInfo(
+    "cifar100": KnownDataset(
         load=_vision("cifar100"), splits=("train", "test"), train_split="train", test_split="test", image_size=32,
         paper_linear_top1={"SimCLR": 68.10, "CLSP-SimCLR": 72.41, "MoCo": 68.91, "CLSP-MoCo": 72.33,
                            "NNCLR": 69.62, "All4One": 72.17},
         paper_linear_top1_resnet50={"CLSP-MoCo": 76.43}),
-    "stl10": DatasetInfo(load=_vision("stl10"), splits=("unlabeled", "train", "test"), train_split="unlabeled",
+    "stl10": KnownDataset(load=_vision("stl10"), splits=("unlabeled", "train", "test"), train_split="unlabeled",
                          test_split="test", image_size=96),
 }
 IMAGEFOLDER = "imagefolder:"
 
 
-def dataset_info(name: str) -> DatasetInfo | None:
+def dataset_info(name: str) -> KnownDataset | None:
     """The registry entry of ``name``; None for ``imagefolder:PATH`` (a folder carries no facts)."""
     if name.startswith(IMAGEFOLDER):
         return None
@@ -373,8 +380,8 @@ def get_dataset(name: str, split: str | None = None, root: str | os.PathLike = D
 class SubsetDataset(ImageDataset):
     """Some images of another dataset, by index: the fit or the validation part of a training split."""
 
-    base: ImageDataset = field(default=None, repr=False)
-    indices: np.ndarray = field(default=None, repr=False)
+    base: ImageDataset = field(repr=False)
+    indices: np.ndarray = field(repr=False)
 
     def __post_init__(self) -> None:
         self.indices = np.asarray(self.indices, dtype=np.int64)
@@ -422,7 +429,10 @@ def validation_indices(dataset: ImageDataset, fraction: float) -> tuple[np.ndarr
 def validation_splits(dataset: ImageDataset, fraction: float) -> tuple[SubsetDataset, SubsetDataset]:
     """The fit part (training split less the validation images) and the validation part, as datasets."""
     fit, held = validation_indices(dataset, fraction)
-    return tuple(SubsetDataset(name=dataset.name, split=f"{dataset.split}-{part}{fraction:g}",
-                               num_classes=dataset.num_classes, mean=dataset.mean, std=dataset.std, base=dataset,
-                               indices=indices)
-                 for part, indices in (("fit", fit), ("validation", held)))
+
+    def subset(part: str, indices: np.ndarray) -> SubsetDataset:
+        return SubsetDataset(name=dataset.name, split=f"{dataset.split}-{part}{fraction:g}",
+                             num_classes=dataset.num_classes, mean=dataset.mean, std=dataset.std, base=dataset,
+                             indices=indices)
+
+    return subset("fit", fit), subset("validation", held)

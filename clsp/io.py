@@ -18,9 +18,10 @@ import os
 import re
 import socket
 import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Mapping
+from typing import IO, Any
 
 import torch
 
@@ -167,11 +168,11 @@ def load_weights(module: torch.nn.Module, state: Mapping[str, Any], where: str |
 
 def file_digest(source: str | os.PathLike | IO[bytes]) -> tuple[int, str]:
     """(bytes, sha256 hex) of a file, or of an open binary file from its start; read in blocks."""
-    if hasattr(source, "read"):
-        source.seek(0)
-        return _digest(source)
-    with open(source, "rb") as f:
-        return _digest(f)
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            return _digest(f)
+    source.seek(0)
+    return _digest(source)
 
 
 def _digest(stream: IO[bytes]) -> tuple[int, str]:

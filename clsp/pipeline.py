@@ -19,14 +19,15 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import yaml
 from pydantic import ValidationError, model_validator
 
-from clsp.config import DatasetConfig, Settings, ValidationSettings, parse, setting
+from clsp.config import DatasetConfig, Settings, ValidationSettings, identity, parse, same_setting, setting
 from clsp.errors import SETTINGS, Command, UserError, short
 from clsp.evaluate.config import EvaluateSettings
 from clsp.generate.config import DDPMJob, DDPMSettings, GenerateJob, GenerateSettings
@@ -36,6 +37,7 @@ from clsp.shards.store import ShardStore, exists
 from clsp.train.config import TrainJob, TrainSettings
 from clsp.yamlio import parse_yaml, read_yaml
 
+J = TypeVar("J", bound=Settings)
 STATE_FILE = "pipeline_state.json"
 RUN_LOCK = ".run.lock"
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -93,11 +95,12 @@ class TrainSection(TrainSettings):
 class PipelineConfig(Settings):
     """A whole experiment (pipeline.yaml)."""
 
-    run_dir: str = setting("runs/digits", "Where every stage writes.", min_length=1)
+    run_dir: str = setting("runs/digits", "Where every stage writes.", role="location", min_length=1)
     shards: str | None = setting(None, "Where the shards go: a directory or a URL (s3://bucket/prefix, gs://..., "
-                                       "read-only http(s)://). [default: RUN_DIR/shards]", min_length=1)
+                                       "read-only http(s)://). [default: RUN_DIR/shards]", role="location",
+                                 min_length=1)
     seed: int = setting(0, "Seed of every stage.", ge=0, le=2**63 - 1)
-    validation: float = ValidationSettings.model_fields["validation"]
+    validation: float = same_setting(ValidationSettings, "validation")
     dataset: DatasetConfig = DatasetConfig()
     diffusion: DiffusionSection = DiffusionSection()
     generate: GenerateSettings = GenerateSettings()
@@ -144,14 +147,18 @@ def fingerprint(*parts: Any) -> str:
 
 @dataclass
 class Stage:
-    """One unit of work: its job (a validated settings model), what it reads, and how to run it."""
+    """One unit of work: its job (a validated settings model, resolved), what it reads, and how to run it."""
 
     name: str
     job: Settings
     run: Callable[[], Any]
     upstream: list[str] = field(default_factory=list)
     outputs: list[str | Path] = field(default_factory=list)  # local paths or URLs (the shards may be remote)
-    identity: dict[str, Any] = field(default_factory=dict)  # the job's settings that shape the result
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """The job's settings that shape the result (declared with role "result")."""
+        return identity(self.job)
 
 
 class Pipeline:
@@ -182,9 +189,7 @@ class Pipeline:
             out = self.run_dir / "ddpm"
             ddpm = resolve_ddpm(parse(DDPMJob, {**dataset, **cfg.diffusion.model_dump(exclude={"unet", "train"}),
                                                 "out": str(out), "seed": seed}, where="diffusion"))
-            self._add(Stage("diffusion", ddpm, lambda: train_ddpm(ddpm), outputs=[out / "model_index.json"],
-                            identity=ddpm.model_dump(exclude={"out", "checkpoint_every", "sample_every",
-                                                              "log_every", "data_root"})))
+            self._add(Stage("diffusion", ddpm, lambda: train_ddpm(ddpm), outputs=[out / "model_index.json"]))
             unet, upstream = str(out), ["diffusion"]
         shards = self.shards
         # Shards in the run directory belong to this configuration: changed settings regenerate them (the same
@@ -195,9 +200,7 @@ class Pipeline:
         from clsp.generate.job import run_generation
 
         self._add(Stage("generate", gen, lambda: run_generation(gen, echo=self.echo), upstream=upstream,
-                        outputs=[ShardStore.open(shards).where(MANIFEST)],
-                        identity=gen.model_dump(exclude={"shards", "preview", "compile", "data_root", "batch_size",
-                                                         "num_workers", "worker_index", "overwrite"})))
+                        outputs=[ShardStore.open(shards).where(MANIFEST)]))
         from clsp.train.trainer import train as run_training
 
         for run_name in cfg.train.runs:
@@ -207,12 +210,10 @@ class Pipeline:
                                    "data_root": cfg.dataset.data_root, "seed": seed if run_seed is None else run_seed,
                                    "allow_partial": cfg.generate.limit is not None, "validation": cfg.validation},
                         where="train")
+            # resolved here (and again, to the same, by the trainer): the fingerprint holds the recipe's values
             resolved = job.resolved(cfg.dataset.name)
-            self._add(Stage(f"train:{run_name}", job, lambda job=job: run_training(job), upstream=["generate"],
-                            outputs=[out / "encoder.safetensors", out / "encoder.json"],
-                            identity=resolved.model_dump(exclude={"out", "shards", "data_root", "decoded_cache_dir",
-                                                                  "checkpoint_every", "checkpoint_steps", "log_every",
-                                                                  "compile"})))
+            self._add(Stage(f"train:{run_name}", resolved, partial(run_training, resolved),
+                            upstream=["generate"], outputs=[out / "encoder.safetensors", out / "encoder.json"]))
             self._add_evaluations(run_name, out)
 
     def _add_evaluations(self, run_name: str, encoder: Path) -> None:
@@ -236,9 +237,15 @@ class Pipeline:
         for command, values in wanted.items():
             model, run = EVALUATIONS[command]
             job = parse(model, {**common, **values}, where="evaluate")
-            self._add(Stage(f"eval:{run_name}:{command}", job, lambda run=run, job=job: run(job),
-                            upstream=[f"train:{run_name}"], outputs=[out / "results.json"],
-                            identity=job.model_dump(exclude={"out", "cache_dir", "data_root", "batch_size"})))
+            self._add(Stage(f"eval:{run_name}:{command}", job, partial(run, job),
+                            upstream=[f"train:{run_name}"], outputs=[out / "results.json"]))
+
+    def _job(self, name: str, model: type[J]) -> J:
+        """The job of stage ``name``, which ``_build`` made a ``model``."""
+        job = self.stages[name].job
+        if not isinstance(job, model):
+            raise TypeError(f"stage {name} holds a {type(job).__name__}, not a {model.__name__}")
+        return job
 
     # ---- checks and bookkeeping ---------------------------------------------------------------------------
     def selected(self, only: str | None) -> list[str]:
@@ -260,14 +267,14 @@ class Pipeline:
         for stage in self.stages.values():
             if isinstance(stage.job, TrainJob):
                 stage.job.resolved(cfg.dataset.name)
-        gen = self.stages["generate"].job
+        gen = self._job("generate", GenerateJob)
         info = dataset_info(cfg.dataset.name)
         size = cfg.dataset.image_size or (info.image_size if info is not None else None)
         if cfg.diffusion.train:
             from clsp.generate.ddpm_presets import check_image_size, get_preset
 
             if size is not None:
-                check_image_size(get_preset(self.stages["diffusion"].job.preset), size)
+                check_image_size(get_preset(self._job("diffusion", DDPMJob).preset), size)
         else:
             notes += check_model_fits(gen.unet, cfg.dataset.name, cfg.dataset.image_size)
         return notes
@@ -343,7 +350,7 @@ class Pipeline:
     def _generation_complete(self) -> bool:
         from clsp.shards.reader import ShardDirectory
 
-        store = ShardDirectory.open(self.stages["generate"].job.shards)
+        store = ShardDirectory.open(self._job("generate", GenerateJob).shards)
         return len(store.verified_shards()) == store.num_shards
 
     def _report(self) -> Path:

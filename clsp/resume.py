@@ -8,7 +8,6 @@ states travel with the checkpoint, and a digest of the weights per rank shows a 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,10 @@ from clsp.io import load_torch, save_torch_atomic
 
 def rng_state() -> dict[str, Any]:
     """torch, numpy and CUDA generator states as tensors and plain values (``weights_only`` loadable)."""
-    keys, pos = np.random.get_state()[1:3]
+    legacy = np.random.get_state()
+    if not isinstance(legacy, tuple):
+        raise TypeError("numpy's global generator is not the default MT19937; its state cannot be recorded")
+    keys, pos = legacy[1:3]
     state: dict[str, Any] = {"torch": torch.get_rng_state(),
                              "numpy_keys": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos)}
     if torch.cuda.is_available():
@@ -42,13 +44,6 @@ def weights_digest(module: torch.nn.Module) -> str:
     for param in module.parameters():
         digest.update(param.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def resume_settings(settings: dict[str, Any], ignore: Iterable[str]) -> dict[str, Any]:
-    """The settings a checkpoint records and a resumed run must match: all but ``ignore`` (where the run
-    writes, how often it logs or checkpoints: things that do not change the weights)."""
-    skip = set(ignore)
-    return {key: value for key, value in settings.items() if key not in skip}
 
 
 def load_checkpoint(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:

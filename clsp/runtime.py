@@ -11,9 +11,9 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-T = TypeVar("T")
+from clsp.config import PRECISIONS
 
-PRECISIONS = ("auto", "bf16", "fp32")
+T = TypeVar("T")
 
 
 def make_accelerator(precision: str = "fp32", **kwargs) -> Accelerator:

@@ -26,15 +26,14 @@ import hashlib
 import itertools
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 
 from clsp.errors import SETTINGS, Command, UserError
 from clsp.io import write_bytes_atomic, write_json_atomic
-from clsp.train.recipes import METHODS
 
 # (results.json command, keys into its payload, label)
 METRICS = (("linear", ("top1",), "linear top-1"),
@@ -165,10 +164,11 @@ def summarise(study_dir: Path, arms: Mapping[str, list[str]]) -> dict[str, Any]:
     A metric missing from any run (results written before it existed) is left out."""
     summary: dict[str, Any] = {}
     for command, keys, label in METRICS:
-        values = {arm: [_metric(study_dir / "eval" / name, command, keys) for name in names]
-                  for arm, names in arms.items()}
-        if any(v is None for per_seed in values.values() for v in per_seed):
+        measured = {arm: [_metric(study_dir / "eval" / name, command, keys) for name in names]
+                    for arm, names in arms.items()}
+        if any(v is None for per_seed in measured.values() for v in per_seed):
             continue
+        values = cast(dict[str, list[float]], measured)  # no None left: checked just above
         clsp = values["clsp"]
         summary[label] = {
             **{arm: interval(per_seed) for arm, per_seed in values.items()},
@@ -183,7 +183,7 @@ def _names(per_arm: Mapping[str, list[tuple[str, dict[str, Any]]]]) -> dict[str,
     return {arm: [name for name, _ in runs] for arm, runs in per_arm.items()}
 
 
-def collapse_marks(study_dir: Path, runs: Mapping[str, Any]) -> dict[str, bool | None]:
+def collapse_marks(study_dir: Path, runs: Iterable[str]) -> dict[str, bool | None]:
     return {name: collapsed(study_dir / "train" / name) for name in runs}
 
 
@@ -215,7 +215,7 @@ def validation_grid(study_dir: Path, methods: list[str], seeds: list[int], clsp_
     """Per method: every cell's validation summary, collapse marks, and the selected cell."""
     report: dict[str, Any] = {}
     for method in methods:
-        entries = []
+        entries: list[dict[str, Any]] = []
         for cell in cells:
             per_arm = arm_runs(method, seeds, clsp_lambda, cell, ("clsp", "baseline"), VALIDATION_PREFIX)
             names = _names(per_arm)
@@ -249,9 +249,10 @@ def _collapsed_cell(arms: Mapping[str, list[str]], marks: Mapping[str, bool | No
     return "none" if all(marks.get(n) is not None for names in arms.values() for n in names) else "n/a"
 
 
-def grid_markdown(grid: Mapping[str, Any], validation: float) -> list[str]:
+def grid_markdown(grid: Mapping[str, Any], validation: float, seeds: list[int]) -> list[str]:
     labels = [label for _, _, label in METRICS]
-    lines = [f"## Validation grid ({validation:g} of each label of the training split held out)", "",
+    lines = [f"## Validation grid ({validation:g} of each label of the training split held out, "
+             f"{len(seeds)} paired seeds per cell)", "",
              "Each cell trains on the training split less the validation images and is scored on those images; "
              "the test split is not read. CLSP - baseline, paired over seeds, mean [95 % CI]. Selected per method: "
              "the highest mean linear difference (ties: kNN, then the earlier cell).", "",
@@ -276,7 +277,8 @@ def grid_markdown(grid: Mapping[str, Any], validation: float) -> list[str]:
 
 def study_markdown(summary: Mapping[str, Any], config: Mapping[str, Any], seeds: list[int], png: str,
                    arms: Mapping[str, Mapping[str, list[str]]], marks: Mapping[str, bool | None],
-                   grid: Mapping[str, Any] | None = None, validation: float = 0.0) -> str:
+                   grid: Mapping[str, Any] | None = None, validation: float = 0.0,
+                   grid_seeds: list[int] | None = None) -> str:
     from clsp.evaluate.report import DETERMINISTIC_PROBE
 
     rows, control_rows, floor_rows = [], [], []
@@ -324,7 +326,7 @@ def study_markdown(summary: Mapping[str, Any], config: Mapping[str, Any], seeds:
     dead_runs = sorted(name for name, mark in marks.items() if mark)
     parts += [f"Collapsed runs: {', '.join(dead_runs) if dead_runs else 'none recorded'}.", ""]
     if grid:
-        parts += grid_markdown(grid, validation)
+        parts += grid_markdown(grid, validation, grid_seeds or seeds)
     parts += [f"![paired differences]({png})", ""]
     return "\n".join(parts)
 
@@ -389,26 +391,31 @@ def _controls(text: str) -> tuple[str, ...]:
 @click.command(cls=Command, context_settings=SETTINGS)
 @click.argument("config", type=click.Path(dir_okay=False), default="pipeline.yaml")
 @click.option("--seeds", type=click.IntRange(2, 100), default=5, help="Paired seeds (0 .. N-1).")
-@click.option("--methods", default=",".join(METHODS), help="Comma-separated methods.")
+@click.option("--methods", default=None, help="Comma-separated methods [default: every registered method].")
 @click.option("--clsp-lambda", type=click.FloatRange(0, 100, min_open=True), default=None,
               help="lambda of the CLSP runs [default: the configuration's first run with lambda > 0].")
 @click.option("--grid", "grid", multiple=True, metavar="train.KEY=V1,V2",
               help="A training setting to search (repeatable; the cells are the cartesian product), chosen on "
                    "validation data, then measured on the test split.")
+@click.option("--grid-seeds", type=click.IntRange(2, 100), default=None,
+              help="Paired seeds of each --grid cell on validation (0 .. N-1) [default: --seeds]; the selected cell "
+                   "is then measured with --seeds.")
 @click.option("--validation", type=click.FloatRange(0, 0.5, min_open=True), default=0.2, show_default=True,
               help="Fraction of each label of the training split held out to score the --grid cells.")
 @click.option("--controls", default="", metavar="self,oracle",
               help="Control arms: self (an extra augmented view as the positive), oracle (a same-class image).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="As for clsp run (repeatable).")
-def study(config: str, seeds: int, methods: str, clsp_lambda: float | None, grid: tuple[str, ...], validation: float,
-          controls: str, overrides: tuple[str, ...]) -> None:
+def study(config: str, seeds: int, methods: str | None, clsp_lambda: float | None, grid: tuple[str, ...],
+          grid_seeds: int | None, validation: float, controls: str, overrides: tuple[str, ...]) -> None:
     """Train CLSP and baseline runs over paired seeds for each method; write study.md, study.json, a plot."""
     from clsp.pipeline import load_config
+    from clsp.train.methods import registered
 
+    methods = ",".join(registered()) if methods is None else methods
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    unknown = [m for m in chosen if m not in METHODS]
+    unknown = [m for m in chosen if m not in registered()]
     if not chosen or unknown:
-        raise UserError(f"--methods {methods[:60]!r}: choose from {', '.join(METHODS)}")
+        raise UserError(f"--methods {methods[:60]!r}: choose from {', '.join(registered())}")
     arms = ("clsp", "baseline", *_controls(controls))
     cells = parse_grid(grid)
     base = load_config(config, overrides)
@@ -416,19 +423,21 @@ def study(config: str, seeds: int, methods: str, clsp_lambda: float | None, grid
         positive = [v for v in base.train.runs.values() if isinstance(v, (int, float)) and v > 0]
         clsp_lambda = float(positive[0]) if positive else None
     seed_list = list(range(seeds))
+    grid_seed_list = list(range(grid_seeds or seeds))
     run_dir = Path(base.run_dir)
     study_dir = run_dir / "study"
     if base.shards is None and (run_dir / "shards" / "manifest.json").is_file() and not (study_dir / "shards").exists():
         study_dir.mkdir(parents=True, exist_ok=True)  # one shard set: the configuration's own, if generated
         (study_dir / "shards").symlink_to((run_dir / "shards").resolve(), target_is_directory=True)
 
-    grid_report, selected = None, {method: {} for method in chosen}
+    grid_report = None
+    selected: dict[str, dict[str, Any]] = {method: {} for method in chosen}
     if cells:
         grid_runs = {name: settings for cell in cells for name, settings in
-                     study_runs(chosen, seed_list, clsp_lambda, {m: cell for m in chosen},
+                     study_runs(chosen, grid_seed_list, clsp_lambda, {m: cell for m in chosen},
                                 prefix=VALIDATION_PREFIX).items()}
         _run_phase(base, study_dir, grid_runs, validation)
-        grid_report = validation_grid(study_dir, chosen, seed_list, clsp_lambda, cells)
+        grid_report = validation_grid(study_dir, chosen, grid_seed_list, clsp_lambda, cells)
         selected = {method: entry["selected"]["settings"] for method, entry in grid_report.items()}
     runs = study_runs(chosen, seed_list, clsp_lambda, selected, arms)
     resolved = _run_phase(base, study_dir, runs, 0.0)
@@ -440,12 +449,14 @@ def study(config: str, seeds: int, methods: str, clsp_lambda: float | None, grid
     plot_differences(summary, png)
     described = resolved.model_dump()
     described["train"]["clsp_lambda_study"] = clsp_lambda if clsp_lambda is not None else "recipe"
-    text = study_markdown(summary, described, seed_list, png.name, per_method, marks, grid_report, validation)
+    text = study_markdown(summary, described, seed_list, png.name, per_method, marks, grid_report, validation,
+                          grid_seed_list)
     write_bytes_atomic(study_dir / "study.md", text.encode())
     write_json_atomic(study_dir / "study.json", {
         "seeds": seed_list, "methods": chosen, "clsp_lambda": clsp_lambda, "arms": list(arms),
         "selected": selected, "config": resolved.model_dump(), "summary": summary,
         "runs": {name: {**settings, "collapsed": marks[name]} for name, settings in runs.items()},
-        "grid": None if grid_report is None else {"validation": validation, "cells": cells, "methods": grid_report}})
+        "grid": None if grid_report is None else {"validation": validation, "seeds": grid_seed_list, "cells": cells,
+                                                  "methods": grid_report}})
     click.echo(text)
     click.echo(f"wrote {study_dir / 'study.md'}, {study_dir / 'study.json'}, {png}")

@@ -52,7 +52,7 @@ class BoundedLoader(yaml.SafeLoader):
             self._aliases += 1
             if self._aliases > MAX_ALIASES:
                 raise _BudgetError(line, f"more than {MAX_ALIASES} aliases (*name); write the values out")
-            self._count(line, self._weight.get(event.anchor, 1))
+            self._count(line, 1 if event.anchor is None else self._weight.get(event.anchor, 1))
             return super().compose_node(parent, index)
         self._depth += 1
         if self._depth > MAX_DEPTH:

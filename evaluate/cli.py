@@ -1,8 +1,9 @@
 """``clsp-eval`` (also ``clsp eval``): stage 3, evaluation of encoders and of the synthetic positives.
 
 Every command writes ``results.json`` (merged per command and dataset) and writes its section of
-``report.md`` (replacing that section when it is run again) in its run directory (``--out``, by default the encoder's directory). Features are
-cached under ``RUN_DIR/feature-cache`` and reused by every command until the encoder changes.
+``report.md`` (replacing that section when it is run again) in its run directory (``--out``, by default the
+encoder's directory). Features are cached under ``RUN_DIR/feature-cache`` and reused by every command until the
+encoder changes.
 
     clsp-eval linear --encoder runs/clsp --dataset cifar10
     clsp-eval knn --encoder runs/clsp --dataset cifar10

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import field_validator
 
-from clsp.config import Settings, ValidationSettings, setting
+from clsp.config import Settings, ValidationSettings, same_setting, setting
 from clsp.datasets import DEFAULT_DATA_ROOT, dataset_info
 
 LinearProtocol = Literal["authors", "standardized"]
@@ -22,12 +22,15 @@ class EncoderEval(Settings):
 
     encoder: str = setting(..., "Exported encoder directory (clsp-train --out).", min_length=1)
     out: str | None = setting(None, "Run directory for results.json and report.md [default: the encoder "
-                                    "directory].")
-    cache_dir: str | None = setting(None, "Feature cache [default: RUN_DIR/feature-cache].")
-    data_root: str = setting(DEFAULT_DATA_ROOT, "Where datasets are stored or downloaded (env CLSP_DATA_ROOT).")
-    batch_size: int = setting(256, "Images per feature-extraction (and classifier) batch.", ge=1, le=65536)
+                                    "directory].", role="location")
+    cache_dir: str | None = setting(None, "Feature cache [default: RUN_DIR/feature-cache].", role="location")
+    data_root: str = setting(DEFAULT_DATA_ROOT, "Where datasets are stored or downloaded (env CLSP_DATA_ROOT).",
+                             role="location")
+    batch_size: int = setting(256, "Images per feature-extraction (and classifier) batch.", role="speed",
+                              ge=1, le=65536)
     seed: int = setting(0, "Seed of every random choice the command makes.", ge=0, le=2**63 - 1)
-    download: bool = setting(True, "Download torchvision datasets that are missing under --data-root.")
+    download: bool = setting(True, "Download torchvision datasets that are missing under --data-root.",
+                             role="location")
 
 
 def _known_dataset(name: str) -> str:
@@ -71,14 +74,15 @@ class KnnJob(EncoderEval, ValidationSettings):
 
 
 class PositivesJob(EncoderEval):
-    shards: str = setting(..., "Shard directory or URL (clsp-gen --shards).", min_length=1)
+    shards: str = setting(..., "Shard directory or URL (clsp-gen --shards).", role="location", min_length=1)
     limit: int | None = setting(None, "Only the first N anchors.", ge=1)
-    png: str | None = setting(None, "Histogram of the similarities [default: RUN_DIR/positives-similarity.png].")
+    png: str | None = setting(None, "Histogram of the similarities [default: RUN_DIR/positives-similarity.png].",
+                              role="location")
 
 
 class EmbedPlotJob(EncoderEval):
     dataset: str = setting("digits", "Dataset whose test split is plotted.")
-    png: str | None = setting(None, "Output PNG [default: RUN_DIR/tsne-DATASET.png].")
+    png: str | None = setting(None, "Output PNG [default: RUN_DIR/tsne-DATASET.png].", role="location")
     max_points: int = setting(2000, "Plot at most this many test images (random subset).", ge=10, le=100_000)
     perplexity: float = setting(30.0, "t-SNE perplexity (capped for few points).", gt=0, le=1000)
     _dataset = field_validator("dataset")(_known_dataset)
@@ -90,7 +94,7 @@ class CompareJob(Settings):
     runs: tuple[str, ...] = setting(..., "A run directory with results.json under a label, LABEL=RUN_DIR "
                                          "(repeatable), e.g. clsp=runs/clsp.", cli="--run", min_length=1)
     dataset: str = setting("digits", "Dataset whose results are compared.")
-    out: str = setting("report.md", "Markdown file to write.", min_length=1)
+    out: str = setting("report.md", "Markdown file to write.", role="location", min_length=1)
     _dataset = field_validator("dataset")(_known_dataset)
 
 
@@ -98,9 +102,9 @@ class EvaluateSettings(Settings):
     """Which evaluations ``clsp run`` makes (pipeline.yaml's ``evaluate`` section)."""
 
     linear: bool = setting(True, "Linear probe on the dataset's test split.")
-    linear_protocol: LinearProtocol = LinearSettings.model_fields["protocol"]
-    linear_epochs: int = LinearSettings.model_fields["epochs"]
-    linear_lr: float | None = LinearSettings.model_fields["lr"]
+    linear_protocol: LinearProtocol = same_setting(LinearSettings, "protocol")
+    linear_epochs: int = same_setting(LinearSettings, "epochs")
+    linear_lr: float | None = same_setting(LinearSettings, "lr")
     knn: bool = setting(True, "Weighted cosine kNN, k in 5..200.")
     positives: bool = setting(True, "Diagnostics of the synthetic positives.")
     embed_plot: bool = setting(False, "t-SNE plot of the test features.")

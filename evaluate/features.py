@@ -53,9 +53,9 @@ class FrozenEncoder:
     def input_spec(self, dataset: ImageDataset) -> InputSpec:
         """The encoder's training size and statistics; the dataset's where the encoder records none."""
         size = int(self.card.image_size or dataset.image_size)
-        mean = tuple(float(v) for v in (self.card.mean or dataset.mean))
-        std = tuple(float(v) for v in (self.card.std or dataset.std))
-        return InputSpec(size, mean, std)
+        mean = [float(v) for v in (self.card.mean or dataset.mean)]  # three values: the card checks its own
+        std = [float(v) for v in (self.card.std or dataset.std)]
+        return InputSpec(size, (mean[0], mean[1], mean[2]), (std[0], std[1], std[2]))
 
     def describe(self) -> dict:
         """What results record about the encoder."""
@@ -184,7 +184,8 @@ def test_split(name: str, *, root: str | Path, download: bool, image_size: int |
             raise UserError(f"{name} has no test/ sub-folder; evaluation needs {folder}/train and {folder}/test, "
                             "each with one sub-folder of images per class")
         return get_dataset(name, "test", root=root, download=download, image_size=image_size)
-    split = dataset_info(name).test_split  # unknown names: the registry's line
+    info = dataset_info(name)  # unknown names: the registry's line
+    split = info.test_split if info is not None else None
     if split is None:
         raise UserError(f"dataset {name} has no test split; use one with labelled train and test splits "
                         "or imagefolder:PATH with train/ and test/ sub-folders")

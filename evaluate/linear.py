@@ -39,8 +39,8 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
 
 def train_linear(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
                  test_labels: np.ndarray, *, num_classes: int, protocol: str = "authors", epochs: int = 100,
-                 lr: float = 1.0, batch_size: int = 256, seed: int = 0, flipped_train_features: np.ndarray | None = None,
-                 log_dir: str | Path | None = None) -> dict:
+                 lr: float = 1.0, batch_size: int = 256, seed: int = 0,
+                 flipped_train_features: np.ndarray | None = None, log_dir: str | Path | None = None) -> dict:
     """Fit the linear classifier under ``protocol`` and return top-1/top-5 (%) on the test features.
 
     ``flipped_train_features`` (the training images' features, flipped) is required by ``authors``."""

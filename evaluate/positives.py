@@ -81,7 +81,7 @@ def positives_stats(encoder: FrozenEncoder, shards: str | Path, *, data_root: st
     index = cosine_index(real)
     labels = dataset.labels() if dataset.has_labels else None
 
-    anchors, synthetic, agree, is_anchor, cos_div, pix_div = [], [], [], [], [], []
+    seen, synthetic, agree, is_anchor, cos_div, pix_div = [], [], [], [], [], []
     samples = islice(store.samples(), limit)  # verified shards only: a damaged one is an error naming it
     for group in _groups(samples, max(1, batch_size // 4)):
         flat = np.concatenate([s.positives for s in group])
@@ -92,7 +92,7 @@ def positives_stats(encoder: FrozenEncoder, shards: str | Path, *, data_root: st
             a, k = sample.anchor_index, len(sample.positives)
             own, own_nearest = feats[offset:offset + k], nearest[offset:offset + k, 0]
             offset += k
-            anchors.append(a)
+            seen.append(a)
             synthetic.append(own @ real[a])
             is_anchor.append(own_nearest == a)
             if labels is not None:
@@ -101,7 +101,7 @@ def positives_stats(encoder: FrozenEncoder, shards: str | Path, *, data_root: st
                 cos_div.append(_mean_pairwise(np.clip(1.0 - own @ own.T, 0.0, 2.0)))
                 pixels = sample.positives.reshape(k, -1).astype(np.float64) / 255.0
                 pix_div.append(_mean_pairwise(pairwise_distances(pixels)))
-    anchors = np.asarray(anchors, dtype=np.int64)
+    anchors = np.asarray(seen, dtype=np.int64)
 
     sims, ids = index.search(real[anchors], min(2, len(real)))
     other = ids != anchors[:, None]
@@ -146,7 +146,7 @@ def similarity_histogram(values: dict[str, np.ndarray], path: str | Path, title:
     bins = np.linspace(max(-1.0, min(low, 0.99) - 0.01), 1.0, 61)  # zoom on the range the data covers
     for name, v in values.items():
         if len(v):
-            ax.hist(np.clip(v, -1, 1), bins=bins, alpha=0.5, density=True,
+            ax.hist(np.clip(v, -1, 1), bins=bins.tolist(), alpha=0.5, density=True,
                     label=f"{DISTRIBUTIONS[name]} (mean {np.mean(v):.3f})")
     ax.set_xlabel("cosine similarity to the anchor")
     ax.set_ylabel("density")

@@ -99,7 +99,7 @@ def paper_linear_top1(dataset: str, method: str | None, clsp_lambda: float | Non
         return None
     column = paper_column(method, clsp_lambda)
     table = info.paper_linear_top1_resnet50 if backbone == "resnet50" else info.paper_linear_top1
-    return table.get(column)
+    return table.get(column) if column is not None else None
 
 
 def _encoder_info(results: Mapping[str, Any], dataset: str) -> dict[str, Any]:

@@ -196,8 +196,10 @@ def convert_state(state: dict[str, torch.Tensor], cfg: AuthorsConfig, unet: UNet
     """The diffusers ``state_dict`` for ``unet`` from the authors' tensors; refuses missing or misshapen
     tensors, naming the first ones."""
     names = module_map(cfg)
-    problems, converted, targets = [], {}, unet.state_dict()
-    expected = [(TABLE_KEY, (cfg.T, cfg.channel), None)]
+    problems: list[str] = []
+    converted: dict[str, torch.Tensor] = {}
+    targets = unet.state_dict()
+    expected: list[tuple[str, tuple[int, ...], str | None]] = [(TABLE_KEY, (cfg.T, cfg.channel), None)]
     for name, target in targets.items():
         module, param = name.rsplit(".", 1)
         expected.append((f"{names[module]}.{param}", _authors_shape(name, tuple(target.shape)), name))

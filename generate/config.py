@@ -26,16 +26,18 @@ class GenerateSettings(Settings):
                                  "for training's top-m and score-weighted positive choice.")
     steps: int = setting(100, "DDIM steps (at most the model's training timesteps).", ge=1, le=1000)
     eta: float = setting(0.1, "DDIM stochasticity (0 = deterministic).", ge=0, le=1)
-    batch_size: int = setting(64, "Anchors per sampler call (each brings k candidates).", ge=1, le=65536)
+    batch_size: int = setting(64, "Anchors per sampler call (each brings k candidates).", role="speed",
+                              ge=1, le=65536)
     shard_size: int = setting(1000, "Anchors per shard.", ge=1, le=1_000_000)
     precision: Precision = setting("auto", "auto: bf16 autocast on GPUs and on CPUs with bf16 units, else fp32.")
     share_anchor_pass: bool = setting(False, "Share the anchor's encoder pass (and noise) among its k candidates: "
                                              "cheaper.")
-    compile: bool = setting(False, "torch.compile the U-Net blocks (compiling takes minutes: for long GPU runs).")
+    compile: bool = setting(False, "torch.compile the U-Net blocks (compiling takes minutes: for long GPU runs).",
+                            role="speed")
     store_anchors: bool = setting(False, "Also store each anchor image in its sample.")
     limit: int | None = setting(None, "Only the first N anchors (for trial runs).", ge=1)
     preview: bool = setting(True, "Write preview.png (the first anchors beside their positives) before the long "
-                                  "run.")
+                                  "run.", role="logging")
 
 
 class GenerateJob(DatasetConfig, GenerateSettings):
@@ -44,13 +46,14 @@ class GenerateJob(DatasetConfig, GenerateSettings):
     name: str = setting(..., "Dataset registry name (digits, cifar10, cifar100, stl10, imagefolder:PATH).",
                         cli="--dataset", min_length=1, max_length=4096)
     shards: str = setting(..., "Output shard directory or URL (s3://bucket/prefix, gs://...); a rerun "
-                                 "resumes it.", min_length=1)
+                                 "resumes it.", role="location", min_length=1)
     unet: str | None = setting(None, "Diffusion model folder or hub id [default: the dataset's known model].")
     seed: int = setting(0, "Job seed; each anchor's noise comes from (seed, anchor index).", ge=0, le=2**63 - 1)
-    num_workers: int | None = setting(None, "Job-array size [default: SLURM_ARRAY_TASK_COUNT, else 1].", ge=1)
+    num_workers: int | None = setting(None, "Job-array size [default: SLURM_ARRAY_TASK_COUNT, else 1].",
+                                      role="speed", ge=1)
     worker_index: int | None = setting(None, "This array task's index [default: SLURM_ARRAY_TASK_ID, else 0].",
-                                       ge=0)
-    overwrite: bool = setting(False, "Replace a shard directory made with other settings.")
+                                       role="speed", ge=0)
+    overwrite: bool = setting(False, "Replace a shard directory made with other settings.", role="location")
 
 
 class DDPMSettings(Settings):
@@ -65,9 +68,9 @@ class DDPMSettings(Settings):
     ema_decay: float | None = setting(None, "EMA decay of the saved weights [default: the preset's].", ge=0, le=1)
     flip: bool | None = setting(None, "Random horizontal flips [default: the preset's; off for digits].")
     grad_clip: float = setting(1.0, "Gradient-norm clipping.", gt=0, le=1e6)
-    checkpoint_every: int = setting(500, "Steps between checkpoints.", ge=1)
-    sample_every: int = setting(500, "Steps between sample grids (samples.png).", ge=1)
-    log_every: int = setting(10, "Steps between logged losses.", ge=1)
+    checkpoint_every: int = setting(500, "Steps between checkpoints.", role="logging", ge=1)
+    sample_every: int = setting(500, "Steps between sample grids (samples.png).", role="logging", ge=1)
+    log_every: int = setting(10, "Steps between logged losses.", role="logging", ge=1)
     precision: Precision = setting("auto", "auto: bf16 autocast on GPUs, fp32 on CPUs.")
 
 
@@ -76,7 +79,7 @@ class DDPMJob(DatasetConfig, DDPMSettings):
 
     name: str = setting(..., "Dataset registry name (digits, cifar10, cifar100, stl10, imagefolder:PATH).",
                         cli="--dataset", min_length=1, max_length=4096)
-    out: str = setting(..., "Output folder; a rerun resumes from its checkpoint.", min_length=1)
+    out: str = setting(..., "Output folder; a rerun resumes from its checkpoint.", role="location", min_length=1)
     seed: int = setting(0, "Seed of the initial weights and of every batch.", ge=0, le=2**63 - 1)
 
 

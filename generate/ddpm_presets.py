@@ -35,7 +35,8 @@ class Preset:
 # 35.7 M parameters, self-attention at 16x16 (the second down block), dropout 0.1.
 DDPM_CIFAR = Preset(
     name="ddpm-cifar",
-    description="DDPM CIFAR-10 U-Net of Ho et al. (35.7M params at 32x32): channels 128/256/256/256, attention at 16x16",
+    description=("DDPM CIFAR-10 U-Net of Ho et al. (35.7M params at 32x32): channels 128/256/256/256, "
+                 "attention at 16x16"),
     unet=dict(
         in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
@@ -92,8 +93,9 @@ def check_image_size(preset: Preset, image_size: int) -> None:
     levels = len(preset.unet["block_out_channels"])
     factor = 2 ** (levels - 1)
     if image_size % factor:
+        suggestion = max(factor, image_size // factor * factor)
         raise UserError(f"preset {preset.name} halves the image {levels - 1} times, so the image size must be a "
-                        f"multiple of {factor}, not {image_size}; pass --image-size {max(factor, image_size // factor * factor)}")
+                        f"multiple of {factor}, not {image_size}; pass --image-size {suggestion}")
 
 
 def build_unet(preset: Preset, image_size: int) -> UNet2DModel:

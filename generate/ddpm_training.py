@@ -32,6 +32,7 @@ from accelerate.utils import gather_object
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
+from clsp.config import identity, required
 from clsp.datasets import get_dataset
 from clsp.errors import UserError
 from clsp.generate.config import DDPMJob
@@ -40,7 +41,7 @@ from clsp.generate.unet import sample_images, save_grid
 from clsp.images import to_float
 from clsp.io import load_weights, write_json_atomic
 from clsp.log import Rate
-from clsp.resume import load_checkpoint, resume_settings, save_checkpoint, set_rng_state, weights_digest
+from clsp.resume import load_checkpoint, save_checkpoint, set_rng_state, weights_digest
 from clsp.runtime import make_accelerator, progress, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,10 @@ def resolve_ddpm(job: DDPMJob) -> DDPMJob:
     return DDPMJob.model_validate(values)
 
 
-# Settings that do not change the weights, so a run may resume with other values (steps may grow too).
-_NOT_RESUMED = ("out", "data_root", "steps", "checkpoint_every", "sample_every", "log_every")
+def resume_settings(job: DDPMJob) -> dict:
+    """What a resumed run must match: the settings that shape the result, less ``steps`` (the learning
+    rate does not depend on it, so a finished run may be resumed to train longer)."""
+    return {key: value for key, value in identity(job).items() if key != "steps"}
 
 
 def _images(dataset) -> torch.Tensor:
@@ -81,7 +84,8 @@ def _batch(images: torch.Tensor, cfg: DDPMJob, step: int, rank: int, world: int,
     """This rank's share of the global batch of ``step``: clean images in [-1, 1], timesteps, noise."""
     n = len(images)
     order = torch.randperm(n, generator=_step_generator(cfg.seed, step))
-    chosen = order[torch.arange(cfg.batch_size) % n][rank::world]  # wraps around when the batch exceeds the data
+    batch = torch.arange(required(cfg.batch_size, "batch_size"))
+    chosen = order[batch % n][rank::world]  # wraps around when the batch exceeds the data
     x = to_float(images[chosen], signed=True)
     g = _step_generator(cfg.seed, step, rank + 1)
     if cfg.flip:
@@ -120,6 +124,8 @@ def _draw_grid(ema: EMAModel, template: UNet2DModel, scheduler: DDPMScheduler, o
 def train_ddpm(job: DDPMJob) -> dict:
     """Train (or resume) and return the summary also written to ``training.json``."""
     cfg = resolve_ddpm(job)
+    steps, batch_size = required(cfg.steps, "steps"), required(cfg.batch_size, "batch_size")
+    peak_lr, warmup_steps = required(cfg.lr, "lr"), required(cfg.warmup_steps, "warmup_steps")
     out = Path(cfg.out)
     precision = resolve_precision(cfg.precision)
     accelerator = make_accelerator(precision)
@@ -130,12 +136,12 @@ def train_ddpm(job: DDPMJob) -> dict:
     dataset = get_dataset(cfg.name, split=cfg.split, root=cfg.data_root, image_size=cfg.image_size)
     image_size = dataset.image_size
     cfg = cfg.replace(image_size=image_size)
-    settings = resume_settings(cfg.model_dump(), _NOT_RESUMED)
+    settings = resume_settings(cfg)
     preset = get_preset(cfg.preset)
     torch.manual_seed(cfg.seed)
     unet = build_unet(preset, image_size)
     scheduler = make_ddpm_scheduler()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=peak_lr, weight_decay=0.0)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
 
     step, elapsed, resumed_from = 0, 0.0, None
@@ -174,13 +180,13 @@ def train_ddpm(job: DDPMJob) -> dict:
         accelerator.wait_for_everyone()
 
     started = time.time()
-    rate = Rate(cfg.steps, step)
+    rate = Rate(steps, step)
     recent: list[float] = []
     model.train()
     bar = progress(total=cfg.steps, desc="ddpm train", main_process=accelerator.is_main_process, unit="step")
     bar.update(step)
-    while step < cfg.steps:
-        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))  # linear warm-up, then constant
+    while step < steps:
+        lr = peak_lr * min(1.0, (step + 1) / max(1, warmup_steps))  # linear warm-up, then constant
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, t, noise = _batch(images, cfg, step, rank, world, scheduler.config.num_train_timesteps)
@@ -205,7 +211,7 @@ def train_ddpm(job: DDPMJob) -> dict:
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             checkpoint()
             log.info(f"step {step}/{cfg.steps}: loss {np.mean(recent):.4f} (mean of last {len(recent)}), lr {lr:.3g}, "
-                     f"{rate.describe(step, 'img', scale=cfg.batch_size)}; checkpoint saved")
+                     f"{rate.describe(step, 'img', scale=batch_size)}; checkpoint saved")
         if accelerator.is_main_process and (step % cfg.sample_every == 0 or step == cfg.steps):
             _draw_grid(ema, unet, scheduler, out, step, cfg.seed, accelerator.device)
     bar.close()
@@ -223,7 +229,8 @@ def train_ddpm(job: DDPMJob) -> dict:
     if accelerator.is_main_process:
         _save_model(ema, unet, scheduler, out)
         write_json_atomic(out / "training.json", summary)
-        writer.close()
+        if writer is not None:  # made on the main process
+            writer.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary

@@ -15,15 +15,16 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
+from clsp.config import DatasetConfig, identity
 from clsp.datasets import ImageDataset, dataset_info, get_dataset
 from clsp.errors import UserError
 from clsp.generate.config import GenerateJob
@@ -51,7 +52,7 @@ def anchor_seed(seed: int, anchor_index: int) -> int:
 
 
 def array_worker(num_workers: int | None, worker_index: int | None,
-                 env: dict[str, str] | None = None) -> tuple[int, int]:
+                 env: Mapping[str, str] | None = None) -> tuple[int, int]:
     """(num_workers, worker_index) of a job array: as given, else from Slurm's array variables, else (1, 0)."""
     env = os.environ if env is None else env
     if num_workers is None and "SLURM_ARRAY_TASK_COUNT" in env:
@@ -80,6 +81,14 @@ def model_fingerprint(unet: torch.nn.Module, scheduler) -> str:
     schedule = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
     digest.update(json.dumps(schedule, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
+
+
+def generation_record(cfg: GenerateJob, unet_ref: str, unet_sha256: str, precision: str) -> dict:
+    """The manifest's ``generation``: the settings that shape the shards (the dataset's are recorded apart,
+    as the manifest's ``dataset``), with the model and the precision as resolved. A rerun resumes shards
+    only when it is the same."""
+    own = {key: value for key, value in identity(cfg).items() if key not in DatasetConfig.model_fields}
+    return {**own, "unet": unet_ref, "unet_sha256": unet_sha256, "precision": precision}
 
 
 class _PositiveDrawer:
@@ -132,7 +141,7 @@ def _main_first(accelerator: Accelerator, fn: Callable[[], T], share: bool = Fal
     if error is not None:
         raise UserError(error)
     if accelerator.is_main_process:
-        return result
+        return cast(T, result)  # fn()'s result (which may be None): the main process raised above otherwise
     return shared if share else fn()
 
 
@@ -184,7 +193,9 @@ def _load(cfg: GenerateJob, device: torch.device):
     if cfg.steps > timesteps:
         raise UserError(f"--steps {cfg.steps} exceeds the model's {timesteps} training timesteps; "
                         f"pass --steps {timesteps} or fewer")
-    if Path(unet_ref).expanduser().is_dir():
+    if cfg.unet is None:  # the dataset's known model: recorded by name, so reinstalling the package keeps the shards
+        unet_ref = f"default for {cfg.name}: {Path(unet_ref).name if Path(unet_ref).is_dir() else unet_ref}"
+    elif Path(unet_ref).expanduser().is_dir():
         unet_ref = str(Path(unet_ref).expanduser().resolve())
     return dataset, unet_ref, unet, scheduler
 
@@ -214,12 +225,8 @@ def _run(cfg: GenerateJob, accelerator: Accelerator, num_workers: int, worker_in
     world = num_workers * accelerator.num_processes
     rank = worker_index * accelerator.num_processes + accelerator.process_index
 
-    def start() -> tuple[dict, set[int]]:
-        generation = {"unet": unet_ref, "unet_sha256": model_fingerprint(unet, scheduler),
-                      "candidates": cfg.candidates, "interpolation": cfg.interpolation, "mix_depth": cfg.mix_depth,
-                      "scores": cfg.scores, "steps": cfg.steps, "eta": cfg.eta,
-                      "seed": cfg.seed, "shard_size": cfg.shard_size, "share_anchor_pass": cfg.share_anchor_pass,
-                      "precision": precision, "store_anchors": cfg.store_anchors, "limit": cfg.limit}
+    def start() -> tuple[schema.Manifest, set[int]]:
+        generation = generation_record(cfg, unet_ref, model_fingerprint(unet, scheduler), precision)
         manifest = writer.init_manifest(cfg.shards, dataset=dataset.describe(), generation=generation,
                                         num_anchors=num_anchors, shard_size=cfg.shard_size, overwrite=cfg.overwrite)
         return manifest, writer.completed_shards(cfg.shards)
@@ -262,9 +269,9 @@ def _run(cfg: GenerateJob, accelerator: Accelerator, num_workers: int, worker_in
             checked = f"verify: {len(summary['problems']) or 'no'} problems"
         else:  # other array tasks are still writing; the last one to finish verifies the whole set
             checked = f"{complete} of {total} shards complete so far"
-        rate = summary["anchors_written"] / seconds if seconds > 0 else 0.0
+        per_second = summary["anchors_written"] / seconds if seconds > 0 else 0.0
         echo(f"wrote {summary['shards_written']} shards ({summary['anchors_written']} anchors x {cfg.candidates} "
-             f"candidates) to {cfg.shards} in {seconds:.1f} s ({rate:.2f} anchors/s); "
+             f"candidates) to {cfg.shards} in {seconds:.1f} s ({per_second:.2f} anchors/s); "
              f"{summary['shards_skipped']} were already complete; {checked}")
     problems = broadcast_object_list([summary["problems"]])[0]
     if problems:

@@ -13,23 +13,21 @@ from pathlib import Path
 
 import numpy as np
 
-from clsp.config import DatasetConfig, setting
+from clsp.config import DatasetConfig, same_setting, setting
 from clsp.errors import UserError
 from clsp.generate.config import GenerateJob
-
-_GEN = GenerateJob.model_fields
 
 
 class ImportJob(DatasetConfig):
     """``clsp shards import``: one authors' ``.npy`` into a shard directory for a dataset's training split."""
 
-    name: str = _GEN["name"]
+    name: str = same_setting(GenerateJob, "name")
     file: str = setting(..., "The authors' synthetic set: uint8 [N, k, H, W, 3], row i = training image i.",
                         cli_exclude=True, min_length=1)
     shards: str = setting(..., "Output shard directory or URL; a rerun resumes it.", min_length=1)
-    shard_size: int = _GEN["shard_size"]
-    limit: int | None = _GEN["limit"]
-    overwrite: bool = _GEN["overwrite"]
+    shard_size: int = same_setting(GenerateJob, "shard_size")
+    limit: int | None = same_setting(GenerateJob, "limit")
+    overwrite: bool = same_setting(GenerateJob, "overwrite")
 
 
 def open_positives(path: str | Path) -> np.ndarray:

@@ -89,7 +89,9 @@ def tar_samples(stream: IO[bytes], shape: tuple[int, int],
     stream.seek(0)
     _refuse_compressed(stream.read(8), where)
     stream.seek(0)
-    key, members, unread = None, {}, []
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    unread: list[str] = []
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for info in tar:
@@ -110,7 +112,10 @@ def tar_samples(stream: IO[bytes], shape: tuple[int, int],
                 if info.size > schema.member_limit(suffix, shape):
                     raise ShardError(f"member {info.name} is {info.size} bytes, over the limit of "
                                      f"{schema.member_limit(suffix, shape)} ({where}): {_REGENERATE}")
-                members[suffix] = tar.extractfile(info).read()
+                data = tar.extractfile(info)
+                if data is None:  # a regular file (checked above) always extracts
+                    raise ShardError(f"member {info.name[:80]} cannot be read ({where}): {_REGENERATE}")
+                members[suffix] = data.read()
     except (tarfile.TarError, EOFError, ValueError) as err:
         if isinstance(err, ShardError):
             raise

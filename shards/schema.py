@@ -279,7 +279,7 @@ def encode_sample(sample: ShardSample) -> dict[str, Any]:
     if positives.ndim != 4 or len(positives) == 0:
         raise ValueError(f"positives of anchor {sample.anchor_index} must be uint8 [k, H, W, 3], "
                          f"got {list(positives.shape)}")
-    record = {"anchor_index": int(sample.anchor_index), "label": int(sample.label),
+    record: dict[str, Any] = {"anchor_index": int(sample.anchor_index), "label": int(sample.label),
               "candidates": len(positives), "seed": None if sample.seed is None else int(sample.seed),
               "schema_version": SCHEMA_VERSION}
     if sample.scores is not None:

@@ -143,7 +143,8 @@ def timeout_s() -> float:
 
 def _client_options(protocols: list[str]) -> dict[str, dict]:
     """fsspec options, keyed by protocol, that bound every request of the storage clients in ``protocols``."""
-    seconds, options = timeout_s(), {}
+    seconds = timeout_s()
+    options: dict[str, dict] = {}
     for protocol in protocols:
         if protocol in ("http", "https"):
             from aiohttp import ClientTimeout

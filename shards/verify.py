@@ -39,7 +39,8 @@ def _runs_text(runs: list[list[int]], limit: int = 8) -> str:
 def _missing(ranges: list[range], seen: dict[int, str]) -> tuple[list[list[int]], int]:
     """Runs of the anchors of ``ranges`` that are not in ``seen``, and how many, found from the anchors read:
     the work is bounded by the shards' contents, not by the counts their records claim."""
-    present, runs, count = sorted(seen), [], 0
+    present, count = sorted(seen), 0
+    runs: list[list[int]] = []
     for anchors in ranges:
         low, high = bisect_left(present, anchors.start), bisect_left(present, anchors.stop)
         start = anchors.start

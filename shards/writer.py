@@ -50,8 +50,9 @@ def _remove_shard_files(store: ShardStore) -> None:
 def _settings(*, dataset: dict, generation: dict, num_anchors: int, shard_size: int) -> schema.Manifest:
     """A fresh manifest of these settings; UserError naming the problem when they are not valid."""
     try:
-        return schema.new_manifest(dataset=json.loads(json.dumps(dataset)), generation=json.loads(json.dumps(generation)),
-                                   num_anchors=int(num_anchors), shard_size=int(shard_size))
+        return schema.new_manifest(dataset=json.loads(json.dumps(dataset)),
+                                   generation=json.loads(json.dumps(generation)), num_anchors=int(num_anchors),
+                                   shard_size=int(shard_size))
     except ValidationError as err:
         raise UserError(f"cannot start a shard directory with these settings: {schema.validation_summary(err)}; "
                         f"pass at least one anchor, a positive shard size and the dataset's description") from None

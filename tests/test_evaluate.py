@@ -214,7 +214,8 @@ def test_bad_inputs_give_one_error_line(case, encoders, folders, tmp_path):
                                      "--data-root", tmp_path / "empty"],
         "no-train-test-folders": ["linear", "--dataset", f"imagefolder:{folders['labelled'] / 'train'}"],
     }[case]
-    fragments = {"other-architecture": ["not a resnet18", "conv1.weight"], "flat-folder-linear": ["no labels", "linear"],
+    fragments = {"other-architecture": ["not a resnet18", "conv1.weight"],
+                 "flat-folder-linear": ["no labels", "linear"],
                  "flat-folder-knn": ["no labels", "kNN"], "unknown-dataset": ["unknown dataset"],
                  "missing-torchvision-data": ["cifar10", "--data-root"],
                  "no-train-test-folders": ["no train/ sub-folder"]}[case]

@@ -67,7 +67,8 @@ def test_one_process_run_writes_verified_shards_with_labels_seeds_and_preview(re
     assert manifest["num_shards"] == NUM_SHARDS and len(shard_bytes(reference)) == NUM_SHARDS
     assert verify.verify_shards(reference) == []
     generation = manifest["generation"]
-    assert (generation["candidates"], generation["interpolation"], generation["steps"], generation["limit"]) == (2, 0.1, 3, 24)
+    assert (generation["candidates"], generation["interpolation"], generation["steps"],
+            generation["limit"]) == (2, 0.1, 3, 24)
     assert len(generation["unet_sha256"]) == 16
     assert {(r["rank"], r["world_size"]) for r in records(reference).values()} == {(0, 1)}
     labels = get_dataset("digits").labels()
@@ -194,3 +195,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_the_datasets_shipped_model_is_recorded_by_name_not_by_install_path(tmp_path, one_thread):
+    """Shards made with the default model stay valid when the package is installed elsewhere."""
+    shards = tmp_path / "shards"
+    job = ["--dataset", "digits", "--limit", "4", "--shard-size", "4", "--candidates", "1", "--steps", "1",
+           "--precision", "fp32", "--no-scores", "--shards", str(shards)]
+    result = CliRunner().invoke(gen, job)
+    assert result.exit_code == 0, result.output
+    generation = reader.read_manifest(shards).generation
+    assert generation["unet"] == "default for digits: digits-ddpm"
+    assert str(Path(__file__).parent.parent) not in str(generation)

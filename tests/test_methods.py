@@ -15,9 +15,9 @@ from clsp.train.config import TrainJob
 from clsp.train.losses import clsp_loss
 from clsp.train.memory import FIFOQueue
 from clsp.train.methods import METHODS, build_method
-from clsp.train.methods.base import running_stats_kept
-from clsp.train.methods.moco import cosine_momentum, ema_update
+from clsp.train.methods.base import ema_update, running_stats_kept
 from clsp.train.recipes import RECIPES
+from clsp.train.schedules import cosine_momentum
 
 SMALL = {"proj_hidden_dim": 32, "proj_output_dim": 16}
 

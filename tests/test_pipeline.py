@@ -28,7 +28,7 @@ def test_repository_default_is_valid_and_describes_clsp_and_baseline():
         ("generate.weight=0.2", "unknown key 'generate.weight'"),  # renamed to generate.interpolation
         ("generate.candidates=three",
          "'generate.candidates': input should be a valid integer, unable to parse string as an integer (got 'three')"),
-        ("train.method=byol", "'train.method': input should be 'simclr', 'moco' or 'nnclr' (got 'byol')"),
+        ("train.method=byol", "'train.method': unknown method 'byol'; choose one of: moco, nnclr, simclr"),
         ("train.runs.clsp=-1", "run 'clsp': clsp_lambda: input should be greater than or equal to 0 (got -1.0)"),
         ("evaluate=5", "'evaluate': input should be a valid dictionary or instance of EvaluateSettings (got 5)"),
     ],

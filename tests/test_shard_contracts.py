@@ -223,7 +223,8 @@ def test_positives_or_anchor_of_another_size_fail_verify_and_reading(tmp_path, s
     with pytest.raises(ShardError, match=rf"sample 000000008: expected an 8-bit RGB PNG of 8x8.*\({path}\)"):
         list(reader.ShardDirectory.open(tmp_path).samples())
     with pytest.raises(ValueError, match="the manifest's image size"):
-        writer.write_shard(tmp_path, 1, (schema.ShardSample(a, positives_of(a, size)) for a in manifest.anchor_range(1)))
+        writer.write_shard(tmp_path, 1,
+                           (schema.ShardSample(a, positives_of(a, size)) for a in manifest.anchor_range(1)))
 
 
 def test_png_bombs_are_refused_from_their_header(tmp_path):

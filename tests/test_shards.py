@@ -282,7 +282,8 @@ def test_missing_or_newer_manifest_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="no manifest.json"):
         writer.write_shard(tmp_path, 0, [])
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": schema.SCHEMA_VERSION + 1}))
-    with pytest.raises(ShardError, match=r"schema version 2, newer than this clsp understands \(1\) \(.*\): upgrade clsp"):
+    with pytest.raises(ShardError,
+                       match=r"schema version 2, newer than this clsp understands \(1\) \(.*\): upgrade clsp"):
         reader.read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ShardError, match="shard manifest is malformed"):

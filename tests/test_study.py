@@ -206,7 +206,7 @@ def test_deterministic_probe_is_deterministic():
 
 @pytest.mark.slow
 def test_tiny_grid_study_selects_on_validation_then_measures_on_test(tmp_path: Path):
-    args = [str(ROOT / "pipeline.yaml"), "--seeds", "2", "--methods", "simclr", "--grid",
+    args = [str(ROOT / "pipeline.yaml"), "--seeds", "3", "--grid-seeds", "2", "--methods", "simclr", "--grid",
             "train.clsp_lambda=0.3,1.0", "--controls", "self", "--validation", "0.2",
             "--set", f"run_dir={tmp_path / 'run'}", "--set", "generate.limit=96", "--set", "generate.steps=2",
             "--set", "generate.candidates=2", "--set", "train.epochs=1", "--set", "train.batch_size=32",
@@ -217,7 +217,9 @@ def test_tiny_grid_study_selects_on_validation_then_measures_on_test(tmp_path: P
     record = json.loads((out / "study.json").read_text())
     grid = record["grid"]["methods"]["simclr"]
     assert len(grid["cells"]) == 2 and record["selected"]["simclr"] == grid["selected"]["settings"]
+    assert record["grid"]["seeds"] == [0, 1]
     for cell in grid["cells"]:  # validation runs: scored on the held-out images, trained without them
+        assert len(cell["runs"]["clsp"]) == len(cell["runs"]["baseline"]) == 2  # --grid-seeds, not --seeds
         for name in sum(cell["runs"].values(), []):
             results = json.loads((out / "eval" / name / "results.json").read_text())
             assert results["linear"]["digits"]["split"] == "train-validation0.2"
@@ -225,11 +227,11 @@ def test_tiny_grid_study_selects_on_validation_then_measures_on_test(tmp_path: P
     summary = record["summary"]["simclr"]
     for label in ("linear top-1", "deterministic probe top-1", "kNN top-1"):
         per_seed = summary[label]["per_seed"]
-        assert len(per_seed["clsp"]) == len(per_seed["baseline"]) == len(per_seed["self"]) == 2
+        assert len(per_seed["clsp"]) == len(per_seed["baseline"]) == len(per_seed["self"]) == 3
         assert summary[label]["controls"]["self"]["mean"] == pytest.approx(
-            sum(c - s for c, s in zip(per_seed["clsp"], per_seed["self"])) / 2)
+            sum(c - s for c, s in zip(per_seed["clsp"], per_seed["self"])) / 3)
     test_runs = [name for name in record["runs"] if not name.startswith(VALIDATION_PREFIX)]
-    assert len(test_runs) == 6
+    assert len(test_runs) == 9
     for name in test_runs:
         assert json.loads((out / "eval" / name / "results.json").read_text())["linear"]["digits"]["split"] == "test"
     text = (out / "study.md").read_text()

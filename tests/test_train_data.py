@@ -85,7 +85,8 @@ def test_device_views_draw_parameters_per_sample(digits):
     # one sample's parameters do not leak to another: flips, crops and greyscale differ across the batch
     flipped = torch.flip(views, dims=[3])
     assert not torch.allclose(views[0], views[1]) and not torch.allclose(flipped[0], views[1])
-    identity = (images.float() / 255 - torch.tensor(digits.mean)[:, None, None]) / torch.tensor(digits.std)[:, None, None]
+    mean, std = torch.tensor(digits.mean)[:, None, None], torch.tensor(digits.std)[:, None, None]
+    identity = (images.float() / 255 - mean) / std
     assert abs(views.mean().item() - identity.mean().item()) < 0.5  # same normalisation as the CPU path
 
 
@@ -219,7 +220,8 @@ def test_shard_anchor_is_used_when_the_shard_holds_it(tmp_path, digits):
     directory = make_train_shards(tmp_path / "with-anchor", num_anchors=8, shard_size=8, with_anchor=True)
     stream = ContrastiveStream(open_shards(directory), digits, batch_size=8, views=None)
     batch = next(iter(make_loader(stream)))
-    assert torch.equal(batch["anchor"], torch.from_numpy(digits.array(batch["index"].numpy()).transpose(0, 3, 1, 2).copy()))
+    anchors = digits.array(batch["index"].numpy()).transpose(0, 3, 1, 2).copy()
+    assert torch.equal(batch["anchor"], torch.from_numpy(anchors))
 
 
 def test_bad_shard_directories_and_batches_are_one_line_errors(tmp_path, shard_dir, digits):

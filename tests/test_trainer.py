@@ -49,7 +49,8 @@ def test_warmup_then_cosine_schedule():
     factor = [warmup_cosine_factor(s, base_lr=0.5, warmup_steps=10, total_steps=110) for s in range(111)]
     assert factor[0] * 0.5 == pytest.approx(WARMUP_START_LR)
     assert factor[10] == pytest.approx(1.0) and factor[60] == pytest.approx(0.5) and factor[110] == pytest.approx(0.0)
-    assert all(a < b for a, b in zip(factor[:10], factor[1:11])) and all(a > b for a, b in zip(factor[10:], factor[11:]))
+    assert all(a < b for a, b in zip(factor[:10], factor[1:11]))
+    assert all(a > b for a, b in zip(factor[10:], factor[11:]))
 
 
 def test_baseline_run_exports_a_loadable_encoder_and_logs(shard_dir, tmp_path):
@@ -67,7 +68,8 @@ def test_baseline_run_exports_a_loadable_encoder_and_logs(shard_dir, tmp_path):
     assert card.method == "simclr" and card.clsp_lambda == 0.0 and card.small_stem is True
     assert card.backbone == "resnet-narrow"
     assert card.dataset["fingerprint"] == get_dataset("digits").fingerprint and card.image_size == 16
-    assert card.settings["crop_min_scale"] == 0.08 and card.settings["flip"] is True  # METHOD.md's augmentation, recorded
+    # METHOD.md's augmentation, recorded
+    assert card.settings["crop_min_scale"] == 0.08 and card.settings["flip"] is True
     card_json = json.loads((out / "encoder.json").read_text())
     assert card_json["clsp_lambda"] == 0.0 and "clsp_weight" not in card_json
     assert encoder(torch.zeros(2, 3, 16, 16)).shape == (2, encoder.feature_dim)
@@ -98,7 +100,8 @@ def test_two_processes_train_in_sync(shard_dir, tmp_path, cli_env):
     run = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["batch_size"] == 8 and summary["steps"] == NUM_ANCHORS // 8  # global batch 8 = 2 x 4
+    # global batch 8 = 2 x 4
+    assert summary["world_size"] == 2 and summary["batch_size"] == 8 and summary["steps"] == NUM_ANCHORS // 8
     assert len(summary["rank_checksums"]) == 2 and summary["ranks_in_sync"] is True
     assert "nn_acc" in summary["final"]
     load_encoder(out)

@@ -24,8 +24,6 @@ from torch import Tensor, nn
 
 from clsp.train.recipes import RECIPES, ViewAugmentation
 
-AUGMENTS = ("cpu", "device")
-
 
 def view_augmentations(method: str | None, settings: Mapping[str, Any]) -> tuple[ViewAugmentation, ViewAugmentation]:
     """The two real views' lists of a run: its method's recipe with the run's crop scale and flip
@@ -96,8 +94,8 @@ class ColorJitterPerImage(nn.Module):
         order = torch.rand(batch, 4, device=device).argsort(dim=1)
         return {"applied": applied, "factors": factors, "order": order}
 
-    def apply(self, images: Tensor, params: dict[str, Tensor]) -> Tensor:
-        """``images`` jittered with ``params`` (from ``draw``)."""
+    def apply_params(self, images: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """``images`` jittered with ``params`` (from ``draw``); not ``apply``, which ``nn.Module`` owns."""
         out = images
         for position in range(4):
             for k, step in enumerate(self.steps):
@@ -108,7 +106,7 @@ class ColorJitterPerImage(nn.Module):
         return out
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.apply(images, self.draw(len(images), images.device))
+        return self.apply_params(images, self.draw(len(images), images.device))
 
 
 class DeviceAugment(nn.Module):

@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Final, Literal, get_args
 
 import torch
 import torchvision
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torchvision.models.resnet import ResNet
 
 from clsp.errors import UserError
 from clsp.io import atomic_path, load_weights, write_json_atomic
 from clsp.train.config import Backbone
 
 BACKBONES: tuple[str, ...] = get_args(Backbone)
-CARD_VERSION = 2
+CARD_VERSION: Final = 2
 
 
 class EncoderCard(BaseModel):
@@ -81,7 +82,7 @@ def build_backbone(name: str = "resnet18", small_stem: bool = True) -> nn.Module
     if name not in BACKBONES:
         raise UserError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
     if name == "resnet-narrow":
-        from torchvision.models.resnet import BasicBlock, ResNet
+        from torchvision.models.resnet import BasicBlock
 
         net = ResNet(BasicBlock, [2, 2, 2, 2])
         _narrow(net, 16)
@@ -95,7 +96,15 @@ def build_backbone(name: str = "resnet18", small_stem: bool = True) -> nn.Module
     return net
 
 
-def _narrow(net: nn.Module, base: int) -> None:
+def feature_dim(backbone: nn.Module) -> int:
+    """The size of ``backbone``'s features, which ``build_backbone`` records as ``.feature_dim``."""
+    dim = getattr(backbone, "feature_dim", None)
+    if not isinstance(dim, int):
+        raise TypeError(f"{type(backbone).__name__} has no integer .feature_dim; make it with build_backbone")
+    return dim
+
+
+def _narrow(net: ResNet, base: int) -> None:
     """Rebuild a torchvision BasicBlock ResNet with ``base`` channels in its first stage."""
     from torchvision.models.resnet import BasicBlock
 

@@ -2,7 +2,7 @@
 
 The same command runs on CPU, one GPU, or many (``accelerate launch [--multi_gpu --num_processes N]
 -m clsp.train.cli ...``); a rerun with the same ``--out`` resumes from its checkpoint. Every option is a
-field of ``clsp.train.config.TrainJob``; unset ones take the method's recipe (``clsp.train.recipes``).
+field of ``clsp.train.config.TrainJob``; unset ones take the method's recipe (its file in ``clsp.train.methods``).
 """
 
 from __future__ import annotations

@@ -204,7 +204,8 @@ class ContrastiveStream(IterableDataset):
             if chunk not in loaded:
                 loaded[chunk] = self._read_chunk(plan.chunks[chunk])
             rows = slice(offset, offset + self.batch_size)
-            part = None if loaded[chunk] is None else tuple(array[rows] for array in loaded[chunk])
+            arrays = loaded[chunk]
+            part = None if arrays is None else (arrays[0][rows], arrays[1][rows], arrays[2][rows])
             yield self._batch(plan.anchors(step), part, step)
             if last_use[chunk] == step:
                 del loaded[chunk]
@@ -249,7 +250,11 @@ class ContrastiveStream(IterableDataset):
         if self.source == "self":
             return images
         if self.source == "oracle":
+            if self.oracle is None:
+                raise AssertionError("a stream with oracle positives makes its partners when it is made")
             return _chw(self.dataset.array(self.oracle.partners(anchors, self.seed, self.epoch)))
+        if part is None:
+            raise AssertionError("synthetic positives come with their chunk from the decoded shards")
         return _chw(part[0])
 
     def _anchor_images(self, anchors: np.ndarray, part: tuple[np.ndarray, np.ndarray, np.ndarray] | None

@@ -69,6 +69,14 @@ class _Shard:
     mapped: bool = False  # file-backed: pixels flushed before the flags that declare them
 
 
+def _flush(*arrays: np.ndarray) -> None:
+    """Write the pages of a file-backed shard's arrays (``np.memmap``) to their files."""
+    for array in arrays:
+        if not isinstance(array, np.memmap):
+            raise TypeError("a file-backed decoded shard holds an array that is not memory-mapped")
+        array.flush()
+
+
 def _geometry(shards: ShardSet) -> dict[int, tuple[int, int]]:
     """shard -> (rows, candidates) for every verified shard of the set."""
     return {s: (len(shards.anchors(s)), shards.store.record(s).candidates) for s in shards.shards}
@@ -120,12 +128,12 @@ class DecodedShards:
         height, width = self.store.manifest.image_shape
         offset = 0
         for shard, (rows, k) in self._geometry.items():
-            views = {}
+            views: dict[str, np.ndarray] = {}
             for name, shape in _shapes(rows, k, height, width).items():
                 size = math.prod(shape)
                 views[name] = np.frombuffer(self._memory, np.uint8, size, offset).reshape(shape)
                 offset += size
-            self._shards[shard] = _Shard(**views)
+            self._shards[shard] = _Shard(**views, mapped=False)
 
     def __getstate__(self) -> dict:
         """Pickled (a spawned worker): a memory cache stays behind, file maps are reopened where unpickled."""
@@ -237,12 +245,12 @@ class DecodedShards:
                 arrays.anchors[row] = schema.decode_member(key, members, "anchor.png", shape=shape, where=path)
             decoded.append((row, todo, _WITH_ANCHOR if "anchor.png" in members else _NO_ANCHOR))
         if arrays.mapped:  # pixels on disk before the flags that declare them
-            arrays.positives.flush(), arrays.anchors.flush()
+            _flush(arrays.positives, arrays.anchors)
         for row, todo, state in decoded:
             arrays.done[row, todo] = 1
             arrays.state[row] = state
         if arrays.mapped:
-            arrays.done.flush(), arrays.state.flush()
+            _flush(arrays.done, arrays.state)
         return arrays
 
     def _decode(self, shard: int, rows: np.ndarray, candidate: np.ndarray | None

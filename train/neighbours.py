@@ -12,14 +12,16 @@ from __future__ import annotations
 import math
 import warnings
 from functools import lru_cache
+from typing import get_args
 
 import faiss
 import torch
 from torch import Tensor
 
 from clsp.errors import UserError
+from clsp.train.recipes import NNIndex
 
-NN_INDEXES = ("flat", "ivf", "hnsw")
+NN_INDEXES: tuple[str, ...] = get_args(NNIndex)
 
 HNSW_NEIGHBOURS = 32  # graph degree M of the HNSW index
 HNSW_EF_SEARCH = 128  # candidate list size at query time; higher = better recall, slower
@@ -58,11 +60,13 @@ def nearest_neighbours(queries: Tensor, bank: Tensor, k: int = 1, index: str = "
 
 def _build_cpu_index(index: str, bank) -> faiss.Index:
     n, dim = bank.shape
+    built: faiss.Index
     if index == "flat":
         built = faiss.IndexFlatIP(dim)
     elif index == "hnsw":
-        built = faiss.IndexHNSWFlat(dim, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
-        built.hnsw.efSearch = HNSW_EF_SEARCH
+        graph = faiss.IndexHNSWFlat(dim, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efSearch = HNSW_EF_SEARCH
+        built = graph
     else:
         lists = max(1, min(int(math.sqrt(n)), n // IVF_MIN_POINTS_PER_LIST))
         built = faiss.index_factory(dim, f"IVF{lists},Flat", faiss.METRIC_INNER_PRODUCT)
@@ -137,8 +141,8 @@ class BankIndex:
         if self._index is None or len(self._fresh) != n or self._fresh.sum() > self.refresh_fraction * n:
             self._index = _build_cpu_index(self.kind, bank.cpu().contiguous().numpy())
             self._fresh = torch.zeros(n, dtype=torch.bool)
-        _, proposed = self._index.search(queries.cpu().contiguous().numpy(), min(self.candidates, n))
-        proposed = torch.from_numpy(proposed)
+        _, found = self._index.search(queries.cpu().contiguous().numpy(), min(self.candidates, n))
+        proposed = torch.from_numpy(found)
         stale = (proposed < 0) | self._fresh[proposed.clamp(min=0)]  # missing, or superseded by a fresh row
         proposed = proposed.clamp(min=0).to(bank.device)
         fresh = self._fresh.nonzero()[:, 0].to(bank.device)

@@ -13,13 +13,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
+from typing import get_args
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from clsp.errors import UserError
+from clsp.train.recipes import Optimizer
 
-OPTIMIZERS = ("sgd", "lars")
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 MOMENTUM = 0.9
 WARMUP_START_LR = 1e-3
 LARS_TRUST_COEFF = 0.02

@@ -1,18 +1,22 @@
-"""The training recipes: every fact of a method, in one place (METHOD.md section 3).
+"""What a training recipe is (METHOD.md section 3), and the lookup of a registered method's recipe.
 
-SimCLR and MoCo follow the authors' released CLSP code (ResNet-18, CIFAR stem); the authors have no
-NNCLR, whose reference recipe is solo-learn's. A recipe value is used wherever a run leaves the setting
-unset; ``by_dataset`` holds the few facts that differ per dataset (CIFAR-100 MoCo's lambda and probe lr,
-NNCLR's CIFAR-10 std).
+Each method's recipe lives in its own file under ``clsp.train.methods`` (SimCLR and MoCo follow the
+authors' released CLSP code, NNCLR solo-learn's). A recipe value is used wherever a run leaves the
+setting unset; ``by_dataset`` holds the few facts that differ per dataset (CIFAR-100 MoCo's lambda and
+probe lr, NNCLR's CIFAR-10 std). The choices a recipe and a training setting share are declared here once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Method = Literal["simclr", "moco", "nnclr"]
-METHODS: tuple[str, ...] = ("simclr", "moco", "nnclr")
+Optimizer = Literal["sgd", "lars"]
+DecayScope = Literal["all", "weights"]  # "weights": biases and norm parameters are not decayed
+ForwardMode = Literal["joint", "separate"]
+ScheduleUnit = Literal["epoch", "step"]
+NNIndex = Literal["flat", "ivf", "hnsw"]
 Stats = tuple[float, float, float]
 
 
@@ -37,15 +41,15 @@ class Recipe:
 
     batch_size: int  # global, over all processes
     lr: float
-    optimizer: Literal["sgd", "lars"]
+    optimizer: Optimizer
     weight_decay: float
-    weight_decay_scope: Literal["all", "weights"]  # "weights": biases and norm parameters are not decayed
+    weight_decay_scope: DecayScope
     clsp_lambda: float
     probe_lr: float  # the linear probe's learning rate (METHOD.md section 4)
     augmentation: ViewAugmentation
     # joint: one backbone call on cat(x1, x2, x3); separate: one call per view (see ``Method.forward``)
-    forward: Literal["joint", "separate"]
-    schedule_unit: Literal["epoch", "step"]  # how often the warm-up and cosine schedule moves
+    forward: ForwardMode
+    schedule_unit: ScheduleUnit  # how often the warm-up and cosine schedule moves
     warmup_start_lr: float
     second_view: ViewAugmentation | None = None  # asymmetric methods: view 2's list (else the same as view 1)
     clsp_probe_lr: float | None = None  # the probe's rate for a run with the CLSP term, where it differs
@@ -59,6 +63,7 @@ class Recipe:
     queue_size: int | None = None
     momentum: float | None = None
     momentum_end: float | None = None
+    nn_index: NNIndex | None = None
     by_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def for_dataset(self, dataset: str) -> dict[str, Any]:
@@ -68,30 +73,37 @@ class Recipe:
         return values
 
 
-RECIPES: dict[str, Recipe] = {
-    # CLSP-SimCLR: batch 1024, SGD lr 0.5, wd 1e-4 on all parameters, projector 512-4096-256 without BN, the
-    # three views in one backbone call, warm-up from 1e-3 and cosine stepped once per epoch.
-    "simclr": Recipe(batch_size=1024, lr=0.5, optimizer="sgd", weight_decay=1e-4, weight_decay_scope="all",
-                     clsp_lambda=1.0, probe_lr=1.0, augmentation=ViewAugmentation(), forward="joint",
-                     schedule_unit="epoch", warmup_start_lr=1e-3),
-    # CLSP-MoCo: batch 512, lr 0.3, two 32768-key queues, momentum 0.99 -> 0.999, saturation 0.2, solarization,
-    # one backbone call per view. On CIFAR-100 CLSP-MoCo has lambda 0.2 and probe lr 10; its baseline keeps 1.
-    "moco": Recipe(batch_size=512, lr=0.3, optimizer="sgd", weight_decay=1e-4, weight_decay_scope="all",
-                   clsp_lambda=0.5, probe_lr=1.0,
-                   augmentation=ViewAugmentation(saturation=0.2, solarize_p=0.2), forward="separate",
-                   schedule_unit="epoch", warmup_start_lr=1e-3,
-                   queue_size=32768, momentum=0.99, momentum_end=0.999,
-                   by_dataset={"cifar100": {"clsp_lambda": 0.2, "clsp_probe_lr": 10.0}}),
-    # NNCLR as solo-learn: LARS, batch 256, lr 0.4, wd 1e-5 without biases and norms, BN projector 2048-2048-256,
-    # predictor 4096, 65536 x 256 support set, asymmetric views (saturation 0.2 on both, solarization on the
-    # second), warm-up from 3e-5 stepped per step, CIFAR-10 std of torchvision's statistics; lambda as SimCLR's.
-    "nnclr": Recipe(batch_size=256, lr=0.4, optimizer="lars", weight_decay=1e-5, weight_decay_scope="weights",
-                    clsp_lambda=1.0, probe_lr=1.0, augmentation=ViewAugmentation(saturation=0.2),
-                    second_view=ViewAugmentation(saturation=0.2, solarize_p=0.2), forward="separate",
-                    schedule_unit="step", warmup_start_lr=3e-5,
-                    proj_hidden_dim=2048, pred_hidden_dim=4096, queue_size=65536,
-                    by_dataset={"cifar10": {"std": (0.2470, 0.2435, 0.2616)}}),
-}
+class _Registry(MutableMapping[str, Recipe]):
+    """Method name -> recipe, filled as methods register (``clsp.train.methods.base.register``). The built-in
+    methods are imported on the first lookup, so a lookup never meets a registry not yet filled."""
+
+    def __init__(self) -> None:
+        self._recipes: dict[str, Recipe] = {}
+
+    @staticmethod
+    def _load() -> None:
+        import clsp.train.methods  # noqa: F401  (importing it registers every method file)
+
+    def __getitem__(self, name: str) -> Recipe:
+        self._load()
+        return self._recipes[name]
+
+    def __setitem__(self, name: str, recipe: Recipe) -> None:
+        self._recipes[name] = recipe
+
+    def __delitem__(self, name: str) -> None:
+        del self._recipes[name]
+
+    def __iter__(self) -> Iterator[str]:
+        self._load()
+        return iter(self._recipes)
+
+    def __len__(self) -> int:
+        self._load()
+        return len(self._recipes)
+
+
+RECIPES: MutableMapping[str, Recipe] = _Registry()
 
 
 def probe_lr(method: str, dataset: str, clsp_lambda: float) -> float:

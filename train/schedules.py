@@ -1,4 +1,5 @@
-"""The CLSP term's weight lambda over training: ramped up from 0, then held.
+"""Values that move over training: the CLSP term's weight lambda (ramped up from 0, then held), and the
+EMA coefficient of momentum copies (a half-cosine rise, solo-learn's).
 
 Early on the encoder's embeddings are random, and pulling every anchor onto a synthetic positive that may
 show another class (about 4 in 10 on the digits default) can collapse the contrastive loss before it has
@@ -6,6 +7,8 @@ learnt anything (observed with lambda 1.0). A linear ramp lets the base loss sha
 """
 
 from __future__ import annotations
+
+import math
 
 from clsp.errors import UserError
 
@@ -25,3 +28,9 @@ def clsp_lambda_at(step: int, total_steps: int, lambda_max: float, ramp_steps: i
     if step >= ramp_steps:
         return float(lambda_max)
     return lambda_max * step / ramp_steps
+
+
+def cosine_momentum(base: float, end: float, progress: float) -> float:
+    """EMA coefficient rising from ``base`` at the start to ``end`` at the end along a half cosine."""
+    progress = min(max(progress, 0.0), 1.0)
+    return end - (end - base) * (math.cos(math.pi * progress) + 1.0) / 2.0

@@ -3,7 +3,7 @@
 One code path for CPU, one GPU and many GPUs or nodes (Accelerate); ``clsp_lambda=0`` is the
 baseline through the same code. What a run leaves in ``out``:
 
-- ``checkpoint.pt``: model (with queues and support set), optimisers, scheduler, probe, RNG states,
+- ``checkpoint.pt``: model (with queues, support set and online probe), optimisers, scheduler, RNG states,
   epoch and step, written atomically; a rerun with the same settings resumes from it.
 - ``encoder.safetensors`` + ``encoder.json``: the backbone for evaluation and for users' own code.
 - ``train_summary.json``, ``loss_curve.png`` and ``tensorboard/`` (each loss term, learning rate,
@@ -15,38 +15,33 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from clsp.config import fields_with_role, identity, required
 from clsp.errors import UserError
 from clsp.io import check_creatable, load_weights, remove_stale_temporaries, write_json_atomic
 from clsp.log import Rate
-from clsp.resume import load_checkpoint, resume_settings, save_checkpoint, set_rng_state, weights_digest
+from clsp.resume import load_checkpoint, save_checkpoint, set_rng_state, weights_digest
 from clsp.runtime import make_accelerator, progress, resolve_precision
 from clsp.shards import reader
 from clsp.train.augment import DeviceAugment, view_augmentations
-from clsp.train.backbones import EncoderCard, build_backbone, export_encoder
+from clsp.train.backbones import EncoderCard, build_backbone, export_encoder, feature_dim
 from clsp.train.collapse import CollapseMonitor, nt_xent_at_collapse
 from clsp.train.config import TrainJob
 from clsp.train.data import ContrastiveStream, make_loader, open_shards, step_seed
-from clsp.train.methods import build_method
+from clsp.train.methods import Method, build_method
 from clsp.train.optim import build_optimizer, warmup_cosine
 from clsp.train.recipes import normalisation, probe_lr
 from clsp.train.schedules import clsp_lambda_at
 
-ONLINE_PROBE_LR = 0.1  # the online probe only monitors training; the evaluation probe is clsp-eval linear
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "train_summary.json"
 CURVE = "loss_curve.png"
 METRICS = ("loss", "loss_base", "loss_clsp", "nn_acc", "probe_acc", "z_std")
-# Settings that do not change the weights, so a run may resume with other values of them.
-# Where a run reads and writes: not part of what an encoder is (its card stays the same wherever it was trained).
-_PATHS = {"out", "shards", "data_root", "decoded_cache_dir"}
-_NOT_RESUMED = ("out", "shards", "data_root", "decoded_cache_dir", "allow_partial", "checkpoint_every",
-                "checkpoint_steps", "log_every", "compile", "stop_on_collapse")
 
 
 class Trainer:
@@ -65,6 +60,7 @@ class Trainer:
         manifest = reader.read_manifest(job.shards)
         self.dataset = reader.load_dataset(manifest, job.data_root)
         self.config = job = job.resolved(self.dataset.name)
+        clsp_lambda = required(job.clsp_lambda, "clsp_lambda")  # the recipe's where the run leaves it unset
         # the recipe's statistics (NNCLR's CIFAR-10 std is not the authors'): used by the augmentation and
         # recorded in the encoder card, so evaluation normalises as training did
         self.dataset.mean, self.dataset.std = normalisation(job.method, self.dataset.name,
@@ -83,17 +79,18 @@ class Trainer:
             self.shards = replace(self.shards, held_out=frozenset(held.tolist()))
         self.image_size = self.dataset.image_size
         views = view_augmentations(job.method, job.model_dump())
+        choice_params: dict[str, dict[str, Any]] = {"top-m": {"m": job.positive_top_m},
+                                                    "score-weighted": {"tau": job.positive_tau}}
         self.stream = ContrastiveStream(
             self.shards, self.dataset, batch_size=self.batch_size, seed=job.seed, rank=self.rank,
-            world_size=self.world_size, num_workers=job.workers, positives=job.clsp_lambda > 0,
+            world_size=self.world_size, num_workers=job.workers, positives=clsp_lambda > 0,
             views=views if job.augment == "cpu" else None, choice=job.positive_choice,
-            choice_params={"top-m": {"m": job.positive_top_m},
-                           "score-weighted": {"tau": job.positive_tau}}.get(job.positive_choice, {}),
+            choice_params=choice_params.get(job.positive_choice, {}),
             cache_dir=job.decoded_cache_dir, source=job.positive_source)
         if job.positive_source != "synthetic" and job.positive_choice != "uniform":
             raise UserError(f"--positive-choice {job.positive_choice} chooses among the shards' candidates, which "
                             f"--positive-source {job.positive_source} does not use; leave --positive-choice uniform")
-        if job.positive_choice != "uniform" and job.clsp_lambda > 0 and not manifest.generation.get("scores"):
+        if job.positive_choice != "uniform" and clsp_lambda > 0 and not manifest.generation.get("scores"):
             raise UserError(f"--positive-choice {job.positive_choice} needs the candidates' scores, which the shards "
                             f"in {job.shards} do not hold; generate them with clsp-gen --scores (the default)")
         self.labelled = self.dataset.has_labels and bool((self.stream.labels >= 0).all())
@@ -101,34 +98,37 @@ class Trainer:
         torch.manual_seed(job.seed)
         self.small_stem = self.image_size <= 64
         backbone = build_backbone(job.backbone, small_stem=self.small_stem)
-        method = build_method(job, backbone)
+        method = build_method(job, backbone, self.dataset.num_classes if self.labelled else 0)
         if job.sync_bn and self.world_size > 1:
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         if job.compile:
             method.backbone.compile()
-        optimizer = build_optimizer(job.optimizer, method.parameter_groups(job.weight_decay, job.weight_decay_scope),
-                                    job.lr)
+        groups = method.parameter_groups(required(job.weight_decay, "weight_decay"),
+                                         required(job.weight_decay_scope, "weight_decay_scope"))
+        optimizer = build_optimizer(required(job.optimizer, "optimizer"), groups, required(job.lr, "lr"))
         self.steps_per_epoch = self.stream.steps
         self.total_steps = self.steps_per_epoch * job.epochs
         self.lambda_ramp_steps = round(job.clsp_lambda_ramp_epochs * self.steps_per_epoch)
-        self.scheduler = warmup_cosine(optimizer, unit=job.schedule_unit, warmup_epochs=job.warmup_epochs,
+        self.scheduler = warmup_cosine(optimizer, unit=required(job.schedule_unit, "schedule_unit"),
+                                       warmup_epochs=required(job.warmup_epochs, "warmup_epochs"),
                                        epochs=job.epochs, steps_per_epoch=self.steps_per_epoch,
-                                       start_lr=job.warmup_start_lr)
-        probe = nn.Linear(backbone.feature_dim, max(1, self.dataset.num_classes))
-        probe_optimizer = torch.optim.SGD(probe.parameters(), lr=ONLINE_PROBE_LR, momentum=0.9)
-        self.model, self.optimizer, self.probe, self.probe_optimizer = self.accelerator.prepare(
-            method, optimizer, probe, probe_optimizer)
+                                       start_lr=required(job.warmup_start_lr, "warmup_start_lr"))
+        probe_optimizer = method.probe_optimizer()  # the method's online probe (None on unlabelled data)
+        self.model, self.optimizer, *probe = self.accelerator.prepare(
+            method, optimizer, *([probe_optimizer] if probe_optimizer is not None else []))
+        self.probe_optimizer = probe[0] if probe else None
         self.device_augment = None if job.augment == "cpu" else tuple(
             DeviceAugment(self.image_size, self.dataset.mean, self.dataset.std, view).to(self.device) for view in views)
         self.epoch, self.step_in_epoch, self.elapsed = 0, 0, 0.0
         self.history: list[list[float]] = []  # per step: global step, loss, loss_base, loss_clsp (rank 0)
         self.epoch_metrics: dict[str, float] = {}
-        self.collapse = CollapseMonitor(job.proj_output_dim, nt_xent_at_collapse(job.batch_size)
+        self.collapse = CollapseMonitor(required(job.proj_output_dim, "proj_output_dim"),
+                                        nt_xent_at_collapse(required(job.batch_size, "batch_size"))
                                         if job.method == "simclr" else None)
 
     # ---- state -------------------------------------------------------------------------------------
     @property
-    def method(self) -> nn.Module:
+    def method(self) -> Method:
         return self.accelerator.unwrap_model(self.model)
 
     @property
@@ -136,8 +136,9 @@ class Trainer:
         return self.epoch * self.steps_per_epoch + self.step_in_epoch
 
     def _settings(self) -> dict:
-        """The resolved settings a resumed run must match (the process count too: it splits the epoch)."""
-        return {**resume_settings(self.config.model_dump(), _NOT_RESUMED), "world_size": self.world_size}
+        """The resolved settings a resumed run must match: those that shape the result (``clsp.config.identity``),
+        and the process count, which splits the epoch."""
+        return {**identity(self.config), "world_size": self.world_size}
 
     def save(self) -> None:
         """Checkpoint (main process; every rank waits for it)."""
@@ -146,8 +147,8 @@ class Trainer:
             save_checkpoint(self.out / CHECKPOINT, {
                 "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
-                "probe": self.accelerator.unwrap_model(self.probe).state_dict(),
-                "probe_optimizer": self.probe_optimizer.state_dict(), "epoch": self.epoch,
+                **({"probe_optimizer": self.probe_optimizer.state_dict()} if self.probe_optimizer else {}),
+                "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch, "elapsed": self.elapsed,
                 "history": torch.tensor(self.history, dtype=torch.float64).reshape(-1, 4),
                 "epoch_metrics": self.epoch_metrics, "collapse_z_std": self.collapse.z_std}, self._settings())
@@ -162,8 +163,8 @@ class Trainer:
         load_weights(self.method, state["model"], self.out / CHECKPOINT, fix)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        load_weights(self.accelerator.unwrap_model(self.probe), state["probe"], self.out / CHECKPOINT, fix)
-        self.probe_optimizer.load_state_dict(state["probe_optimizer"])
+        if self.probe_optimizer is not None:
+            self.probe_optimizer.load_state_dict(state["probe_optimizer"])
         set_rng_state(state["rng"])
         self.epoch, self.step_in_epoch, self.elapsed = state["epoch"], state["step_in_epoch"], state["elapsed"]
         self.history = state["history"].tolist()
@@ -191,24 +192,21 @@ class Trainer:
         x1, x2, x3 = self._views(batch, step)
         labels = batch["label"].to(self.device, non_blocking=True) if self.labelled else None
         self.model.train()
-        self.method.clsp_lambda = clsp_lambda_at(self.global_step, self.total_steps, self.config.clsp_lambda,
+        self.method.clsp_lambda = clsp_lambda_at(self.global_step, self.total_steps,
+                                                 required(self.config.clsp_lambda, "clsp_lambda"),
                                                  self.lambda_ramp_steps)
         out = self.model(x1, x2, x3, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.accelerator.backward(out["loss"])
+        optimizers = [self.optimizer] + ([self.probe_optimizer] if self.probe_optimizer is not None else [])
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        # the probe's loss reaches only the probe (its features are detached): one backward for both
+        self.accelerator.backward(out["loss"] + out["loss_probe"] if "loss_probe" in out else out["loss"])
         self.optimizer.step()
         self.scheduler.step()
         self.method.on_train_step_end((self.global_step + 1) / self.total_steps)
-        metrics = {k: out[k].detach().float() for k in ("loss", "loss_base", "loss_clsp", "nn_acc", "z_std")
-                   if k in out}
-        if self.labelled:
-            logits = self.probe(out["features"].float())
-            probe_loss = F.cross_entropy(logits, labels)
-            self.probe_optimizer.zero_grad(set_to_none=True)
-            self.accelerator.backward(probe_loss)
+        if self.probe_optimizer is not None:
             self.probe_optimizer.step()
-            metrics["probe_acc"] = (logits.detach().argmax(1) == labels).float().mean()
-        return metrics
+        return {k: out[k].detach().float() for k in METRICS if k in out}
 
     # ---- the run ----------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -262,9 +260,9 @@ class Trainer:
             self.epoch_metrics = dict(zip(keys, means))
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         if acc.is_main_process:
-            for key, value in self.epoch_metrics.items():
-                self.writer.add_scalar(f"epoch/{key}", value, self.epoch)
-            self._log_epoch(rate.describe(self.steps_per_epoch, "img", scale=config.batch_size))
+            for key, mean in self.epoch_metrics.items():
+                self.writer.add_scalar(f"epoch/{key}", mean, self.epoch)
+            self._log_epoch(rate.describe(self.steps_per_epoch, "img", scale=required(config.batch_size, "batch_size")))
         if sums:
             self._check_collapse()
         if self.epoch % config.checkpoint_every == 0 or self.epoch == config.epochs:
@@ -323,20 +321,23 @@ class Trainer:
         checksums = gather_object([weights_digest(backbone)])
         summary = {
             "method": config.method, "clsp_lambda": config.clsp_lambda, "backbone": config.backbone,
-            "dataset": self.shards.store.manifest.dataset.model_dump(), "epochs": config.epochs, "steps": self.global_step,
+            "dataset": self.shards.store.manifest.dataset.model_dump(), "epochs": config.epochs,
+            "steps": self.global_step,
             "batch_size": config.batch_size, "world_size": self.world_size, "anchors": self.shards.num_anchors,
-            "anchors_per_epoch": self.steps_per_epoch * config.batch_size,
-            "precision": resolve_precision(config.precision, self.device), "settings": config.model_dump(exclude=_PATHS),
+            "anchors_per_epoch": self.steps_per_epoch * required(config.batch_size, "batch_size"),
+            "precision": resolve_precision(config.precision, self.device),
+            "settings": config.model_dump(exclude=fields_with_role(config, "location")),
             "time_s": round(self.elapsed, 2), "final": self.epoch_metrics, "rank_checksums": checksums,
             "ranks_in_sync": len(set(checksums)) == 1, "collapse": self.collapse.record(),
         }
         if acc.is_main_process:
-            card = EncoderCard(backbone=config.backbone, small_stem=self.small_stem, feature_dim=backbone.feature_dim,
+            card = EncoderCard(backbone=config.backbone, small_stem=self.small_stem, feature_dim=feature_dim(backbone),
                                method=config.method, clsp_lambda=config.clsp_lambda,
                                dataset=self.shards.store.manifest.dataset.model_dump(), image_size=self.image_size,
                                mean=list(self.dataset.mean), std=list(self.dataset.std),
-                               probe_lr=probe_lr(config.method, self.dataset.name, config.clsp_lambda),
-                               settings=config.model_dump(exclude=_PATHS))
+                               probe_lr=probe_lr(config.method, self.dataset.name,
+                                                 required(config.clsp_lambda, "clsp_lambda")),
+                               settings=identity(config))
             export_encoder(backbone, self.out, card)
             write_json_atomic(self.out / SUMMARY, summary)
             plot_losses(self.history, self.out / CURVE, self.steps_per_epoch)

@@ -1,29 +1,58 @@
-"""The contrastive methods, each with the CLSP term: ``build_method(job, backbone)``."""
+"""The contrastive methods, each with the CLSP term: ``build_method(job, backbone)``.
+
+Every module in this folder is imported here, and each registers its method (``base.register``), so
+adding a method is adding one file; a method defined elsewhere registers the same way before the run's
+settings are validated.
+"""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from collections.abc import Callable
+from typing import cast
+
 from torch import nn
 
+from clsp.config import required
 from clsp.train.config import TrainJob
-from clsp.train.methods.base import EncodedView, Method
-from clsp.train.methods.moco import MoCo
-from clsp.train.methods.nnclr import NNCLR
-from clsp.train.methods.simclr import SimCLR
-from clsp.train.recipes import METHODS
+from clsp.train.methods.base import REGISTRY, EncodedView, Method, register
 
-_CLASSES: dict[str, type[Method]] = {"simclr": SimCLR, "moco": MoCo, "nnclr": NNCLR}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
-
-def build_method(job: TrainJob, backbone: nn.Module) -> Method:
-    """The method of a resolved ``job`` (``TrainJob.resolved``) on ``backbone`` (which needs ``.feature_dim``)."""
-    common = {"clsp_lambda": job.clsp_lambda, "temperature": job.temperature,
-              "proj_hidden_dim": job.proj_hidden_dim, "proj_output_dim": job.proj_output_dim,
-              "forward_mode": job.forward}
-    extra = {"simclr": {},
-             "moco": {"queue_size": job.queue_size, "momentum": job.momentum, "momentum_end": job.momentum_end},
-             "nnclr": {"queue_size": job.queue_size, "pred_hidden_dim": job.pred_hidden_dim,
-                       "nn_index": job.nn_index}}[job.method]
-    return _CLASSES[job.method](backbone, **common, **extra)
+METHODS: tuple[str, ...] = tuple(REGISTRY)  # the methods of this folder
 
 
-__all__ = ["METHODS", "EncodedView", "Method", "MoCo", "NNCLR", "SimCLR", "build_method"]
+def registered() -> tuple[str, ...]:
+    """The names ``--method`` accepts: this folder's methods and any registered since."""
+    return tuple(REGISTRY)
+
+
+def method_only_settings() -> dict[str, tuple[str, ...]]:
+    """Training setting -> the methods that take it, for the settings some methods do not take."""
+    owners: dict[str, tuple[str, ...]] = {}
+    for name, cls in REGISTRY.items():
+        for setting in cls.settings:
+            owners[setting] = (*owners.get(setting, ()), name)
+    return owners
+
+
+def build_method(job: TrainJob, backbone: nn.Module, num_classes: int = 0) -> Method:
+    """The method of a resolved ``job`` (``TrainJob.resolved``) on ``backbone`` (which needs ``.feature_dim``),
+    with an online linear probe over ``num_classes`` classes when there are any."""
+    cls = REGISTRY[job.method]
+    # a registered method is built from (backbone, *, the common settings below, its own ``settings``), not
+    # from Method's own (backbone, projector, ...): a convention of ``register`` that the type cannot carry
+    make = cast(Callable[..., Method], cls)
+    method = make(backbone, clsp_lambda=required(job.clsp_lambda, "clsp_lambda"),
+                  temperature=required(job.temperature, "temperature"),
+                  proj_hidden_dim=required(job.proj_hidden_dim, "proj_hidden_dim"),
+                  proj_output_dim=required(job.proj_output_dim, "proj_output_dim"),
+                  forward_mode=required(job.forward, "forward"), **{name: getattr(job, name) for name in cls.settings})
+    if num_classes:
+        method.attach_probe(num_classes)
+    return method
+
+
+__all__ = ["METHODS", "EncodedView", "Method", "build_method", "method_only_settings", "register", "registered"]

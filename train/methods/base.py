@@ -1,8 +1,12 @@
-"""The shared frame of every method: encode the views, add the CLSP term, group parameters.
+"""The shared frame of every method: encode the views, add the CLSP term, train the online probe, move
+the momentum copies, group parameters; and the registry of methods.
 
 A method is one ``nn.Module`` whose ``forward`` is the whole training step's forward, so that the trainer
-can call it through the DDP wrapper and gradients synchronise. Subclasses only say how the two real views
-give the base loss (``base_loss``) and what happens after the optimiser step (``on_train_step_end``).
+can call it through the DDP wrapper and gradients synchronise. A method is one file in this folder: a
+subclass decorated with ``@register`` that names itself, its ``recipe``, the training ``settings`` its
+constructor takes, how the two real views give its base loss (``base_loss``) and, if it has momentum
+copies, which (``momentum_pairs``). Its online linear probe (a monitor of training, not the evaluation
+probe of ``clsp-eval linear``) is part of the module, so it is checkpointed and resumed with it.
 
 BatchNorm's running statistics are what evaluation normalises with, so synthetic images must not set them
 (METHOD.md section 3): in the ``joint`` pass (the authors' SimCLR) they are the statistics of the
@@ -12,17 +16,25 @@ is normalised with its own batch statistics but leaves the running ones as the t
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clsp.train.backbones import feature_dim
 from clsp.train.collapse import std_of_l2_normalized
+from clsp.train.config import TrainSettings
 from clsp.train.losses import clsp_loss
+from clsp.train.recipes import RECIPES, ForwardMode, Recipe
+from clsp.train.schedules import cosine_momentum
+
+ONLINE_PROBE_LR = 0.1  # the online probe only monitors training; the evaluation probe is clsp-eval linear
+PROBE_MOMENTUM = 0.9
 
 
 @dataclass
@@ -50,6 +62,12 @@ def running_stats_kept(module: nn.Module) -> Iterator[None]:
             layer.track_running_stats = True
 
 
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """``target = momentum * target + (1 - momentum) * online``, parameter by parameter."""
+    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1.0 - momentum)
+
+
 class Method(nn.Module):
     """Base method with the CLSP term ``L = L_base + clsp_lambda * mean ||z1 - z3||^2``.
 
@@ -60,15 +78,45 @@ class Method(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    recipe: ClassVar[Recipe]
+    # the training settings the constructor takes besides the common ones; set for another method they are
+    # refused (``TrainJob.resolved``)
+    settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, *, clsp_lambda: float,
-                 temperature: float, forward_mode: Literal["joint", "separate"] = "separate") -> None:
+                 temperature: float, forward_mode: ForwardMode = "separate",
+                 momentum: float | None = None, momentum_end: float | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = projector
         self.clsp_lambda = float(clsp_lambda)
         self.temperature = float(temperature)
         self.forward_mode = forward_mode
+        self.probe: nn.Linear | None = None
+        # the EMA coefficient of the momentum copies rises from ``momentum`` to ``momentum_end`` (a method
+        # with ``momentum_pairs`` takes both settings); ``self.momentum`` is the latest, for logging
+        self.base_momentum, self.end_momentum = momentum, momentum_end
+        self.momentum = momentum
+
+    @staticmethod
+    def momentum_copy(module: nn.Module) -> nn.Module:
+        """A copy of ``module`` that follows it by EMA and gets no gradient."""
+        return copy.deepcopy(module).requires_grad_(False)
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(online module, its momentum copy) pairs, moved by EMA after every optimiser step; none by default."""
+        return []
+
+    def attach_probe(self, num_classes: int) -> None:
+        """Add the online linear probe on the backbone's features; trained on detached features, it
+        monitors the representation without changing it."""
+        self.probe = nn.Linear(feature_dim(self.backbone), num_classes)
+
+    def probe_optimizer(self) -> torch.optim.Optimizer | None:
+        """The probe's own optimiser: SGD at a constant rate, outside the encoder's warm-up and cosine schedule."""
+        if self.probe is None:
+            return None
+        return torch.optim.SGD(self.probe.parameters(), lr=ONLINE_PROBE_LR, momentum=PROBE_MOMENTUM)
 
     def encode(self, images: Tensor) -> EncodedView:
         features = self.backbone(images)
@@ -91,18 +139,20 @@ class Method(nn.Module):
                 labels: Tensor | None = None) -> dict[str, Tensor]:
         """One training step's forward: ``{"loss", "loss_base", "loss_clsp", "features", ...metrics}``.
 
-        ``features`` is ``backbone(x1)`` detached, for an online linear probe. ``forward_mode`` says how the
-        views meet BatchNorm (the module's docstring).
+        ``features`` is ``backbone(x1)`` detached. With a probe and labels, ``loss_probe`` (its
+        cross-entropy on those features, to be added to ``loss`` for the backward pass: it has no gradient
+        into the encoder) and ``probe_acc`` come too. ``forward_mode`` says how the views meet BatchNorm
+        (the module's docstring).
         """
-        synthetic = x3 is not None and self.clsp_lambda > 0
+        x3 = x3 if self.clsp_lambda > 0 else None  # the baseline forwards no view 3
         v3 = None
         if self.forward_mode == "joint":
-            v1, v2, *rest = self.encode_joint([x1, x2, x3] if synthetic else [x1, x2])
-            v3 = rest[0] if synthetic else None
+            v1, v2, *rest = self.encode_joint([x1, x2] if x3 is None else [x1, x2, x3])
+            v3 = rest[0] if rest else None
         else:
             v1, v2 = self.encode(x1), self.encode(x2)
         out = self.base_loss(v1, v2, labels)
-        if synthetic:
+        if x3 is not None:
             if v3 is None:
                 with running_stats_kept(self):
                     v3 = self.encode(x3)
@@ -113,20 +163,53 @@ class Method(nn.Module):
         out["loss"] = out["loss_base"] + self.clsp_lambda * loss_clsp
         out["features"] = v1.features.detach()
         out["z_std"] = std_of_l2_normalized(v1.z.detach())  # 0 at collapse (clsp.train.collapse)
+        if self.probe is not None and labels is not None:
+            logits = self.probe(out["features"].float())
+            out["loss_probe"] = F.cross_entropy(logits, labels)
+            out["probe_acc"] = (logits.detach().argmax(1) == labels).float().mean()
         return out
 
     def on_train_step_end(self, progress: float) -> None:
-        """Called after each optimiser step with the fraction of training done (0 to 1)."""
+        """Called after each optimiser step with the fraction of training done (0 to 1): moves the momentum
+        copies towards their online modules, with the coefficient for ``progress``."""
+        pairs = self.momentum_pairs()
+        if not pairs:
+            return
+        if self.base_momentum is None or self.end_momentum is None:
+            raise TypeError(f"{type(self).__name__} has momentum pairs but no momentum and momentum_end")
+        self.momentum = cosine_momentum(self.base_momentum, self.end_momentum, progress)
+        for online, target in pairs:
+            ema_update(target, online, self.momentum)
 
     def parameter_groups(self, weight_decay: float, scope: str = "all") -> list[dict]:
         """Trainable parameters in two groups. ``scope="all"`` (the authors' SGD recipes) decays every
         parameter; ``scope="weights"`` (solo-learn's LARS recipe) puts biases and norm-layer parameters
         (every 1-d parameter) in a group without weight decay, flagged ``lars_exclude`` so that LARS
         leaves their learning rate unadapted."""
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
+        probe = {id(param) for param in self.probe.parameters()} if self.probe is not None else set()
         for param in self.parameters():
-            if param.requires_grad:
+            if param.requires_grad and id(param) not in probe:  # the probe has its own optimiser
                 (no_decay if scope == "weights" and param.ndim <= 1 else decay).append(param)
         groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay, "lars_exclude": False},
                   {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
         return [group for group in groups if group["params"]]
+
+
+M = TypeVar("M", bound=type[Method])
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: M) -> M:
+    """Class decorator: make ``cls`` a method that ``--method cls.name`` selects, with its recipe."""
+    if not cls.name or not getattr(cls, "recipe", None):
+        raise TypeError(f"{cls.__name__} needs a name and a recipe to be registered")
+    if REGISTRY.get(cls.name, cls) is not cls:
+        raise ValueError(f"method {cls.name!r} is registered already (by {REGISTRY[cls.name].__name__})")
+    unknown = [name for name in cls.settings if name not in TrainSettings.model_fields]
+    if unknown:
+        raise ValueError(f"{cls.__name__}.settings names {', '.join(unknown)}, which are not training settings")
+    REGISTRY[cls.name] = cls
+    RECIPES[cls.name] = cls.recipe
+    return cls

@@ -7,47 +7,46 @@ network, like ``z1``: the momentum network gets no gradient, so the term could n
 
 from __future__ import annotations
 
-import copy
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clsp.train.backbones import feature_dim
 from clsp.train.heads import simclr_projector
 from clsp.train.losses import moco_loss
 from clsp.train.memory import FIFOQueue
-from clsp.train.methods.base import EncodedView, Method
+from clsp.train.methods.base import EncodedView, Method, register
+from clsp.train.recipes import ForwardMode, Recipe, ViewAugmentation
 
 
-def cosine_momentum(base: float, end: float, progress: float) -> float:
-    """EMA coefficient rising from ``base`` at the start to ``end`` at the end along a half cosine."""
-    progress = min(max(progress, 0.0), 1.0)
-    return end - (end - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
-
-
-@torch.no_grad()
-def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """``target = momentum * target + (1 - momentum) * online``, parameter by parameter."""
-    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1.0 - momentum)
-
-
+@register
 class MoCo(Method):
     name = "moco"
+    settings = ("queue_size", "momentum", "momentum_end")
+    # CLSP-MoCo (the authors' code): batch 512, lr 0.3, two 32768-key queues, momentum 0.99 -> 0.999,
+    # saturation 0.2, solarization, one backbone call per view. On CIFAR-100 CLSP-MoCo has lambda 0.2 and
+    # probe lr 10; its baseline keeps 1.
+    recipe = Recipe(batch_size=512, lr=0.3, optimizer="sgd", weight_decay=1e-4, weight_decay_scope="all",
+                    clsp_lambda=0.5, probe_lr=1.0,
+                    augmentation=ViewAugmentation(saturation=0.2, solarize_p=0.2), forward="separate",
+                    schedule_unit="epoch", warmup_start_lr=1e-3,
+                    queue_size=32768, momentum=0.99, momentum_end=0.999,
+                    by_dataset={"cifar100": {"clsp_lambda": 0.2, "clsp_probe_lr": 10.0}})
 
     def __init__(self, backbone: nn.Module, *, clsp_lambda: float, temperature: float, proj_hidden_dim: int,
                  proj_output_dim: int, queue_size: int, momentum: float, momentum_end: float,
-                 forward_mode: str = "separate") -> None:
-        projector = simclr_projector(backbone.feature_dim, proj_hidden_dim, proj_output_dim)
+                 forward_mode: ForwardMode = "separate") -> None:
+        projector = simclr_projector(feature_dim(backbone), proj_hidden_dim, proj_output_dim)
         super().__init__(backbone, projector, clsp_lambda=clsp_lambda, temperature=temperature,
-                         forward_mode=forward_mode)
-        self.momentum_backbone = copy.deepcopy(backbone).requires_grad_(False)
-        self.momentum_projector = copy.deepcopy(projector).requires_grad_(False)
-        self.base_momentum, self.end_momentum = float(momentum), float(momentum_end)
-        self.momentum = self.base_momentum  # the coefficient of the latest update, for logging
+                         forward_mode=forward_mode, momentum=float(momentum), momentum_end=float(momentum_end))
+        self.momentum_backbone = self.momentum_copy(backbone)
+        self.momentum_projector = self.momentum_copy(projector)
         # queue1 holds keys of view 1 (negatives for view-2 queries), queue2 those of view 2.
         self.queue1 = FIFOQueue(queue_size, proj_output_dim)
         self.queue2 = FIFOQueue(queue_size, proj_output_dim)
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.backbone, self.momentum_backbone), (self.projector, self.momentum_projector)]
 
     @torch.no_grad()
     def keys(self, images: Tensor) -> Tensor:
@@ -62,9 +61,3 @@ class MoCo(Method):
         self.queue1.push(k1)
         self.queue2.push(k2)
         return {"loss_base": loss}
-
-    def on_train_step_end(self, progress: float) -> None:
-        """Move the momentum network towards the online one, with the coefficient for ``progress``."""
-        self.momentum = cosine_momentum(self.base_momentum, self.end_momentum, progress)
-        ema_update(self.momentum_backbone, self.backbone, self.momentum)
-        ema_update(self.momentum_projector, self.projector, self.momentum)

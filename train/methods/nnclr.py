@@ -12,19 +12,33 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from clsp.train.backbones import feature_dim
 from clsp.train.heads import nnclr_predictor, nnclr_projector
 from clsp.train.losses import nnclr_loss
 from clsp.train.memory import SupportSet
-from clsp.train.methods.base import EncodedView, Method
+from clsp.train.methods.base import EncodedView, Method, register
+from clsp.train.recipes import ForwardMode, Recipe, ViewAugmentation
 
 
+@register
 class NNCLR(Method):
     name = "nnclr"
+    settings = ("pred_hidden_dim", "queue_size", "nn_index")
+    # solo-learn's NNCLR: LARS, batch 256, lr 0.4, wd 1e-5 without biases and norms, BN projector
+    # 2048-2048-256, predictor 4096, 65536 x 256 support set searched exactly, asymmetric views (saturation
+    # 0.2 on both, solarization on the second), warm-up from 3e-5 stepped per step, CIFAR-10 std of
+    # torchvision's statistics; lambda as SimCLR's.
+    recipe = Recipe(batch_size=256, lr=0.4, optimizer="lars", weight_decay=1e-5, weight_decay_scope="weights",
+                    clsp_lambda=1.0, probe_lr=1.0, augmentation=ViewAugmentation(saturation=0.2),
+                    second_view=ViewAugmentation(saturation=0.2, solarize_p=0.2), forward="separate",
+                    schedule_unit="step", warmup_start_lr=3e-5,
+                    proj_hidden_dim=2048, pred_hidden_dim=4096, queue_size=65536, nn_index="flat",
+                    by_dataset={"cifar10": {"std": (0.2470, 0.2435, 0.2616)}})
 
     def __init__(self, backbone: nn.Module, *, clsp_lambda: float, temperature: float, proj_hidden_dim: int,
                  proj_output_dim: int, pred_hidden_dim: int, queue_size: int, nn_index: str,
-                 forward_mode: str = "separate") -> None:
-        projector = nnclr_projector(backbone.feature_dim, proj_hidden_dim, proj_output_dim)
+                 forward_mode: ForwardMode = "separate") -> None:
+        projector = nnclr_projector(feature_dim(backbone), proj_hidden_dim, proj_output_dim)
         super().__init__(backbone, projector, clsp_lambda=clsp_lambda, temperature=temperature,
                          forward_mode=forward_mode)
         self.predictor = nnclr_predictor(proj_output_dim, pred_hidden_dim)

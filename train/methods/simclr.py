@@ -4,17 +4,26 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from clsp.train.backbones import feature_dim
 from clsp.train.heads import simclr_projector
 from clsp.train.losses import nt_xent
-from clsp.train.methods.base import EncodedView, Method
+from clsp.train.methods.base import EncodedView, Method, register
+from clsp.train.recipes import ForwardMode, Recipe, ViewAugmentation
 
 
+@register
 class SimCLR(Method):
     name = "simclr"
+    # CLSP-SimCLR (the authors' code): batch 1024, SGD lr 0.5, wd 1e-4 on all parameters, projector
+    # 512-4096-256 without BN, the three views in one backbone call, warm-up from 1e-3 and cosine stepped
+    # once per epoch.
+    recipe = Recipe(batch_size=1024, lr=0.5, optimizer="sgd", weight_decay=1e-4, weight_decay_scope="all",
+                    clsp_lambda=1.0, probe_lr=1.0, augmentation=ViewAugmentation(), forward="joint",
+                    schedule_unit="epoch", warmup_start_lr=1e-3)
 
     def __init__(self, backbone: nn.Module, *, clsp_lambda: float, temperature: float, proj_hidden_dim: int,
-                 proj_output_dim: int, forward_mode: str = "separate") -> None:
-        projector = simclr_projector(backbone.feature_dim, proj_hidden_dim, proj_output_dim)
+                 proj_output_dim: int, forward_mode: ForwardMode = "separate") -> None:
+        projector = simclr_projector(feature_dim(backbone), proj_hidden_dim, proj_output_dim)
         super().__init__(backbone, projector, clsp_lambda=clsp_lambda, temperature=temperature,
                          forward_mode=forward_mode)
 

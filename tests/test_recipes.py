@@ -14,6 +14,7 @@ from torch import nn
 
 from clsp.pipeline import Pipeline, load_config
 from clsp.train.augment import ColorJitterPerImage, view_augmentations
+from clsp.train.config import TrainJob
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -248,3 +249,11 @@ def test_knn_takes_the_training_features_with_a_random_flip(tmp_path, monkeypatc
     assert (is_plain | is_mirrored).all()
     assert 16 < is_mirrored.sum() < 48 and 16 < is_plain.sum() < 48  # about half of each
     np.testing.assert_allclose(seen["test"], encoder.embed(test.images, spec), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["moco", "nnclr"])
+def test_digits_memory_is_no_larger_than_its_training_set_and_the_paper_sizes_stay(method):
+    digits = TrainJob(method=method, shards="s", out="o").resolved("digits")
+    assert digits.queue_size == 1024 and digits.queue_size < 1438 * 0.8
+    paper = {"moco": 32768, "nnclr": 65536}[method]
+    assert TrainJob(method=method, shards="s", out="o").resolved("cifar10").queue_size == paper

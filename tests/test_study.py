@@ -55,6 +55,7 @@ def test_runs_are_paired_by_seed_and_differ_only_in_lambda():
 def test_grid_is_the_cartesian_product_and_baselines_ignore_clsp_only_keys():
     cells = parse_grid(["train.clsp_lambda=0.3,1.0", "train.clsp_lambda_ramp_epochs=0,5", "train.warmup_epochs=1,5"])
     assert len(cells) == 8 and len({json.dumps(c, sort_keys=True) for c in cells}) == 8
+    assert parse_grid([]) == []  # no --grid: no validation phase at all
     assert cells[0] == {"clsp_lambda": 0.3, "clsp_lambda_ramp_epochs": 0, "warmup_epochs": 1}
     runs = {}
     for cell in cells:
@@ -134,29 +135,36 @@ def _write_results(eval_dir: Path, linear: float, knn: float, probe: float) -> N
         "knn": {"digits": {"best_top1": knn}}}))
 
 
-def test_selection_takes_the_best_validation_cell_and_never_reads_test_results(tmp_path: Path):
+def test_selection_takes_each_arms_best_recipe_on_validation_and_never_reads_test_results(tmp_path: Path):
     cells = parse_grid(["train.clsp_lambda=0.3,1.0", "train.warmup_epochs=1,5"])
-    gains = {0: -1.0, 1: 0.5, 2: 3.0, 3: 1.0}  # cell -> CLSP - baseline on validation
+    # (0.3, 1), (0.3, 5), (1.0, 1), (1.0, 5). Without warm-up the baseline is broken (70 against 85), so the
+    # largest CLSP - baseline difference (+12, cell 2) is not the best recipe: the best CLSP run with the
+    # baseline's best settings is cell 3 (88).
+    base = {1: 70.0, 5: 85.0}
+    clsp = {0: 80.0, 1: 86.0, 2: 82.0, 3: 88.0}
     for i, cell in enumerate(cells):
         per_arm = arm_runs("simclr", [0, 1, 2], None, cell, ("clsp", "baseline"), VALIDATION_PREFIX)
-        for seed, ((clsp, _), (base, _)) in enumerate(zip(per_arm["clsp"], per_arm["baseline"])):
-            _write_results(tmp_path / "eval" / base, 80.0 + seed, 70.0, 75.0)
-            _write_results(tmp_path / "eval" / clsp, 80.0 + seed + gains[i] + 0.1 * seed, 70.0, 75.0)
+        for seed, ((clsp_run, _), (base_run, _)) in enumerate(zip(per_arm["clsp"], per_arm["baseline"])):
+            _write_results(tmp_path / "eval" / base_run, base[cell["warmup_epochs"]] + seed, 70.0, 75.0)
+            _write_results(tmp_path / "eval" / clsp_run, clsp[i] + seed + 0.1 * seed, 70.0, 75.0)
         for name, _ in sum(arm_runs("simclr", [0, 1, 2], None, cell, ("clsp", "baseline")).values(), []):
             (tmp_path / "eval" / name).mkdir(parents=True, exist_ok=True)
             (tmp_path / "eval" / name / "results.json").write_text("poisoned: not JSON {")  # test-split runs
     grid = validation_grid(tmp_path, ["simclr"], [0, 1, 2], None, cells)["simclr"]
-    assert grid["selected"]["cell"] == 2 and grid["selected"]["settings"] == {"clsp_lambda": 1.0, "warmup_epochs": 1}
-    assert grid["cells"][0]["summary"]["linear top-1"]["difference"]["mean"] == pytest.approx(-1.0 + 0.1)
-    assert grid["selected"]["notes"] == []
-    hurting = select_cell([{"linear top-1": {"difference": {"mean": -2.0, "low": -3.0}}},
-                           {"linear top-1": {"difference": {"mean": -0.5, "low": -1.0}}}])
-    assert hurting["cell"] == 1 and "no cell puts CLSP above its baseline" in hurting["notes"][0]
-    tie = select_cell([{"linear top-1": {"difference": {"mean": 1.0, "low": 0.5}},
-                        "kNN top-1": {"difference": {"mean": 0.0}}},
-                       {"linear top-1": {"difference": {"mean": 1.0, "low": 0.5}},
-                        "kNN top-1": {"difference": {"mean": 2.0}}}])
-    assert tie["cell"] == 1 and "tied" in tie["notes"][0]
+    assert grid["selected"]["cell"] == 3 and grid["selected"]["settings"] == {"clsp_lambda": 1.0, "warmup_epochs": 5}
+    assert grid["cells"][2]["summary"]["linear top-1"]["difference"]["mean"] == pytest.approx(12.0 + 0.1)
+    assert grid["selected"]["clsp_linear"] == pytest.approx(89.1) and grid["selected"]["baseline_linear"] == 86.0
+    assert "chosen by the baseline's validation accuracy" in grid["selected"]["notes"][0]
+    summary = {"linear top-1": {"clsp": {"mean": 80.0}, "baseline": {"mean": 82.0},
+                                "difference": {"mean": -2.0, "low": -3.0}}}
+    better_clsp = {"linear top-1": {"clsp": {"mean": 81.0}, "baseline": {"mean": 82.0},
+                                    "difference": {"mean": -1.0, "low": -1.5}}}
+    hurting = select_cell([{"clsp_lambda": 0.3}, {"clsp_lambda": 1.0}], [summary, better_clsp])
+    assert hurting["cell"] == 1 and "not above its baseline" in hurting["notes"][0]
+    tied = {**better_clsp, "kNN top-1": {"clsp": {"mean": 90.0}, "baseline": {"mean": 80.0}}}
+    tie = select_cell([{"clsp_lambda": 0.3}, {"clsp_lambda": 1.0}],
+                      [{**better_clsp, "kNN top-1": {"clsp": {"mean": 85.0}}}, tied])
+    assert tie["cell"] == 1
 
 
 def test_controls_get_paired_differences_and_collapsed_runs_are_marked(tmp_path: Path):

@@ -26,7 +26,7 @@ import hashlib
 import itertools
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -190,7 +190,7 @@ def collapse_marks(study_dir: Path, runs: Iterable[str]) -> dict[str, bool | Non
 
 
 # ---- selection on validation ----------------------------------------------------------------------------------
-def select_cell(cells: list[Mapping[str, Any]], summaries: list[dict[str, Any]]) -> dict[str, Any]:
+def select_cell(cells: Sequence[Mapping[str, Any]], summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The recipe each arm would pick for itself on validation data, so neither arm is handicapped:
 
     1. the settings a baseline reads (the cell less the CLSP-only keys) whose baseline has the highest mean

@@ -56,6 +56,7 @@ def test_no_command_line_default_differs_from_the_model(command: click.Command, 
     ("train.epoch=3", "train.epoch"), ("train.runs={a: {method: byol}}", "train"),
     ("train.workers=-1", "train.workers"), ("evaluate.transfer=[nosuch]", "evaluate.transfer"),
     ("dataset.split=val", "dataset.split"), ("train.batch_size=0", "train.batch_size"),
+    ("train.epochs=3", "train"),  # the default's 5-epoch lambda ramp cannot fit: refused before any work
 ])
 def test_check_refuses_each_bad_value_in_one_line_naming_the_key(assignment: str, key: str, tmp_path: Path):
     result = CliRunner().invoke(run, [str(ROOT / "pipeline.yaml"), "--check", "--set", assignment,

@@ -22,8 +22,8 @@ from clsp.train.schedules import cosine_momentum
 SMALL = {"proj_hidden_dim": 32, "proj_output_dim": 16}
 
 
-def _job(name: str, **settings) -> TrainJob:
-    return TrainJob(method=name, shards="unused", out="unused", **settings).resolved("digits")
+def _job(name: str, dataset: str = "digits", **settings) -> TrainJob:
+    return TrainJob(method=name, shards="unused", out="unused", **settings).resolved(dataset)
 
 
 def _small_method(name: str, **kwargs):
@@ -106,7 +106,7 @@ def test_recipe_heads_and_memories_and_bad_options():
     with pytest.raises(UserError, match="momentum"):
         _job("nnclr", momentum=0.9)
     backbone = build_backbone("resnet-narrow")
-    nnclr = build_method(_job("nnclr"), backbone)
+    nnclr = build_method(_job("nnclr", "cifar10"), backbone)  # the paper recipe (digits has a smaller memory)
     linears = [m for m in nnclr.projector if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(backbone.feature_dim, 2048), (2048, 2048),
                                                                   (2048, 256)]
@@ -116,7 +116,7 @@ def test_recipe_heads_and_memories_and_bad_options():
     assert nnclr.support_set.embeddings.shape == (65536, 256)
     torch.testing.assert_close(nnclr.support_set.embeddings.norm(dim=1), torch.ones(65536))
     assert nnclr.clsp_lambda == 1.0 and nnclr.temperature == 0.2
-    moco = build_method(_job("moco"), build_backbone("resnet-narrow"))
+    moco = build_method(_job("moco", "cifar10"), build_backbone("resnet-narrow"))
     assert moco.queue1.embeddings.shape == (32768, 256) and moco.clsp_lambda == 0.5
     assert (moco.base_momentum, moco.end_momentum) == (0.99, 0.999)
     for method in ("simclr", "moco"):  # the authors' projector: 512-4096-256, ReLU, no BatchNorm

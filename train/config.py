@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from clsp.config import Precision, Settings, ValidationSettings, same_setting, setting
 from clsp.datasets import DEFAULT_DATA_ROOT
@@ -105,6 +105,14 @@ class TrainSettings(Settings):
         if method not in registered():
             raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(registered())}")
         return method
+
+    @model_validator(mode="after")
+    def _ramp_fits_the_run(self) -> TrainSettings:
+        """Refused here, before any work, rather than at the first training step."""
+        if self.clsp_lambda != 0 and self.clsp_lambda_ramp_epochs > self.epochs:
+            raise ValueError(f"clsp_lambda_ramp_epochs {self.clsp_lambda_ramp_epochs:g} is longer than the run's "
+                             f"{self.epochs} epochs; ramp over at most {self.epochs} (0: no ramp) or train longer")
+        return self
 
     @field_validator("clsp_lambda")
     @classmethod

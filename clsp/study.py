@@ -371,6 +371,7 @@ def plot_differences(summary: Mapping[str, Any], path: Path) -> None:
             diffs = [c - b for c, b in zip(per_seed["clsp"], per_seed["baseline"])]
             ax.scatter([i + 0.15] * len(diffs), diffs, s=8, alpha=0.5)
         ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlim(-0.5, len(methods) - 0.5)
         ax.set_xticks(range(len(methods)), methods)
         ax.set_title(f"{label}: CLSP - baseline")
         ax.set_ylabel("points")

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import yaml
 from diffusers import DDPMScheduler, UNet2DModel
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from clsp.config import Settings, setting
 from clsp.errors import UserError
 from clsp.io import file_digest, write_json_atomic
+from clsp.yamlio import read_yaml
 
 GROUPS = 32  # the authors' GroupNorm(32, C) everywhere
 TABLE_KEY = "time_embedding.timembedding.0.weight"
@@ -78,10 +78,7 @@ class ConvertJob(Settings):
 
 def read_config(path: str | Path) -> AuthorsConfig:
     """The authors' YAML, validated; one line naming the bad key otherwise."""
-    try:
-        values = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    values = read_yaml(path)  # within the configuration budgets (size, encoding, aliases, depth, duplicates)
     if not isinstance(values, dict):
         raise UserError(f"{path} must be a mapping of the authors' diffusion settings (T, channel, ...)")
     try:

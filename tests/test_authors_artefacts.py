@@ -284,7 +284,8 @@ def test_training_checkpoint_with_both_weights_uses_the_chosen_one(tmp_path):
             assert (got - model(x, t)).abs().max() < 1e-4, weights
 
 
-@pytest.mark.parametrize("case", ["wrong-shape", "missing-key", "other-config", "not-a-checkpoint", "bad-yaml"])
+@pytest.mark.parametrize("case", ["wrong-shape", "missing-key", "other-config", "not-a-checkpoint", "bad-yaml",
+                                  "duplicate-key"])
 def test_checkpoints_that_do_not_fit_are_refused_in_one_line(case, tmp_path):
     state = reference_model().state_dict()
     changes = {}
@@ -299,11 +300,14 @@ def test_checkpoints_that_do_not_fit_are_refused_in_one_line(case, tmp_path):
     ckpt, config = write_artefacts(tmp_path, state, **changes)
     if case == "not-a-checkpoint":
         ckpt.write_bytes(b"not a checkpoint")
+    if case == "duplicate-key":  # the authors' YAML is read within the configuration budgets
+        config.write_text(config.read_text() + "channel: 64\n")
     out = tmp_path / "out"
     line = one_error_line(run_convert(ckpt, config, out))
     expected = {"wrong-shape": "downblocks.0.block1.2.weight is [32, 32, 5, 5], the config needs [32, 32, 3, 3]",
                 "missing-key": "upblocks.1.attn.proj_k.bias missing", "other-config": "does not fit the config",
-                "not-a-checkpoint": "cannot read", "bad-yaml": "attn levels [3]"}[case]
+                "not-a-checkpoint": "cannot read", "bad-yaml": "attn levels [3]",
+                "duplicate-key": "duplicate key 'channel'"}[case]
     assert expected in line, line
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 

@@ -35,16 +35,19 @@ import click
 from clsp.errors import SETTINGS, Command, UserError
 from clsp.io import write_bytes_atomic, write_json_atomic
 
-# (results.json command, keys into its payload, label)
+# (results.json command, or "train" for train_summary.json; keys into its payload; label)
 METRICS = (("linear", ("top1",), "linear top-1"),
            ("linear", ("deterministic", "top1"), "deterministic probe top-1"),
-           ("knn", ("best_top1",), "kNN top-1"))
+           ("knn", ("best_top1",), "kNN top-1"),
+           # NNCLR: the share of support-set neighbours with the anchor's label in the last epoch (%), i.e. what
+           # the positives did to the neighbours; a method without a support set has no such row
+           ("train", ("final", "nn_acc"), "support-set nn accuracy"))
 SELECTION_METRIC, TIE_BREAK_METRIC = "linear top-1", "kNN top-1"
 CONTROLS = ("self", "oracle")
 ARM_SUFFIX = {"clsp": "clsp", "baseline": "base", "self": "self", "oracle": "oracle"}
 # Settings a baseline (lambda 0) never reads: a grid over them shares one baseline per seed.
-CLSP_ONLY = ("clsp_lambda", "clsp_lambda_ramp_epochs", "positive_choice", "positive_top_m", "positive_tau",
-             "positive_source")
+CLSP_ONLY = ("clsp_lambda", "clsp_lambda_ramp_epochs", "positive_loss", "positive_choice", "positive_top_m",
+             "positive_tau", "positive_source")
 VALIDATION_PREFIX = "val-"
 
 
@@ -141,22 +144,28 @@ def study_runs(methods: list[str], seeds: list[int], clsp_lambda: float | None,
 
 
 # ---- reading results ----------------------------------------------------------------------------------------
-def _metric(eval_dir: Path, command: str, keys: tuple[str, ...]) -> float | None:
-    from clsp.evaluate.report import load_results
+def _metric(study_dir: Path, name: str, command: str, keys: tuple[str, ...]) -> float | None:
+    """A run's value of one metric: from its evaluations' ``results.json``, or (``train``) its training summary,
+    where fractions become percentages like the accuracies beside them."""
+    from clsp.evaluate.report import load_results, train_summary
 
-    value: Any = next(iter(load_results(eval_dir).get(command, {}).values()), None)
+    value: Any
+    if command == "train":
+        value = train_summary(study_dir / "train" / name)
+    else:
+        value = next(iter(load_results(study_dir / "eval" / name).get(command, {}).values()), None)
     for key in keys:
         value = value.get(key) if isinstance(value, dict) else None
-    return None if value is None else float(value)
+    if value is None:
+        return None
+    return 100 * float(value) if command == "train" else float(value)
 
 
 def collapsed(train_dir: Path) -> bool | None:
     """Whether the run's training ended collapsed (``train_summary.json``); None where it records nothing."""
-    path = train_dir / "train_summary.json"
-    try:
-        record = json.loads(path.read_text()).get("collapse") if path.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None
+    from clsp.evaluate.report import train_summary
+
+    record = train_summary(train_dir).get("collapse")
     return bool(record.get("collapsed")) if isinstance(record, dict) and "collapsed" in record else None
 
 
@@ -166,7 +175,7 @@ def summarise(study_dir: Path, arms: Mapping[str, list[str]]) -> dict[str, Any]:
     A metric missing from any run (results written before it existed) is left out."""
     summary: dict[str, Any] = {}
     for command, keys, label in METRICS:
-        measured = {arm: [_metric(study_dir / "eval" / name, command, keys) for name in names]
+        measured = {arm: [_metric(study_dir, name, command, keys) for name in names]
                     for arm, names in arms.items()}
         if any(v is None for per_seed in measured.values() for v in per_seed):
             continue

@@ -110,15 +110,21 @@ def _encoder_info(results: Mapping[str, Any], dataset: str) -> dict[str, Any]:
     return {}
 
 
+def train_summary(train_dir: str | Path | None) -> dict[str, Any]:
+    """The ``train_summary.json`` of a training run directory; empty where there is none or it is unreadable."""
+    path = Path(train_dir) / "train_summary.json" if train_dir else None
+    try:
+        summary = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
 def collapse_note(label: str, encoder_dir: str | None) -> str | None:
     """A line saying that the run's training sat at collapse (``clsp.train.collapse``), from the
     ``train_summary.json`` beside its encoder; None when it did not or no summary is there."""
-    path = Path(encoder_dir) / "train_summary.json" if encoder_dir else None
-    if path is None or not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text()).get("collapse") or {}
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+    record = train_summary(encoder_dir).get("collapse")
+    if not isinstance(record, dict):
         return None
     epochs = ", ".join(map(str, record.get("epochs") or []))
     if not epochs:
@@ -128,6 +134,17 @@ def collapse_note(label: str, encoder_dir: str | None) -> str | None:
                 f"normalised projections x sqrt(d) below {record.get('threshold')}); its numbers measure a collapsed "
                 "encoder.")
     return f"{label}: sat at collapse at epochs {epochs} and recovered by the last epoch."
+
+
+def neighbour_row(label: str, train_dir: str | None) -> list[Any] | None:
+    """``[label, nn_acc % at epoch 1, the middle epoch, the last, the synthetic view's at the last]`` of a run
+    whose training recorded NNCLR's neighbour accuracy per epoch; None for other runs."""
+    epochs = [e for e in train_summary(train_dir).get("per_epoch") or [] if isinstance(e, dict) and "nn_acc" in e]
+    if not epochs:
+        return None
+    synthetic = epochs[-1].get("nn_acc_synthetic")
+    return [label, *(100 * epochs[i]["nn_acc"] for i in (0, len(epochs) // 2, -1)),
+            None if synthetic is None else 100 * synthetic]
 
 
 def write_report(run_dirs: Mapping[str, str | Path], out: str | Path, dataset: str) -> Path:
@@ -175,6 +192,14 @@ def write_report(run_dirs: Mapping[str, str | Path], out: str | Path, dataset: s
                 "no number for this dataset." if authors else
                 " The paper's numbers are not shown: they were measured with the authors' protocol."),
              markdown_table(headers, rows), *notes]
+    neighbours = [row for label, results in all_results.items()
+                  if (row := neighbour_row(label, _encoder_info(results, dataset).get("path"))) is not None]
+    if neighbours:
+        parts.append("Support-set neighbours (NNCLR): the share (%) of view-1 neighbours with the anchor's label, "
+                     "by training epoch, and of the synthetic view's neighbours (positive_loss nn); a positive that "
+                     "degrades the support set shows here first.")
+        parts.append(markdown_table(["run", "epoch 1", "middle epoch", "last epoch", "synthetic view, last epoch"],
+                                    neighbours, digits=1))
     labels = [label for label, value in linear.items() if value is not None]
     if len(labels) >= 2:
         first = labels[0]

@@ -16,7 +16,7 @@ from pydantic import field_validator, model_validator
 from clsp.config import Precision, Settings, ValidationSettings, same_setting, setting
 from clsp.datasets import DEFAULT_DATA_ROOT
 from clsp.errors import UserError
-from clsp.train.recipes import RECIPES, DecayScope, ForwardMode, NNIndex, Optimizer, ScheduleUnit
+from clsp.train.recipes import RECIPES, DecayScope, ForwardMode, NNIndex, Optimizer, PositiveLoss, ScheduleUnit
 
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet-narrow"]
 _RECIPE = "[default: the method's recipe]"
@@ -60,6 +60,11 @@ class TrainSettings(Settings):
     positive_choice: Literal["uniform", "top-m", "score-weighted"] = setting(
         "uniform", "Which of an anchor's k candidates is its positive each epoch: uniform (METHOD.md), uniform among "
                    "the top-m by stored score, or softmax(score / tau)-weighted (needs clsp-gen --scores).")
+    positive_loss: PositiveLoss | None = setting(
+        None, "How the synthetic positive enters the loss: align = lambda * ||z1 - z3||^2 (the authors' term); "
+              "infonce = the positive as a second positive of both real views inside the method's own contrastive "
+              "loss, against the same negatives; nn = (NNCLR) the positive's nearest neighbour in the support set "
+              f"as a positive of both views' predictions. {_RECIPE}")
     positive_top_m: int = setting(2, "m of the top-m choice.", ge=1, le=64)
     positive_tau: float = setting(0.1, "Temperature of the score-weighted choice.", gt=0, le=100)
     clsp_lambda_ramp_epochs: float = setting(0.0, "Ramp lambda linearly from 0 over these epochs (0: constant), so "
@@ -145,6 +150,12 @@ class TrainJob(TrainSettings):
             if values[name] is not None and self.method not in methods:
                 raise UserError(f"--{name.replace('_', '-')} applies only to {' and '.join(methods)}, not to "
                                 f"{self.method}; leave it unset")
+        from clsp.train.methods.base import REGISTRY
+
+        implemented = REGISTRY[self.method].positive_losses
+        if self.positive_loss is not None and self.positive_loss not in implemented:
+            raise UserError(f"--positive-loss {self.positive_loss} is not implemented by {self.method}; choose one "
+                            f"of: {', '.join(implemented)}")
         recipe = RECIPES[self.method].for_dataset(dataset)
         view = recipe["augmentation"]
         defaults = {**recipe, "crop_min_scale": view.crop_min_scale, "flip": view.flip}

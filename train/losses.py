@@ -19,11 +19,13 @@ from clsp.train.distributed import gather, get_rank, get_world_size
 
 
 def float32_math(loss: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """Run ``loss`` with autocast switched off, on its tensor arguments (positional or keyword) raised to at
-    least float32."""
+    """Run ``loss`` with autocast switched off, on its floating-point tensor arguments (positional or keyword)
+    raised to at least float32."""
 
     def raised(value):
-        return value.to(torch.promote_types(value.dtype, torch.float32)) if isinstance(value, Tensor) else value
+        if isinstance(value, Tensor) and value.is_floating_point():
+            return value.to(torch.promote_types(value.dtype, torch.float32))
+        return value  # masks and indices stay as they are
 
     @functools.wraps(loss)
     def wrapper(*args, **kwargs) -> Tensor:
@@ -51,6 +53,34 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.2) -> Tensor:
     positive = torch.cat([local + n, local])
     self_mask = F.one_hot(own, num_classes=2 * n).bool()
     return F.cross_entropy(logits.masked_fill(self_mask, float("-inf")), positive)
+
+
+@float32_math
+def positive_nce(queries: Tensor, positives: Tensor, keys: Tensor, excluded: Tensor | None = None,
+                 temperature: float = 0.2) -> Tensor:
+    """InfoNCE of each query against its own positive and the rows of ``keys`` as negatives.
+
+    Row i of ``queries`` [Q, D] has ``positives[i]`` as its positive; ``keys`` [K, D] are its negatives, less
+    those where ``excluded`` [Q, K] is True (the other views of the query's own image). This is how a
+    synthetic positive joins a method's loss (``positive_loss: infonce``) against that loss's negatives.
+    """
+    queries, positives, keys = (F.normalize(t, dim=-1) for t in (queries, positives, keys))
+    negatives = queries @ keys.T
+    if excluded is not None:
+        negatives = negatives.masked_fill(excluded, float("-inf"))
+    logits = torch.cat([(queries * positives).sum(dim=-1, keepdim=True), negatives], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device))
+
+
+def simclr_positive_nce(z1: Tensor, z2: Tensor, positive: Tensor, temperature: float = 0.2) -> Tensor:
+    """``positive`` as a second positive of both views of each local row in SimCLR's loss: the negatives are
+    those of ``nt_xent``, every view of the other images of the global batch."""
+    b, n = z1.shape[0], z1.shape[0] * get_world_size()
+    keys = torch.cat([gather(z1), gather(z2)])
+    local = torch.arange(b, device=z1.device) + get_rank() * b
+    own = F.one_hot(local, num_classes=n).bool()
+    excluded = torch.cat([own, own], dim=1).repeat(2, 1)  # both views of the query's own image
+    return positive_nce(torch.cat([z1, z2]), torch.cat([positive, positive]), keys, excluded, temperature)
 
 
 @float32_math

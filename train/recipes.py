@@ -17,6 +17,10 @@ DecayScope = Literal["all", "weights"]  # "weights": biases and norm parameters 
 ForwardMode = Literal["joint", "separate"]
 ScheduleUnit = Literal["epoch", "step"]
 NNIndex = Literal["flat", "ivf", "hnsw"]
+# How the synthetic positive enters the loss (``clsp.train.methods.base.Method.positive_term``): align is the
+# authors' term, infonce the positive inside the method's own contrastive loss, nn (NNCLR) the positive's
+# nearest neighbour in the support set as a positive.
+PositiveLoss = Literal["align", "infonce", "nn"]
 Stats = tuple[float, float, float]
 
 
@@ -64,6 +68,7 @@ class Recipe:
     momentum: float | None = None
     momentum_end: float | None = None
     nn_index: NNIndex | None = None
+    positive_loss: PositiveLoss = "align"
     by_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def for_dataset(self, dataset: str) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from clsp.train.schedules import clsp_lambda_at
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "train_summary.json"
 CURVE = "loss_curve.png"
-METRICS = ("loss", "loss_base", "loss_clsp", "nn_acc", "probe_acc", "z_std")
+METRICS = ("loss", "loss_base", "loss_clsp", "nn_acc", "nn_acc_synthetic", "probe_acc", "z_std")
 
 
 class Trainer:
@@ -122,6 +122,7 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.elapsed = 0, 0, 0.0
         self.history: list[list[float]] = []  # per step: global step, loss, loss_base, loss_clsp (rank 0)
         self.epoch_metrics: dict[str, float] = {}
+        self.per_epoch: list[dict[str, float]] = []  # every epoch's metrics, for the summary (nn_acc over training)
         self.collapse = CollapseMonitor(required(job.proj_output_dim, "proj_output_dim"),
                                         nt_xent_at_collapse(required(job.batch_size, "batch_size"))
                                         if job.method == "simclr" else None)
@@ -151,7 +152,8 @@ class Trainer:
                 "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch, "elapsed": self.elapsed,
                 "history": torch.tensor(self.history, dtype=torch.float64).reshape(-1, 4),
-                "epoch_metrics": self.epoch_metrics, "collapse_z_std": self.collapse.z_std}, self._settings())
+                "epoch_metrics": self.epoch_metrics, "per_epoch": self.per_epoch,
+                "collapse_z_std": self.collapse.z_std}, self._settings())
         self.accelerator.wait_for_everyone()
 
     def maybe_resume(self) -> bool:
@@ -169,6 +171,7 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.elapsed = state["epoch"], state["step_in_epoch"], state["elapsed"]
         self.history = state["history"].tolist()
         self.epoch_metrics = state["epoch_metrics"]
+        self.per_epoch = list(state["per_epoch"])
         self.collapse.z_std = list(state["collapse_z_std"])
         return True
 
@@ -258,6 +261,7 @@ class Trainer:
             keys = [k for k in METRICS if k in sums]
             means = acc.reduce(torch.stack([sums[k] for k in keys]) / counted, reduction="mean").tolist()
             self.epoch_metrics = dict(zip(keys, means))
+            self.per_epoch.append(self.epoch_metrics)
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         if acc.is_main_process:
             for key, mean in self.epoch_metrics.items():
@@ -327,7 +331,8 @@ class Trainer:
             "anchors_per_epoch": self.steps_per_epoch * required(config.batch_size, "batch_size"),
             "precision": resolve_precision(config.precision, self.device),
             "settings": config.model_dump(exclude=fields_with_role(config, "location")),
-            "time_s": round(self.elapsed, 2), "final": self.epoch_metrics, "rank_checksums": checksums,
+            "time_s": round(self.elapsed, 2), "final": self.epoch_metrics, "per_epoch": self.per_epoch,
+            "rank_checksums": checksums,
             "ranks_in_sync": len(set(checksums)) == 1, "collapse": self.collapse.record(),
         }
         if acc.is_main_process:

@@ -50,6 +50,7 @@ def build_method(job: TrainJob, backbone: nn.Module, num_classes: int = 0) -> Me
                   proj_hidden_dim=required(job.proj_hidden_dim, "proj_hidden_dim"),
                   proj_output_dim=required(job.proj_output_dim, "proj_output_dim"),
                   forward_mode=required(job.forward, "forward"), **{name: getattr(job, name) for name in cls.settings})
+    method.use_positive_loss(required(job.positive_loss, "positive_loss"))
     if num_classes:
         method.attach_probe(num_classes)
     return method

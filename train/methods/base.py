@@ -30,7 +30,7 @@ from clsp.train.backbones import feature_dim
 from clsp.train.collapse import std_of_l2_normalized
 from clsp.train.config import TrainSettings
 from clsp.train.losses import clsp_loss
-from clsp.train.recipes import RECIPES, ForwardMode, Recipe
+from clsp.train.recipes import RECIPES, ForwardMode, PositiveLoss, Recipe
 from clsp.train.schedules import cosine_momentum
 
 ONLINE_PROBE_LR = 0.1  # the online probe only monitors training; the evaluation probe is clsp-eval linear
@@ -45,6 +45,7 @@ class EncodedView:
     features: Tensor  # backbone output
     projection: Tensor  # projector output before normalisation, float32
     z: Tensor  # L2-normalised projection, float32
+    prediction: Tensor | None = None  # a predictor's output, for methods with one (set once, on first use)
 
 
 @contextmanager
@@ -69,12 +70,15 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
 
 
 class Method(nn.Module):
-    """Base method with the CLSP term ``L = L_base + clsp_lambda * mean ||z1 - z3||^2``.
+    """Base method with the CLSP term: ``L = L_base + clsp_lambda * L_positive``.
 
-    ``z1`` and ``z3`` are the normalised projector outputs (never a predictor's) of the anchor's first view
-    and of the synthetic positive's view, both through the same online network with gradients in both.
-    When ``x3`` is None or ``clsp_lambda`` is 0, view 3 is not forwarded at all, so the baseline costs
-    exactly what the plain method costs.
+    ``positive_loss`` says what ``L_positive`` is (``positive_term``): ``align``, the authors' ``mean ||z1 -
+    z3||^2`` on the normalised projector outputs (never a predictor's) of the anchor's first view and of the
+    synthetic positive's view, both through the same online network with gradients in both; ``infonce``, the
+    synthetic view as a second positive of both real views inside the method's own contrastive loss, against
+    the same negatives (``contrast``; with negatives it cannot be minimised by collapse, unlike ``align``); a
+    method may add its own (NNCLR's ``nn``). When ``x3`` is None or ``clsp_lambda`` is 0, view 3 is not
+    forwarded at all, so the baseline costs exactly what the plain method costs.
     """
 
     name: ClassVar[str] = ""
@@ -82,11 +86,14 @@ class Method(nn.Module):
     # the training settings the constructor takes besides the common ones; set for another method they are
     # refused (``TrainJob.resolved``)
     settings: ClassVar[tuple[str, ...]] = ()
+    # the values of ``positive_loss`` the method implements; ``infonce`` needs ``contrast``
+    positive_losses: ClassVar[tuple[PositiveLoss, ...]] = ("align",)
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, *, clsp_lambda: float,
                  temperature: float, forward_mode: ForwardMode = "separate",
                  momentum: float | None = None, momentum_end: float | None = None) -> None:
         super().__init__()
+        self.positive_loss: PositiveLoss = "align"  # set by ``use_positive_loss``
         self.backbone = backbone
         self.projector = projector
         self.clsp_lambda = float(clsp_lambda)
@@ -135,6 +142,27 @@ class Method(nn.Module):
         the method's memory banks."""
         raise NotImplementedError
 
+    def use_positive_loss(self, positive_loss: PositiveLoss) -> None:
+        """Choose how the synthetic positive enters the loss (set after construction, so that a method's
+        constructor takes only the settings of its own)."""
+        if positive_loss not in self.positive_losses:
+            raise ValueError(f"{self.name} implements positive_loss {', '.join(self.positive_losses)}, "
+                             f"not {positive_loss!r}")
+        self.positive_loss = positive_loss
+
+    def contrast(self, v1: EncodedView, v2: EncodedView, positive: Tensor) -> Tensor:
+        """The method's own contrastive loss with ``positive`` ([B, D], one row per anchor) as the positive of
+        both real views, against the negatives the base loss gives those views (``positive_loss: infonce``)."""
+        raise NotImplementedError
+
+    def positive_term(self, v1: EncodedView, v2: EncodedView, v3: EncodedView,
+                      labels: Tensor | None) -> dict[str, Tensor]:
+        """``{"loss_clsp": L_positive, **metrics}``. Called before ``base_loss``, so that both see the same
+        memory banks (``base_loss`` pushes the batch into them)."""
+        if self.positive_loss == "infonce":
+            return {"loss_clsp": self.contrast(v1, v2, v3.z)}
+        return {"loss_clsp": clsp_loss(v1.z, v3.z)}
+
     def forward(self, x1: Tensor, x2: Tensor, x3: Tensor | None = None,
                 labels: Tensor | None = None) -> dict[str, Tensor]:
         """One training step's forward: ``{"loss", "loss_base", "loss_clsp", "features", ...metrics}``.
@@ -151,16 +179,13 @@ class Method(nn.Module):
             v3 = rest[0] if rest else None
         else:
             v1, v2 = self.encode(x1), self.encode(x2)
-        out = self.base_loss(v1, v2, labels)
-        if x3 is not None:
-            if v3 is None:
+            if x3 is not None:
                 with running_stats_kept(self):
                     v3 = self.encode(x3)
-            loss_clsp = clsp_loss(v1.z, v3.z)
-        else:
-            loss_clsp = torch.zeros((), device=v1.z.device)
-        out["loss_clsp"] = loss_clsp
-        out["loss"] = out["loss_base"] + self.clsp_lambda * loss_clsp
+        positive = {"loss_clsp": torch.zeros((), device=v1.z.device)} if v3 is None else \
+            self.positive_term(v1, v2, v3, labels)
+        out = {**self.base_loss(v1, v2, labels), **positive}
+        out["loss"] = out["loss_base"] + self.clsp_lambda * out["loss_clsp"]
         out["features"] = v1.features.detach()
         out["z_std"] = std_of_l2_normalized(v1.z.detach())  # 0 at collapse (clsp.train.collapse)
         if self.probe is not None and labels is not None:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from clsp.train.backbones import feature_dim
 from clsp.train.heads import simclr_projector
-from clsp.train.losses import moco_loss
+from clsp.train.losses import moco_loss, positive_nce
 from clsp.train.memory import FIFOQueue
 from clsp.train.methods.base import EncodedView, Method, register
 from clsp.train.recipes import ForwardMode, Recipe, ViewAugmentation
@@ -23,6 +23,7 @@ from clsp.train.recipes import ForwardMode, Recipe, ViewAugmentation
 class MoCo(Method):
     name = "moco"
     settings = ("queue_size", "momentum", "momentum_end")
+    positive_losses = ("align", "infonce")
     # CLSP-MoCo (the authors' code): batch 512, lr 0.3, two 32768-key queues, momentum 0.99 -> 0.999,
     # saturation 0.2, solarization, one backbone call per view. On CIFAR-100 CLSP-MoCo has lambda 0.2 and
     # probe lr 10; its baseline keeps 1.
@@ -63,3 +64,9 @@ class MoCo(Method):
         self.queue1.push(k1)
         self.queue2.push(k2)
         return {"loss_base": loss}
+
+    def contrast(self, v1: EncodedView, v2: EncodedView, positive: Tensor) -> Tensor:
+        """The positive (the synthetic view through the online network) against each query's queue of negatives."""
+        negatives1, negatives2 = self.queue1.contents()[0].clone(), self.queue2.contents()[0].clone()
+        return (positive_nce(v1.z, positive, negatives2, temperature=self.temperature)
+                + positive_nce(v2.z, positive, negatives1, temperature=self.temperature)) / 2

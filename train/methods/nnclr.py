@@ -5,6 +5,14 @@ projections, gathered over ranks), contrasted with the other view's predictor ou
 symmetric. For the CLSP term, ``z1`` and ``z3`` are normalised projections (not predictor outputs): the
 support set is made of projections, so the synthetic positive is pulled towards the anchor in the space
 where neighbours are searched.
+
+``align`` pulls view 1, whose projections fill the support set, onto a positive that may show another
+class, and later neighbours are searched among those projections. ``infonce`` puts the synthetic
+projection where the neighbour stands in NNCLR's loss, against the other predictions of the batch; ``nn``
+puts there the synthetic view's own nearest neighbour in the support set: a real embedding close to the
+hard positive, which brings the positive in through the lookup itself without writing it into the set.
+``nn_acc`` (the share of view-1 neighbours with the anchor's label) shows what the positives do to the
+support set; ``nn_acc_synthetic`` the same for the synthetic view's neighbours (``nn``).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from clsp.train.recipes import ForwardMode, Recipe, ViewAugmentation
 class NNCLR(Method):
     name = "nnclr"
     settings = ("pred_hidden_dim", "queue_size", "nn_index")
+    positive_losses = ("align", "infonce", "nn")
     # solo-learn's NNCLR: LARS, batch 256, lr 0.4, wd 1e-5 without biases and norms, BN projector
     # 2048-2048-256, predictor 4096, 65536 x 256 support set searched exactly, asymmetric views (saturation
     # 0.2 on both, solarization on the second), warm-up from 3e-5 stepped per step, CIFAR-10 std of
@@ -46,8 +55,29 @@ class NNCLR(Method):
         self.predictor = nnclr_predictor(proj_output_dim, pred_hidden_dim)
         self.support_set = SupportSet(queue_size, proj_output_dim, index=nn_index)
 
+    def predict(self, view: EncodedView) -> Tensor:
+        """The view's predictor output, computed once per step however many terms use it."""
+        if view.prediction is None:
+            view.prediction = self.predictor(view.projection)
+        return view.prediction
+
+    def contrast(self, v1: EncodedView, v2: EncodedView, positive: Tensor) -> Tensor:
+        """``positive`` in the neighbour's place of NNCLR's loss, against each view's batch of predictions."""
+        return (nnclr_loss(positive, self.predict(v2), self.temperature)
+                + nnclr_loss(positive, self.predict(v1), self.temperature)) / 2
+
+    def positive_term(self, v1: EncodedView, v2: EncodedView, v3: EncodedView,
+                      labels: Tensor | None) -> dict[str, Tensor]:
+        if self.positive_loss != "nn":
+            return super().positive_term(v1, v2, v3, labels)
+        neighbours, neighbour_labels = self.support_set.nearest(v3.z.detach())
+        out = {"loss_clsp": self.contrast(v1, v2, neighbours)}
+        if labels is not None:
+            out["nn_acc_synthetic"] = (neighbour_labels == labels.to(neighbour_labels.device)).float().mean()
+        return out
+
     def base_loss(self, v1: EncodedView, v2: EncodedView, labels: Tensor | None) -> dict[str, Tensor]:
-        p1, p2 = self.predictor(v1.projection), self.predictor(v2.projection)
+        p1, p2 = self.predict(v1), self.predict(v2)
         b = v1.z.shape[0]
         neighbours, neighbour_labels = self.support_set.nearest(torch.cat([v1.z, v2.z]).detach())
         nn1, nn2 = neighbours[:b], neighbours[b:]

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from clsp.train.backbones import feature_dim
 from clsp.train.heads import simclr_projector
-from clsp.train.losses import nt_xent
+from clsp.train.losses import nt_xent, simclr_positive_nce
 from clsp.train.methods.base import EncodedView, Method, register
 from clsp.train.recipes import ForwardMode, Recipe, ViewAugmentation
 
@@ -14,6 +14,7 @@ from clsp.train.recipes import ForwardMode, Recipe, ViewAugmentation
 @register
 class SimCLR(Method):
     name = "simclr"
+    positive_losses = ("align", "infonce")
     # CLSP-SimCLR (the authors' code): batch 1024, SGD lr 0.5, wd 1e-4 on all parameters, projector
     # 512-4096-256 without BN, the three views in one backbone call, warm-up from 1e-3 and cosine stepped
     # once per epoch.
@@ -29,3 +30,6 @@ class SimCLR(Method):
 
     def base_loss(self, v1: EncodedView, v2: EncodedView, labels: Tensor | None) -> dict[str, Tensor]:
         return {"loss_base": nt_xent(v1.z, v2.z, self.temperature)}
+
+    def contrast(self, v1: EncodedView, v2: EncodedView, positive: Tensor) -> Tensor:
+        return simclr_positive_nce(v1.z, v2.z, positive, self.temperature)

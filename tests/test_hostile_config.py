@@ -162,8 +162,8 @@ def test_image_size_the_model_cannot_take_is_refused_before_any_image_is_resized
 def _encoder(directory: Path, **card_changes) -> Path:
     from clsp.train.backbones import EncoderCard, build_backbone, export_encoder
 
-    net = build_backbone("resnet-narrow", small_stem=True)
-    card = EncoderCard(backbone="resnet-narrow", small_stem=True, feature_dim=net.feature_dim, image_size=8,
+    net = build_backbone("resnet-narrow", "small")
+    card = EncoderCard(backbone="resnet-narrow", stem="small", feature_dim=net.feature_dim, image_size=8,
                        mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
     export_encoder(net, directory, card.model_copy(update=card_changes))
     return directory

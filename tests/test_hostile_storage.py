@@ -336,7 +336,7 @@ def test_other_errors_inside_an_atomic_write_pass_unchanged(tmp_path):
 # ---- weights that do not fit ----------------------------------------------------------------------------------------
 
 def test_encoder_weights_that_do_not_fit_name_the_tensors(tmp_path):
-    net = build_backbone("resnet-narrow", True)
+    net = build_backbone("resnet-narrow", "small")
     export_encoder(net, tmp_path, EncoderCard(backbone="resnet-narrow", feature_dim=64))
     state = load_file(str(tmp_path / "encoder.safetensors"))
     state["conv1.weight"] = state["conv1.weight"][:, :1].contiguous()

@@ -92,7 +92,7 @@ def test_the_projector_is_the_authors(method: str):
     from clsp.train.methods import build_method
 
     job = _resolved_runs("cifar10")[f"clsp-{method}"]
-    built = build_method(job, build_backbone(job.backbone, small_stem=True))
+    built = build_method(job, build_backbone(job.backbone, "small"))
     assert [type(m) for m in built.projector] == [nn.Linear, nn.ReLU, nn.Linear]
     assert [(m.in_features, m.out_features) for m in built.projector if isinstance(m, nn.Linear)] == \
         [(512, 4096), (4096, 256)]
@@ -224,7 +224,7 @@ def test_knn_takes_the_training_features_with_a_random_flip(tmp_path, monkeypatc
 
     torch.manual_seed(0)
     net = build_backbone("resnet-narrow")
-    export_encoder(net, tmp_path / "enc", EncoderCard(backbone="resnet-narrow", small_stem=True,
+    export_encoder(net, tmp_path / "enc", EncoderCard(backbone="resnet-narrow", stem="small",
                                                       feature_dim=net.feature_dim, image_size=8))
     encoder = load_frozen_encoder(tmp_path / "enc", device="cpu")
     rng = np.random.default_rng(0)

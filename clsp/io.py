@@ -154,6 +154,19 @@ def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def read_checkpoint(path: str | os.PathLike, fix: str) -> Any:
+    """A regular file's checkpoint, loaded without unpickling arbitrary objects; a file that is not one (text, a
+    pickle of objects, a truncated zip) is one UserError with torch's reason in a few words, then ``fix``."""
+    path = regular_file(path, "checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        text = " ".join(str(err).split())
+        reason = text.partition("WeightsUnpickler error:")[2].partition(" Check the documentation")[0] or text
+        raise UserError(f"cannot read {path} as a PyTorch checkpoint of tensors "
+                        f"({reason.strip()[:80] or type(err).__name__}); {fix}") from None
+
+
 def load_weights(module: torch.nn.Module, state: Mapping[str, Any], where: str | os.PathLike, fix: str) -> None:
     """``module.load_state_dict(state)``, strict; a mismatch is one UserError naming the first tensors that are
     missing, unexpected or of another shape (torch's own message lists every key over many lines)."""

@@ -37,7 +37,7 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from clsp.config import Settings, setting
 from clsp.errors import UserError
-from clsp.io import file_digest, regular_file, staged_directory, write_json_atomic
+from clsp.io import file_digest, read_checkpoint, regular_file, staged_directory, write_json_atomic
 from clsp.yamlio import read_yaml
 
 GROUPS = 32  # the authors' GroupNorm(32, C) everywhere
@@ -212,7 +212,7 @@ def _named(module: str, layout: Layout) -> str:
 def authors_tensors(cfg: AuthorsConfig, layout: Layout = "split") -> dict[str, tuple[int, ...]]:
     """Every tensor a noise prediction reads, by its name in ``layout``, with its shape (the projector of the
     split layout, which none reads, is not among them)."""
-    tensors = {TABLE_KEY: (cfg.T, cfg.channel)}
+    tensors: dict[str, tuple[int, ...]] = {TABLE_KEY: (cfg.T, cfg.channel)}
     for module, _, shapes, _ in _modules(cfg):
         tensors |= {f"{_named(module, layout)}.{param}": shape for param, shape in shapes.items()}
     return tensors
@@ -220,12 +220,7 @@ def authors_tensors(cfg: AuthorsConfig, layout: Layout = "split") -> dict[str, t
 
 def _read_checkpoint(path: Path, weights: Weights) -> tuple[dict, str]:
     """The checkpoint's ``state_dict`` and which one it is (``state_dict``, ``ema_model`` or ``net_model``)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  (a file that is not a checkpoint fails in many ways, each one line)
-        reason = " ".join(str(err).split())[:160] or type(err).__name__
-        raise UserError(f"cannot read {path} as a PyTorch checkpoint of tensors ({reason}); pass the .pt file "
-                        f"the authors' training script saved") from None
+    state = read_checkpoint(path, "pass the .pt file the authors' training script saved")
     if not isinstance(state, dict):
         raise UserError(f"{path} holds a {type(state).__name__}, not a state_dict of the authors' U-Net")
     wrapped = [key for key in ("ema_model", "net_model") if isinstance(state.get(key), dict)]
@@ -242,7 +237,7 @@ def load_checkpoint(path: str | Path, cfg: AuthorsConfig, weights: Weights = "em
     """The noise prediction's tensors (float32, by the flat layout's names) and what the conversion records:
     the layout, the tensors ignored and those cast. Refuses, in one line naming them, tensors that are missing,
     unexpected, misshapen, not floating point or not finite; a ``module.`` prefix (DataParallel) is dropped."""
-    path = regular_file(path, "checkpoint")
+    path = Path(path).expanduser()
     state, which = _read_checkpoint(path, weights)
     names = [name for name in state if not isinstance(name, str)]
     if names:
@@ -317,7 +312,7 @@ def convert(job: ConvertJob) -> Path:
     unet.load_state_dict(converted, strict=True)
     scheduler = DDPMScheduler(num_train_timesteps=cfg.T, beta_start=cfg.beta_1, beta_end=cfg.beta_T,
                               beta_schedule="linear", prediction_type="epsilon")
-    size, sha256 = file_digest(job.checkpoint)
+    size, sha256 = file_digest(Path(job.checkpoint).expanduser())
     with staged_directory(out) as staging:
         unet.save_pretrained(staging, safe_serialization=True)
         scheduler.save_pretrained(staging)

@@ -39,7 +39,8 @@ from clsp.train.encoder_cli import encoder
 from test_trainer import tiny
 
 LISTED = json.loads((Path(__file__).parent / "data" / "authors-unet-state-dict.json").read_text())["configurations"]
-CIFAR10, SMALL = (next(v for k, v in LISTED.items() if k.startswith(prefix)) for prefix in ("diffusion_cifar10", "small"))
+CIFAR10, SMALL = (next(v for k, v in LISTED.items() if k.startswith(prefix))
+                  for prefix in ("diffusion_cifar10", "small"))
 # the JSON's small configuration, at 16x16 images
 T, CH, MULT, ATTN, BLOCKS, SIZE = 1000, 32, [1, 2, 2], [1], 1, 16
 CIFAR10_CONFIG = {"T": 1000, "channel": 128, "channel_mult": [1, 2, 2, 2], "attn": [1], "num_res_blocks": 2,
@@ -386,7 +387,8 @@ def test_pytorch_ddpm_checkpoint_with_both_weights_uses_the_chosen_one(tmp_path)
 
 def test_an_fp16_copy_is_cast_to_fp32_and_the_cast_is_recorded(tmp_path):
     reference = reference_model()
-    half = {name: value.half() if value.is_floating_point() else value for name, value in reference.state_dict().items()}
+    half = {name: value.half() if value.is_floating_point() else value
+            for name, value in reference.state_dict().items()}
     ckpt, config = write_artefacts(tmp_path, half)
     result = run_convert(ckpt, config, tmp_path / "out")
     assert result.exit_code == 0, result.output
@@ -396,7 +398,8 @@ def test_an_fp16_copy_is_cast_to_fp32_and_the_cast_is_recorded(tmp_path):
     x, t = torch.randn(1, 3, SIZE, SIZE), torch.tensor([250])
     rounded = reference_model()  # the fp16 weights; diffusers computes the sinusoid table itself, exactly
     table = "time_embedding.timembedding.0.weight"
-    rounded.load_state_dict({**{name: value.float() for name, value in half.items()}, table: reference.state_dict()[table]})
+    rounded.load_state_dict({**{name: value.float() for name, value in half.items()},
+                             table: reference.state_dict()[table]})
     with torch.no_grad():
         assert (load_unet(str(tmp_path / "out"))[0](x, t).sample - rounded(x, t)).abs().max() < 1e-4
 
@@ -487,3 +490,110 @@ def test_sets_that_do_not_fit_the_dataset_are_refused_in_one_line(case, tmp_path
                 "pickled": "cannot read"}[case]
     assert expected in one_error_line(result)
     assert not (shard_dir / "manifest.json").exists()
+
+
+# --- clsp encoder import ----------------------------------------------------------------------------------------
+
+def authors_resnet(backbone: str, stem: str = "small", seed: int = 0) -> nn.Module:
+    """A torchvision ResNet as the authors build theirs: a 3x3 stride-1 stem conv (max-pool removed for "small",
+    kept for "mid") and their MLP head in ``fc``; BatchNorm statistics drawn, so eval-mode features depend on them."""
+    torch.manual_seed(seed)
+    net = getattr(torchvision.models, backbone)()
+    features = net.fc.in_features
+    net.fc = nn.Sequential(nn.Linear(features, 4096), nn.ReLU(inplace=True), nn.Linear(4096, 256))
+    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    if stem == "small":
+        net.maxpool = nn.Identity()
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.normal_(1.0, 0.1)
+                module.bias.normal_(0.0, 0.1)
+    return net.eval()
+
+
+def import_encoder_cli(ckpt: Path, out: Path, backbone: str = "resnet18", dataset: str = "cifar10"):
+    return CliRunner().invoke(encoder, ["import", str(ckpt), "--backbone", backbone, "--dataset", dataset,
+                                        "--out", str(out)])
+
+
+@pytest.mark.parametrize("backbone, dataset, prefix", [("resnet18", "cifar10", "module."), ("resnet50", "cifar100", ""),
+                                                       ("resnet18", "stl10", "")])
+def test_imported_encoder_gives_the_reference_trunks_features(backbone, dataset, prefix, tmp_path):
+    import hashlib
+
+    stem = "mid" if dataset == "stl10" else "small"
+    reference = authors_resnet(backbone, stem)
+    ckpt = tmp_path / f"{backbone}_{dataset}.pt"
+    torch.save({prefix + name: value for name, value in reference.state_dict().items()}, ckpt)
+    result = import_encoder_cli(ckpt, tmp_path / "enc", backbone, dataset)
+    assert result.exit_code == 0, result.output
+    net, card = load_encoder(tmp_path / "enc")
+    reference.fc = nn.Identity()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = reference(x)
+        assert torch.equal(net(x), expected) and expected.std() > 0.01
+    assert card.backbone == backbone and card.stem == stem and card.image_size == (64 if dataset == "stl10" else 32)
+    assert (tuple(card.mean or ()), tuple(card.std or ())) == NORMALISATION[dataset] and card.probe_lr == 1.0
+    assert card.source["file"] == ckpt.name and card.source["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".enc")]
+
+
+def labelled_folder(root: Path, per_class: dict[str, int]) -> Path:
+    """An image folder with train/ and test/ splits of two classes (dark and bright 8x8 images)."""
+    rng = np.random.default_rng(0)
+    for split, count in per_class.items():
+        for label, base in (("dark", 40), ("bright", 200)):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(base + rng.integers(-30, 30, (8, 8, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+    return root
+
+
+def test_knn_and_linear_evaluate_an_imported_encoder(tmp_path):
+    ckpt = tmp_path / "simclr_cifar10_resnet18.pt"
+    torch.save(authors_resnet("resnet18").state_dict(), ckpt)
+    assert import_encoder_cli(ckpt, tmp_path / "enc").exit_code == 0
+    folder = labelled_folder(tmp_path / "images", {"train": 6, "test": 3})
+    run = tmp_path / "run"
+    for command in (["knn", "--k", "3"], ["linear", "--epochs", "2"]):
+        result = CliRunner().invoke(evaluate, [*command, "--encoder", str(tmp_path / "enc"), "--dataset",
+                                               f"imagefolder:{folder}", "--out", str(run), "--batch-size", "8"])
+        assert result.exit_code == 0, result.output
+    results = json.loads((run / "results.json").read_text())
+    for command in ("knn", "linear"):
+        (entry,) = results[command].values()
+        assert entry["encoder"]["stem"] == "small" and entry["encoder"]["trained_on"] == "cifar10", entry
+    assert results["knn"][f"imagefolder:{folder}"]["test_size"] == 6
+
+
+@pytest.mark.parametrize("case", ["no-head", "other-backbone", "imagenet-stem", "unknown-tensor", "not-a-checkpoint",
+                                  "integer-weights"])
+def test_encoder_files_that_are_not_the_authors_are_refused_in_one_line(case, tmp_path):
+    net = authors_resnet("resnet18")
+    if case == "imagenet-stem":
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    state = net.state_dict()
+    if case == "no-head":
+        state = {name: value for name, value in state.items() if not name.startswith("fc.")}
+    elif case == "unknown-tensor":
+        state["layer5.weight"] = torch.zeros(3)
+    elif case == "integer-weights":
+        state["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"].to(torch.int64)
+    ckpt = tmp_path / "encoder.pt"
+    torch.save(state, ckpt)
+    if case == "not-a-checkpoint":
+        ckpt.write_text("name: not a checkpoint\n")
+    line = one_error_line(import_encoder_cli(ckpt, tmp_path / "enc", "resnet50" if case == "other-backbone"
+                                             else "resnet18"))
+    expected = {"no-head": "has no fc.0.weight, fc.0.bias, fc.2.weight, fc.2.bias",
+                "other-backbone": "fc.0.weight is [4096, 512], but a resnet50 head takes 2048 features",
+                "imagenet-stem": "conv1.weight is [64, 3, 7, 7] there, [64, 3, 3, 3] here",
+                "unknown-tensor": "layer5.weight unexpected", "not-a-checkpoint": "cannot read",
+                "integer-weights": "layer1.0.conv1.weight is int64, not floating point"}[case]
+    assert expected in line, line
+    assert not (tmp_path / "enc").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".enc")]

@@ -19,7 +19,7 @@ import torch
 from clsp.config import Settings, setting
 from clsp.datasets import NORMALISATION
 from clsp.errors import UserError
-from clsp.io import file_digest, load_weights, regular_file, staged_directory
+from clsp.io import file_digest, load_weights, read_checkpoint, staged_directory
 from clsp.train.backbones import EncoderCard, build_backbone, check_values, export_encoder, feature_dim
 from clsp.train.config import Stem
 
@@ -46,13 +46,8 @@ class EncoderImportJob(Settings):
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    """The file's tensors by name (a ``module.`` prefix dropped), loaded without unpickling objects."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  (a file that is not a checkpoint fails in many ways, each one line)
-        reason = " ".join(str(err).split())[:160] or type(err).__name__
-        raise UserError(f"cannot read {path} as a PyTorch checkpoint of tensors ({reason}); pass the .pt file "
-                        f"the authors released") from None
+    """The file's tensors by name (a ``module.`` prefix dropped)."""
+    state = read_checkpoint(path, "pass the .pt file the authors released")
     if not isinstance(state, dict) or not all(isinstance(name, str) for name in state):
         raise UserError(f"{path} is not a state_dict of tensors by name; pass the .pt file the authors released")
     if state and all(name.startswith("module.") for name in state):
@@ -70,7 +65,7 @@ def import_encoder(job: EncoderImportJob) -> Path:
     out = Path(job.out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists; choose a new --out folder or remove it")
-    path = regular_file(job.checkpoint, "checkpoint")
+    path = Path(job.checkpoint).expanduser()
     state = _read_state(path)
     stem, image_size, split = AUTHORS_INPUT[job.dataset]
     net = build_backbone(job.backbone, stem)
@@ -87,7 +82,7 @@ def import_encoder(job: EncoderImportJob) -> Path:
     check_values(trunk, net.state_dict(), path)
     mean, std = NORMALISATION[job.dataset]
     size, sha256 = file_digest(path)
-    card = EncoderCard(backbone=job.backbone, stem=stem, feature_dim=feature_dim(net), method=job.method,
+    card = EncoderCard(backbone=job.backbone, stem=stem, feature_dim=feature_dim(net), method=job.method, clsp_lambda=None,
                        dataset={"name": job.dataset, "split": split, "image_size": image_size},
                        image_size=image_size, mean=list(mean), std=list(std), probe_lr=job.probe_lr,
                        source={"file": path.name, "bytes": size, "sha256": sha256, "dropped": list(HEAD)})

@@ -82,7 +82,8 @@ def import_encoder(job: EncoderImportJob) -> Path:
     check_values(trunk, net.state_dict(), path)
     mean, std = NORMALISATION[job.dataset]
     size, sha256 = file_digest(path)
-    card = EncoderCard(backbone=job.backbone, stem=stem, feature_dim=feature_dim(net), method=job.method, clsp_lambda=None,
+    card = EncoderCard(backbone=job.backbone, stem=stem, feature_dim=feature_dim(net), method=job.method,
+                       clsp_lambda=None,
                        dataset={"name": job.dataset, "split": split, "image_size": image_size},
                        image_size=image_size, mean=list(mean), std=list(std), probe_lr=job.probe_lr,
                        source={"file": path.name, "bytes": size, "sha256": sha256, "dropped": list(HEAD)})

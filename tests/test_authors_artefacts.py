@@ -1,7 +1,7 @@
 """The authors' artefacts: their DDPM checkpoints (``clsp ddpm convert``), released encoders (``clsp encoder
 import``) and synthetic sets (``clsp shards import``).
 
-The reference U-Net below is written from the structure of the authors' network as ``data/authors-unet-state-
+The reference U-Net below is written from the structure of the authors' network as ``fixtures/authors-unet-state-
 dict.json`` describes it (their ``models/unet.py``: a time embedding, an encoder with a projector head and a
 decoder), with their module names, so its ``state_dict`` is a checkpoint as their training script saves it; the
 JSON's tensor lists, read from their code, pin both configurations' names and shapes.
@@ -38,7 +38,8 @@ from clsp.train.cli import train
 from clsp.train.encoder_cli import encoder
 from test_trainer import tiny
 
-LISTED = json.loads((Path(__file__).parent / "data" / "authors-unet-state-dict.json").read_text())["configurations"]
+LISTED = json.loads((Path(__file__).parent / "fixtures" / "authors-unet-state-dict.json").read_text())[
+    "configurations"]
 CIFAR10, SMALL = (next(v for k, v in LISTED.items() if k.startswith(prefix))
                   for prefix in ("diffusion_cifar10", "small"))
 # the JSON's small configuration, at 16x16 images

@@ -38,8 +38,7 @@ from clsp.train.cli import train
 from clsp.train.encoder_cli import encoder
 from test_trainer import tiny
 
-LISTED = json.loads((Path(__file__).parent / "fixtures" / "authors-unet-state-dict.json").read_text())[
-    "configurations"]
+LISTED = json.loads((Path(__file__).parent / "fixtures" / "authors-unet-state-dict.json").read_text())["configurations"]
 CIFAR10, SMALL = (next(v for k, v in LISTED.items() if k.startswith(prefix))
                   for prefix in ("diffusion_cifar10", "small"))
 # the JSON's small configuration, at 16x16 images

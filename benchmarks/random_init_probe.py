@@ -48,7 +48,7 @@ def _evaluate(encoder_dir: Path, dataset: str, data_root: str, epochs: int, seed
 def main(encoder_dir: str, dataset: str, data_root: str, epochs: int, seed: int, protocol: str, out: str) -> None:
     card = EncoderCard.read(Path(encoder_dir) / "encoder.json")
     torch.manual_seed(seed)
-    untrained = build_backbone(card.backbone, card.small_stem)
+    untrained = build_backbone(card.backbone, card.stem)
     rows = {"trained": _evaluate(Path(encoder_dir), dataset, data_root, epochs, seed, protocol)}
     with tempfile.TemporaryDirectory() as tmp:
         export_encoder(untrained, tmp, card)

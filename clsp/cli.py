@@ -17,6 +17,7 @@ _COMMANDS = {
     "shards": ("clsp.shards.cli", "shards", "Inspect, verify and preview a shard directory."),
     "train": ("clsp.train.cli", "train", "Stage 2: contrastive training with synthetic positives (clsp-train)."),
     "eval": ("clsp.evaluate.cli", "evaluate", "Stage 3: evaluate encoders and positives (clsp-eval)."),
+    "encoder": ("clsp.train.encoder_cli", "encoder", "Import encoders trained elsewhere (the authors' releases)."),
 }
 
 

@@ -16,7 +16,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -152,6 +154,19 @@ def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def read_checkpoint(path: str | os.PathLike, fix: str) -> Any:
+    """A regular file's checkpoint, loaded without unpickling arbitrary objects; a file that is not one (text, a
+    pickle of objects, a truncated zip) is one UserError with torch's reason in a few words, then ``fix``."""
+    path = regular_file(path, "checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        text = " ".join(str(err).split())
+        reason = text.partition("WeightsUnpickler error:")[2].partition(" Check the documentation")[0] or text
+        raise UserError(f"cannot read {path} as a PyTorch checkpoint of tensors "
+                        f"({reason.strip()[:80] or type(err).__name__}); {fix}") from None
+
+
 def load_weights(module: torch.nn.Module, state: Mapping[str, Any], where: str | os.PathLike, fix: str) -> None:
     """``module.load_state_dict(state)``, strict; a mismatch is one UserError naming the first tensors that are
     missing, unexpected or of another shape (torch's own message lists every key over many lines)."""
@@ -195,7 +210,8 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(directory: str | os.PathLike, pattern: str = "*") -> list[Path]:
-    """Remove the temporaries of files matching ``pattern`` whose writer process is dead; return them.
+    """Remove the temporaries of files (or staged folders) matching ``pattern`` whose writer process is dead;
+    return them.
 
     Only temporaries written on this host by a pid that no longer exists are removed: those of live
     writers (another job in the same directory) and of other hosts (a shared filesystem) are kept.
@@ -205,9 +221,45 @@ def remove_stale_temporaries(directory: str | os.PathLike, pattern: str = "*") -
     for tmp in Path(directory).glob(f".{pattern}.*.tmp-*"):
         owner = _OWNER.search(tmp.name)
         if owner and owner["host"] == _HOST and not _alive(int(owner["pid"])):
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
+
+
+@contextmanager
+def staged_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new hidden folder beside ``path`` (owner-tagged like every temporary); rename it onto ``path``
+    only if the block succeeds, so a folder of several files appears complete or not at all. Staged folders
+    left by killed writers are removed first. ``path`` must not exist, or be an empty folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent, path.name)
+    staging = path.parent / f".{path.name}.staged{_temporary_suffix()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()  # mkdir, unlike mkdtemp, keeps the umask's mode
+    try:
+        with explained_write(path):
+            yield staging
+            staging.replace(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def regular_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` if it is a regular file (after links); else one UserError: a pipe or a device would block or
+    never end a read."""
+    path = Path(path).expanduser()
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        raise UserError(f"{what} {path} does not exist; check the path") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise UserError(f"{what} {path} is {kind}; pass a regular file (only regular files are read)")
+    return path
 
 
 def _open_lock(path: Path) -> int:

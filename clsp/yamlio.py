@@ -104,7 +104,11 @@ def parse_yaml(text: str, source: str) -> Any:
 
 def read_yaml(path: str | Path) -> Any:
     """The value of the YAML file ``path``: its size is checked before it is read, its encoding before parsing."""
+    from clsp.io import regular_file  # torch comes with clsp.io: imported only when a file is read
+
     path = Path(path)
+    if path.exists():  # a named pipe would block the read forever
+        regular_file(path, "configuration")
     if path.stat().st_size > MAX_BYTES:
         raise UserError(f"{path} is {path.stat().st_size} bytes, over the {MAX_BYTES}-byte limit of a "
                         "configuration; check that it is the right file")

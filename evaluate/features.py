@@ -59,7 +59,7 @@ class FrozenEncoder:
 
     def describe(self) -> dict:
         """What results record about the encoder."""
-        info = self.card.model_dump(include={"backbone", "small_stem", "feature_dim", "method", "clsp_lambda",
+        info = self.card.model_dump(include={"backbone", "stem", "feature_dim", "method", "clsp_lambda",
                                              "image_size", "probe_lr"})
         return {"path": str(self.path), "fingerprint": self.fingerprint, "trained_on": self.card.dataset.get("name"),
                 **info}

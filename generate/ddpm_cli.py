@@ -66,10 +66,11 @@ def fid(**options) -> None:
 @click.argument("checkpoint")
 @click_options(ConvertJob, exclude=("checkpoint",))
 def convert(checkpoint: str, **options) -> None:
-    """Convert the authors' DDPM CHECKPOINT (their U-Net, a plain state_dict) into a folder `clsp-gen --unet` loads.
+    """Convert the authors' DDPM CHECKPOINT (their U-Net's state_dict) into a folder `clsp-gen --unet` loads.
 
-    The YAML is their diffusion config (configs/diffusion_cifar10.yaml). The conversion is exact: the
-    same noise prediction, and the same positives from the interpolated sampler.
+    The YAML is their diffusion config (configs/diffusion_cifar10.yaml). Their split layout (time_embedding.*,
+    encoder.*, decoder.*; the encoder's projector head is ignored) and pytorch-ddpm's flat one are read. The
+    conversion is exact: the same noise prediction, and the same positives from the interpolated sampler.
     """
     from clsp.generate.authors_unet import convert as convert_checkpoint
 

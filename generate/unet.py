@@ -82,7 +82,16 @@ def load_unet(id_or_path: str, device: str | torch.device = "cpu") -> tuple[UNet
         raise UserError(f"--unet {id_or_path!r} is neither a model folder nor a hub id like google/ddpm-cifar10-32")
     else:
         unet, scheduler = _from_hub(id_or_path)
+    _check_finite(unet, id_or_path)
     return unet.to(device).eval(), scheduler
+
+
+def _check_finite(unet: UNet2DModel, where: str) -> None:
+    """Refuse weights holding NaN or infinity: they sample black images that every later check would pass."""
+    for name, tensor in unet.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"the U-Net {where} holds NaN or infinite values in {name[:80]} (a diverged run or an "
+                            f"altered file); use another model")
 
 
 def unet_config(id_or_path: str) -> dict | None:

@@ -1,8 +1,10 @@
-"""The authors' artefacts: their DDPM checkpoints (``clsp ddpm convert``) and synthetic sets (``clsp shards import``).
+"""The authors' artefacts: their DDPM checkpoints (``clsp ddpm convert``), released encoders (``clsp encoder
+import``) and synthetic sets (``clsp shards import``).
 
-The reference U-Net below is written from the published description of the DDPM architecture the authors use
-(Ho et al.; the PyTorch re-implementation with ``UNet(T, ch, ch_mult, attn, num_res_blocks, dropout)``), with
-that code's module names, so its ``state_dict`` is a checkpoint as their training script saves it.
+The reference U-Net below is written from the structure of the authors' network as ``fixtures/authors-unet-state-
+dict.json`` describes it (their ``models/unet.py``: a time embedding, an encoder with a projector head and a
+decoder), with their module names, so its ``state_dict`` is a checkpoint as their training script saves it; the
+JSON's tensor lists, read from their code, pin both configurations' names and shapes.
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 import yaml
 from click.testing import CliRunner
+from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from clsp.datasets import get_dataset
+from clsp.datasets import NORMALISATION, get_dataset
+from clsp.evaluate.cli import evaluate
+from clsp.generate.authors_unet import AuthorsConfig, authors_tensors
 from clsp.generate.cli import gen
 from clsp.generate.ddpm_cli import ddpm
 from clsp.generate.job import anchor_seed
@@ -27,10 +33,18 @@ from clsp.generate.unet import load_unet
 from clsp.images import to_float
 from clsp.shards import reader
 from clsp.shards.cli import shards
+from clsp.train.backbones import load_encoder
 from clsp.train.cli import train
+from clsp.train.encoder_cli import encoder
 from test_trainer import tiny
 
-T, CH, MULT, ATTN, BLOCKS, SIZE = 1000, 32, [1, 2], [1], 1, 16
+LISTED = json.loads((Path(__file__).parent / "fixtures" / "authors-unet-state-dict.json").read_text())["configurations"]
+CIFAR10, SMALL = (next(v for k, v in LISTED.items() if k.startswith(prefix))
+                  for prefix in ("diffusion_cifar10", "small"))
+# the JSON's small configuration, at 16x16 images
+T, CH, MULT, ATTN, BLOCKS, SIZE = 1000, 32, [1, 2, 2], [1], 1, 16
+CIFAR10_CONFIG = {"T": 1000, "channel": 128, "channel_mult": [1, 2, 2, 2], "attn": [1], "num_res_blocks": 2,
+                  "dropout": 0.1, "img_size": 32, "beta_1": 1e-4, "beta_T": 0.02}
 
 
 # --- the reference architecture ---------------------------------------------------------------------------------
@@ -106,37 +120,31 @@ class UpSample(nn.Module):
         return self.main(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
-class ReferenceUNet(nn.Module):
+class Encoder(nn.Module):
     """head; per level num_res_blocks ResBlocks (+ DownSample but at the last); middle ResBlock(attn), ResBlock;
-    per level, deepest first, num_res_blocks + 1 ResBlocks on [h, skip] (+ UpSample but at level 0); tail."""
+    and a projector head on the pooled bottleneck that no noise prediction reads. Its skips: the head's output,
+    then every down block's."""
 
-    def __init__(self, steps: int, ch: int, ch_mult: list[int], attn: list[int], num_res_blocks: int, dropout: float):
+    def __init__(self, ch: int, ch_mult: list[int], attn: list[int], num_res_blocks: int, dropout: float):
         super().__init__()
         tdim = 4 * ch
-        self.time_embedding = TimeEmbedding(steps, ch, tdim)
         self.head = nn.Conv2d(3, ch, 3, padding=1)
-        self.downblocks, skips, now = nn.ModuleList(), [ch], ch
+        self.downblocks, self.skip_channels, now = nn.ModuleList(), [ch], ch
         for level, mult in enumerate(ch_mult):
             for _ in range(num_res_blocks):
                 self.downblocks.append(ResBlock(now, ch * mult, tdim, dropout, level in attn))
                 now = ch * mult
-                skips.append(now)
+                self.skip_channels.append(now)
             if level != len(ch_mult) - 1:
                 self.downblocks.append(DownSample(now))
-                skips.append(now)
+                self.skip_channels.append(now)
         self.middleblocks = nn.ModuleList([ResBlock(now, now, tdim, dropout, True),
                                            ResBlock(now, now, tdim, dropout, False)])
-        self.upblocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(ch_mult))):
-            for _ in range(num_res_blocks + 1):
-                self.upblocks.append(ResBlock(skips.pop() + now, ch * mult, tdim, dropout, level in attn))
-                now = ch * mult
-            if level != 0:
-                self.upblocks.append(UpSample(now))
-        self.tail = nn.Sequential(nn.GroupNorm(32, now), Swish(), nn.Conv2d(now, 3, 3, padding=1))
+        self.projector = nn.Sequential(nn.Linear(now, 4 * now), nn.BatchNorm1d(4 * now), nn.ReLU(),
+                                       nn.Linear(4 * now, 256))
+        self.channels = now
 
-    def encode(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        temb = self.time_embedding(t)
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         h = self.head(x)
         skips = [h]
         for layer in self.downblocks:
@@ -144,9 +152,27 @@ class ReferenceUNet(nn.Module):
             skips.append(h)
         for layer in self.middleblocks:
             h = layer(h, temb)
-        return h, skips, temb
+        return h, skips
 
-    def decode(self, h: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor) -> torch.Tensor:
+
+class Decoder(nn.Module):
+    """Per level, deepest first, num_res_blocks + 1 ResBlocks on [h, popped skip] (+ UpSample but at level 0);
+    tail."""
+
+    def __init__(self, ch: int, ch_mult: list[int], attn: list[int], num_res_blocks: int, dropout: float,
+                 skip_channels: list[int], now: int):
+        super().__init__()
+        tdim, skip_channels = 4 * ch, list(skip_channels)
+        self.upblocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                self.upblocks.append(ResBlock(skip_channels.pop() + now, ch * mult, tdim, dropout, level in attn))
+                now = ch * mult
+            if level != 0:
+                self.upblocks.append(UpSample(now))
+        self.tail = nn.Sequential(nn.GroupNorm(32, now), Swish(), nn.Conv2d(now, 3, 3, padding=1))
+
+    def forward(self, h: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor) -> torch.Tensor:
         skips = list(skips)
         for layer in self.upblocks:
             if isinstance(layer, ResBlock):
@@ -154,8 +180,32 @@ class ReferenceUNet(nn.Module):
             h = layer(h, temb)
         return self.tail(h)
 
+
+class ReferenceUNet(nn.Module):
+    """temb = time_embedding(t); h, skips = encoder(x, temb); eps = decoder(h, skips, temb)."""
+
+    def __init__(self, steps: int, ch: int, ch_mult: list[int], attn: list[int], num_res_blocks: int, dropout: float):
+        super().__init__()
+        self.time_embedding = TimeEmbedding(steps, ch, 4 * ch)
+        self.encoder = Encoder(ch, ch_mult, attn, num_res_blocks, dropout)
+        self.decoder = Decoder(ch, ch_mult, attn, num_res_blocks, dropout, self.encoder.skip_channels,
+                               self.encoder.channels)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.decode(*self.encode(x, t))
+        temb = self.time_embedding(t)
+        return self.decoder(*self.encoder(x, temb), temb)
+
+    def interpolated(self, x: torch.Tensor, t: torch.Tensor, anchor: torch.Tensor, w: float) -> torch.Tensor:
+        """The CLSP prediction: the bottleneck mixed with the noised anchor's, the sample's own skips."""
+        temb = self.time_embedding(t)
+        h, skips = self.encoder(x, temb)
+        h_anchor, _ = self.encoder(anchor, temb)
+        return self.decoder(w * h + (1 - w) * h_anchor, skips, temb)
+
+
+def listing(state: dict) -> dict[str, list]:
+    """A state_dict as the JSON lists it: name -> [dtype, *shape]."""
+    return {name: [str(t.dtype).removeprefix("torch."), *t.shape] for name, t in state.items()}
 
 
 def reference_model(seed: int = 0, steps: int = T) -> ReferenceUNet:
@@ -173,7 +223,7 @@ def reference_model(seed: int = 0, steps: int = T) -> ReferenceUNet:
 @torch.no_grad()
 def reference_positives(model: ReferenceUNet, alpha_bar: list[float], anchor: torch.Tensor, k: int, w: float,
                         steps: int, eta: float, generator: torch.Generator) -> torch.Tensor:
-    """Interpolated DDIM (METHOD.md section 2) with the reference split at its bottleneck; the noise is drawn in
+    """Interpolated DDIM (METHOD.md section 2) with the reference's own bottleneck mix; the noise is drawn in
     the sampler's order (x_T, then per step the anchor's noise and the eta noise)."""
     shape = (1, k, *anchor.shape)
     x = torch.randn(shape, generator=generator).flatten(0, 1)
@@ -181,10 +231,7 @@ def reference_positives(model: ReferenceUNet, alpha_bar: list[float], anchor: to
     for t, t_next in zip(times[:-1], times[1:]):
         ab = alpha_bar[t]
         anchor_t = (math.sqrt(ab) * anchor + math.sqrt(1 - ab) * torch.randn(shape, generator=generator)).flatten(0, 1)
-        tt = torch.full((k,), t, dtype=torch.long)
-        h, skips, temb = model.encode(x, tt)
-        h_anchor, _, _ = model.encode(anchor_t, tt)
-        eps = model.decode(w * h + (1 - w) * h_anchor, skips, temb)
+        eps = model.interpolated(x, torch.full((k,), t, dtype=torch.long), anchor_t, w)
         x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
         if t_next < 0:
             x = x0
@@ -227,19 +274,65 @@ def convert_reference(directory: Path, steps: int = T) -> tuple[ReferenceUNet, P
     return reference, directory / "converted"
 
 
+def from_listing(listed: dict[str, list], steps: int, ch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A state_dict of exactly the listed tensors (random values, the authors' fixed sinusoid table)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {name: torch.randn(shape, generator=gen).to(getattr(torch, dtype)) if dtype != "int64"
+             else torch.tensor(7) for name, (dtype, *shape) in listed.items()}
+    state["time_embedding.timembedding.0.weight"] = TimeEmbedding(steps, ch, 4 * ch).timembedding[0].weight.detach()
+    return state
+
+
 # --- clsp ddpm convert ------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("listed, config", [(SMALL, {"T": T, "channel": CH, "channel_mult": MULT, "attn": ATTN,
+                                                      "num_res_blocks": BLOCKS, "img_size": SIZE, "beta_1": 1e-4,
+                                                      "beta_T": 0.02}), (CIFAR10, CIFAR10_CONFIG)],
+                         ids=["small", "cifar10"])
+def test_reference_and_converter_know_exactly_the_listed_tensors(listed, config):
+    cfg = AuthorsConfig.model_validate(config)
+    with torch.device("meta"):  # names, dtypes and shapes only
+        reference = ReferenceUNet(cfg.T, cfg.channel, cfg.channel_mult, cfg.attn, cfg.num_res_blocks, cfg.dropout)
+    assert listing(reference.state_dict()) == listed
+    read = {name: tuple(shape) for name, (_, *shape) in listed.items() if not name.startswith("encoder.projector.")}
+    assert authors_tensors(cfg) == read and len(read) == len(listed) - 9
+
+
+@pytest.mark.parametrize("which", ["small", "cifar10"])
+def test_a_state_dict_of_exactly_the_listed_tensors_converts(which, tmp_path):
+    listed, config = (SMALL, {}) if which == "small" else (CIFAR10, CIFAR10_CONFIG)
+    cfg = AuthorsConfig.model_validate({**CIFAR10_CONFIG, "channel": CH, "channel_mult": MULT,
+                                        "num_res_blocks": BLOCKS, "img_size": SIZE, **config})
+    ckpt, yaml_path = write_artefacts(tmp_path, from_listing(listed, cfg.T, cfg.channel), **config)
+    result = run_convert(ckpt, yaml_path, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert record["layout"] == "split" and record["checkpoint"] == "state_dict" and record["cast_to_float32"] == {}
+    assert record["ignored"]["tensors"] == sorted(n for n in listed if n.startswith("encoder.projector."))
+    unet, _ = load_unet(str(tmp_path / "out"))
+    assert sum(p.numel() for p in unet.parameters()) == sum(
+        math.prod(shape) for name, (_, *shape) in listed.items()
+        if not name.startswith(("encoder.projector.", "time_embedding.timembedding.0.")))
+
+
 def test_converted_model_predicts_the_references_noise(tmp_path):
+    from clsp.generate.unet_split import interpolated_noise_prediction
+
     reference, out = convert_reference(tmp_path)
     unet, scheduler = load_unet(str(out))
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 3, SIZE, SIZE, generator=gen)
+    x, anchor = torch.randn(3, 3, SIZE, SIZE, generator=gen), torch.randn(3, 3, SIZE, SIZE, generator=gen)
     for t in (0, 1, 500, 999):
         timesteps = torch.full((3,), t, dtype=torch.long)
         with torch.no_grad():
             expected, got = reference(x, timesteps), unet(x, timesteps).sample
-        assert expected.abs().max() > 0.1  # a real prediction, not a vanishing one
-        assert (got - expected).abs().max() < 1e-4, t
+            assert expected.abs().max() > 0.1  # a real prediction, not a vanishing one
+            assert (got - expected).abs().max() < 1e-4, t
+            for w in (0.0, 0.1):  # the bottleneck mixed with the anchor's, the skips the sample's
+                expected = reference.interpolated(x, timesteps, anchor, w)
+                got = interpolated_noise_prediction(unet, x, timesteps, anchor, w)
+                assert (expected - reference(x, timesteps)).abs().max() > 0.01  # the anchor matters
+                assert (got - expected).abs().max() < 1e-4, (t, w)
     assert scheduler.config.num_train_timesteps == T and scheduler.config.beta_schedule == "linear"
     assert torch.allclose(scheduler.betas, torch.linspace(1e-4, 0.02, T))
     record = json.loads((out / "conversion.json").read_text())
@@ -271,32 +364,61 @@ def test_clsp_gen_on_the_converted_folder_gives_the_references_positives(tmp_pat
         assert (expected.abs() < 0.99).float().mean() > 0.1  # not only clipped pixels
 
 
-def test_training_checkpoint_with_both_weights_uses_the_chosen_one(tmp_path):
+def flat(state: dict) -> dict:
+    """The same tensors in pytorch-ddpm's flat layout (no encoder./decoder. parents, no projector)."""
+    return {name.removeprefix("encoder.").removeprefix("decoder."): value for name, value in state.items()
+            if not name.startswith("encoder.projector.")}
+
+
+def test_pytorch_ddpm_checkpoint_with_both_weights_uses_the_chosen_one(tmp_path):
     ema, net = reference_model(0), reference_model(1)
-    ckpt, config = write_artefacts(tmp_path, {"net_model": net.state_dict(), "ema_model": ema.state_dict(),
+    ckpt, config = write_artefacts(tmp_path, {"net_model": flat(net.state_dict()), "ema_model": flat(ema.state_dict()),
                                               "step": 10, "x_T": torch.zeros(1)})
     x, t = torch.randn(1, 3, SIZE, SIZE), torch.tensor([250])
     for weights, model in (("ema", ema), ("net", net)):
         result = run_convert(ckpt, config, tmp_path / weights, "--weights", weights)
         assert result.exit_code == 0, result.output
+        record = json.loads((tmp_path / weights / "conversion.json").read_text())
+        assert record["layout"] == "flat" and record["checkpoint"] == f"{weights}_model" and not record["ignored"]
         with torch.no_grad():
             got = load_unet(str(tmp_path / weights))[0](x, t).sample
             assert (got - model(x, t)).abs().max() < 1e-4, weights
 
 
+def test_an_fp16_copy_is_cast_to_fp32_and_the_cast_is_recorded(tmp_path):
+    reference = reference_model()
+    half = {name: value.half() if value.is_floating_point() else value
+            for name, value in reference.state_dict().items()}
+    ckpt, config = write_artefacts(tmp_path, half)
+    result = run_convert(ckpt, config, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert sorted(record["cast_to_float32"]["float16"]) == sorted(authors_tensors(AuthorsConfig.model_validate(
+        {**CIFAR10_CONFIG, "channel": CH, "channel_mult": MULT, "num_res_blocks": BLOCKS, "img_size": SIZE})))
+    x, t = torch.randn(1, 3, SIZE, SIZE), torch.tensor([250])
+    rounded = reference_model()  # the fp16 weights; diffusers computes the sinusoid table itself, exactly
+    table = "time_embedding.timembedding.0.weight"
+    rounded.load_state_dict({**{name: value.float() for name, value in half.items()},
+                             table: reference.state_dict()[table]})
+    with torch.no_grad():
+        assert (load_unet(str(tmp_path / "out"))[0](x, t).sample - rounded(x, t)).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("case", ["wrong-shape", "missing-key", "other-config", "not-a-checkpoint", "bad-yaml",
-                                  "duplicate-key"])
+                                  "duplicate-key", "unknown-tensors"])
 def test_checkpoints_that_do_not_fit_are_refused_in_one_line(case, tmp_path):
     state = reference_model().state_dict()
     changes = {}
     if case == "wrong-shape":
-        state["downblocks.0.block1.2.weight"] = torch.zeros(32, 32, 5, 5)
+        state["encoder.downblocks.0.block1.2.weight"] = torch.zeros(32, 32, 5, 5)
     elif case == "missing-key":
-        del state["upblocks.1.attn.proj_k.bias"]
+        del state["decoder.upblocks.1.block2.3.bias"]
     elif case == "other-config":
-        changes = {"channel_mult": [1, 2, 2]}
+        changes = {"channel_mult": [1, 2]}
     elif case == "bad-yaml":
         changes = {"attn": [3]}
+    elif case == "unknown-tensors":
+        state |= {"encoder.extra.weight": torch.zeros(2), "decoder.other": torch.zeros(1)}
     ckpt, config = write_artefacts(tmp_path, state, **changes)
     if case == "not-a-checkpoint":
         ckpt.write_bytes(b"not a checkpoint")
@@ -304,10 +426,12 @@ def test_checkpoints_that_do_not_fit_are_refused_in_one_line(case, tmp_path):
         config.write_text(config.read_text() + "channel: 64\n")
     out = tmp_path / "out"
     line = one_error_line(run_convert(ckpt, config, out))
-    expected = {"wrong-shape": "downblocks.0.block1.2.weight is [32, 32, 5, 5], the config needs [32, 32, 3, 3]",
-                "missing-key": "upblocks.1.attn.proj_k.bias missing", "other-config": "does not fit the config",
+    expected = {"wrong-shape": "encoder.downblocks.0.block1.2.weight is [32, 32, 5, 5], the config needs "
+                               "[32, 32, 3, 3]",
+                "missing-key": "decoder.upblocks.1.block2.3.bias missing", "other-config": "does not fit the config",
                 "not-a-checkpoint": "cannot read", "bad-yaml": "attn levels [3]",
-                "duplicate-key": "duplicate key 'channel'"}[case]
+                "duplicate-key": "duplicate key 'channel'",
+                "unknown-tensors": "encoder.extra.weight unexpected; decoder.other unexpected"}[case]
     assert expected in line, line
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
@@ -366,3 +490,110 @@ def test_sets_that_do_not_fit_the_dataset_are_refused_in_one_line(case, tmp_path
                 "pickled": "cannot read"}[case]
     assert expected in one_error_line(result)
     assert not (shard_dir / "manifest.json").exists()
+
+
+# --- clsp encoder import ----------------------------------------------------------------------------------------
+
+def authors_resnet(backbone: str, stem: str = "small", seed: int = 0) -> nn.Module:
+    """A torchvision ResNet as the authors build theirs: a 3x3 stride-1 stem conv (max-pool removed for "small",
+    kept for "mid") and their MLP head in ``fc``; BatchNorm statistics drawn, so eval-mode features depend on them."""
+    torch.manual_seed(seed)
+    net = getattr(torchvision.models, backbone)()
+    features = net.fc.in_features
+    net.fc = nn.Sequential(nn.Linear(features, 4096), nn.ReLU(inplace=True), nn.Linear(4096, 256))
+    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    if stem == "small":
+        net.maxpool = nn.Identity()
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.normal_(1.0, 0.1)
+                module.bias.normal_(0.0, 0.1)
+    return net.eval()
+
+
+def import_encoder_cli(ckpt: Path, out: Path, backbone: str = "resnet18", dataset: str = "cifar10"):
+    return CliRunner().invoke(encoder, ["import", str(ckpt), "--backbone", backbone, "--dataset", dataset,
+                                        "--out", str(out)])
+
+
+@pytest.mark.parametrize("backbone, dataset, prefix", [("resnet18", "cifar10", "module."), ("resnet50", "cifar100", ""),
+                                                       ("resnet18", "stl10", "")])
+def test_imported_encoder_gives_the_reference_trunks_features(backbone, dataset, prefix, tmp_path):
+    import hashlib
+
+    stem = "mid" if dataset == "stl10" else "small"
+    reference = authors_resnet(backbone, stem)
+    ckpt = tmp_path / f"{backbone}_{dataset}.pt"
+    torch.save({prefix + name: value for name, value in reference.state_dict().items()}, ckpt)
+    result = import_encoder_cli(ckpt, tmp_path / "enc", backbone, dataset)
+    assert result.exit_code == 0, result.output
+    net, card = load_encoder(tmp_path / "enc")
+    reference.fc = nn.Identity()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = reference(x)
+        assert torch.equal(net(x), expected) and expected.std() > 0.01
+    assert card.backbone == backbone and card.stem == stem and card.image_size == (64 if dataset == "stl10" else 32)
+    assert (tuple(card.mean or ()), tuple(card.std or ())) == NORMALISATION[dataset] and card.probe_lr == 1.0
+    assert card.source["file"] == ckpt.name and card.source["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".enc")]
+
+
+def labelled_folder(root: Path, per_class: dict[str, int]) -> Path:
+    """An image folder with train/ and test/ splits of two classes (dark and bright 8x8 images)."""
+    rng = np.random.default_rng(0)
+    for split, count in per_class.items():
+        for label, base in (("dark", 40), ("bright", 200)):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(base + rng.integers(-30, 30, (8, 8, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+    return root
+
+
+def test_knn_and_linear_evaluate_an_imported_encoder(tmp_path):
+    ckpt = tmp_path / "simclr_cifar10_resnet18.pt"
+    torch.save(authors_resnet("resnet18").state_dict(), ckpt)
+    assert import_encoder_cli(ckpt, tmp_path / "enc").exit_code == 0
+    folder = labelled_folder(tmp_path / "images", {"train": 6, "test": 3})
+    run = tmp_path / "run"
+    for command in (["knn", "--k", "3"], ["linear", "--epochs", "2"]):
+        result = CliRunner().invoke(evaluate, [*command, "--encoder", str(tmp_path / "enc"), "--dataset",
+                                               f"imagefolder:{folder}", "--out", str(run), "--batch-size", "8"])
+        assert result.exit_code == 0, result.output
+    results = json.loads((run / "results.json").read_text())
+    for command in ("knn", "linear"):
+        (entry,) = results[command].values()
+        assert entry["encoder"]["stem"] == "small" and entry["encoder"]["trained_on"] == "cifar10", entry
+    assert results["knn"][f"imagefolder:{folder}"]["test_size"] == 6
+
+
+@pytest.mark.parametrize("case", ["no-head", "other-backbone", "imagenet-stem", "unknown-tensor", "not-a-checkpoint",
+                                  "integer-weights"])
+def test_encoder_files_that_are_not_the_authors_are_refused_in_one_line(case, tmp_path):
+    net = authors_resnet("resnet18")
+    if case == "imagenet-stem":
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    state = net.state_dict()
+    if case == "no-head":
+        state = {name: value for name, value in state.items() if not name.startswith("fc.")}
+    elif case == "unknown-tensor":
+        state["layer5.weight"] = torch.zeros(3)
+    elif case == "integer-weights":
+        state["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"].to(torch.int64)
+    ckpt = tmp_path / "encoder.pt"
+    torch.save(state, ckpt)
+    if case == "not-a-checkpoint":
+        ckpt.write_text("name: not a checkpoint\n")
+    line = one_error_line(import_encoder_cli(ckpt, tmp_path / "enc", "resnet50" if case == "other-backbone"
+                                             else "resnet18"))
+    expected = {"no-head": "has no fc.0.weight, fc.0.bias, fc.2.weight, fc.2.bias",
+                "other-backbone": "fc.0.weight is [4096, 512], but a resnet50 head takes 2048 features",
+                "imagenet-stem": "conv1.weight is [64, 3, 7, 7] there, [64, 3, 3, 3] here",
+                "unknown-tensor": "layer5.weight unexpected", "not-a-checkpoint": "cannot read",
+                "integer-weights": "layer1.0.conv1.weight is int64, not floating point"}[case]
+    assert expected in line, line
+    assert not (tmp_path / "enc").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".enc")]

@@ -28,7 +28,7 @@ SIZE = 16
 def make_encoder(directory: Path, seed: int = 0, **arch) -> Path:
     torch.manual_seed(seed)
     net = build_backbone("resnet-narrow")
-    return export_encoder(net, directory, EncoderCard(backbone="resnet-narrow", small_stem=True,
+    return export_encoder(net, directory, EncoderCard(backbone="resnet-narrow", stem="small",
                                                       feature_dim=net.feature_dim, image_size=SIZE, **arch))
 
 

@@ -162,8 +162,8 @@ def test_image_size_the_model_cannot_take_is_refused_before_any_image_is_resized
 def _encoder(directory: Path, **card_changes) -> Path:
     from clsp.train.backbones import EncoderCard, build_backbone, export_encoder
 
-    net = build_backbone("resnet-narrow", small_stem=True)
-    card = EncoderCard(backbone="resnet-narrow", small_stem=True, feature_dim=net.feature_dim, image_size=8,
+    net = build_backbone("resnet-narrow", "small")
+    card = EncoderCard(backbone="resnet-narrow", stem="small", feature_dim=net.feature_dim, image_size=8,
                        mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
     export_encoder(net, directory, card.model_copy(update=card_changes))
     return directory
@@ -273,3 +273,91 @@ def test_a_second_whole_run_of_one_run_directory_waits_then_skips_what_the_first
     assert log.read_text() == "first one\nfirst two\n"  # every stage ran once, in the first process
     assert ("second", "[clsp run] one: done already, skipped") in said
     assert ("second", "[clsp run] two: done already, skipped") in said
+
+
+# --- clsp ddpm convert: the authors' checkpoint and YAML, as an adversary would hand them over -------------------
+
+def _convert_inputs(directory: Path, case: str) -> tuple[Path, Path]:
+    """A small valid checkpoint and YAML in the authors' layout, then the one change ``case`` makes."""
+    from test_authors_artefacts import reference_model, write_artefacts
+
+    state = reference_model().state_dict()
+    weight = "encoder.downblocks.0.block1.2.weight"
+    tensor_changes = {"nan": lambda t: t.index_fill(0, torch.tensor([0]), float("nan")),
+                      "inf": lambda t: t.index_fill(0, torch.tensor([0]), float("inf")),
+                      "int64": lambda t: t.to(torch.int64), "bool": lambda t: t > 0,
+                      "complex": lambda t: t.to(torch.complex64)}
+    if case in tensor_changes:
+        state[weight] = tensor_changes[case](state[weight])
+    if case == "integer-key":
+        state[0] = torch.zeros(1)
+    config_changes = {"channel-1e9": {"channel": 1e9}, "channel-2^20": {"channel": 2**20},
+                      "channel_mult-1000": {"channel_mult": [1] * 1000}, "res-blocks-10^6": {"num_res_blocks": 10**6},
+                      "too-many-parameters": {"channel": 1024, "channel_mult": [16] * 4},
+                      "beta_1-over-beta_T": {"beta_1": 0.02, "beta_T": 1e-4},
+                      "res-blocks-true": {"num_res_blocks": True}}
+    ckpt, config = write_artefacts(directory, state, **config_changes.get(case, {}))
+    if case == "text-file":
+        ckpt.write_text("T: 1000\nchannel: 128\n")
+    fifo = {"fifo-checkpoint": ckpt, "fifo-config": config}.get(case)
+    if fifo is not None:
+        fifo.unlink()
+        os.mkfifo(fifo)
+    return ckpt, config
+
+
+HOSTILE_CONVERT = {
+    "fifo-checkpoint": "is a named pipe; pass a regular file",
+    "fifo-config": "is a named pipe; pass a regular file",
+    "nan": "encoder.downblocks.0.block1.2.weight holds NaN or infinite values",
+    "inf": "encoder.downblocks.0.block1.2.weight holds NaN or infinite values",
+    "text-file": "cannot read",
+    "integer-key": "has a key '0' of type int, not a tensor name",
+    "channel-1e9": "channel: Input should be less than or equal to 1024",
+    "channel-2^20": "channel: Input should be less than or equal to 1024",
+    "channel_mult-1000": "channel_mult: List should have at most 8 items",
+    "res-blocks-10^6": "num_res_blocks: Input should be less than or equal to 16",
+    "too-many-parameters": "parameters, over the 500,000,000 limit",
+    "beta_1-over-beta_T": "beta_1 0.02 must be below beta_T 0.0001",
+    "res-blocks-true": "num_res_blocks: needs a number, not true/false",
+    "int64": "encoder.downblocks.0.block1.2.weight is int64, not floating point",
+    "bool": "encoder.downblocks.0.block1.2.weight is bool, not floating point",
+    "complex": "encoder.downblocks.0.block1.2.weight is complex64, not floating point",
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_CONVERT))
+def test_hostile_convert_inputs_are_refused_in_one_line_within_budget(case: str, tmp_path: Path):
+    import time
+
+    from clsp.generate.ddpm_cli import ddpm
+
+    ckpt, config = _convert_inputs(tmp_path / "in", case)
+    before = _snapshot(tmp_path)
+    started = time.monotonic()
+    tracemalloc.start()
+    try:
+        result = CliRunner().invoke(ddpm, ["convert", str(ckpt), "--config", str(config), "--out",
+                                           str(tmp_path / "out")])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    line = _refused(result)
+    assert HOSTILE_CONVERT[case] in line, line
+    assert time.monotonic() - started < 10 and peak < MEMORY_BUDGET, f"{peak >> 20} MiB"
+    assert _snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_a_unet_folder_with_nan_weights_is_refused_when_loaded(tmp_path: Path):
+    from clsp.generate.ddpm_cli import ddpm
+    from test_authors_artefacts import convert_reference
+
+    _, folder = convert_reference(tmp_path)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    state["conv_in.weight"][0, 0, 0, 0] = float("nan")
+    save_file(state, str(weights))
+    line = _refused(CliRunner().invoke(ddpm, ["sample", "--unet", str(folder), "--out", str(tmp_path / "grid.png"),
+                                              "--num-samples", "1", "--steps", "1"]))
+    assert "holds NaN or infinite values in conv_in.weight" in line, line
+    assert not (tmp_path / "grid.png").exists()

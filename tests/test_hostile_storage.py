@@ -12,6 +12,7 @@ import errno
 import http.server
 import io
 import json
+import os
 import resource
 import socket
 import tarfile
@@ -336,7 +337,7 @@ def test_other_errors_inside_an_atomic_write_pass_unchanged(tmp_path):
 # ---- weights that do not fit ----------------------------------------------------------------------------------------
 
 def test_encoder_weights_that_do_not_fit_name_the_tensors(tmp_path):
-    net = build_backbone("resnet-narrow", True)
+    net = build_backbone("resnet-narrow", "small")
     export_encoder(net, tmp_path, EncoderCard(backbone="resnet-narrow", feature_dim=64))
     state = load_file(str(tmp_path / "encoder.safetensors"))
     state["conv1.weight"] = state["conv1.weight"][:, :1].contiguous()
@@ -347,3 +348,24 @@ def test_encoder_weights_that_do_not_fit_name_the_tensors(tmp_path):
     message = str(refused.value)
     assert message.startswith(f"the weights in {tmp_path / 'encoder.safetensors'} do not fit: ")
     assert "bn1.bias missing; extra.bias unexpected; conv1.weight is [" in message and len(message) < 300
+
+
+def test_a_rerun_of_a_killed_convert_removes_its_staged_folder_and_keeps_a_live_ones(tmp_path):
+    import subprocess
+    import sys
+
+    from clsp.io import _HOST
+    from test_authors_artefacts import reference_model, run_convert, write_artefacts
+
+    ckpt, config = write_artefacts(tmp_path / "in", reference_model().state_dict())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    killed = tmp_path / f".model.staged.tmp-{dead}@{_HOST}"  # what a convert killed mid-write leaves
+    live = tmp_path / f".model.staged.tmp-{os.getppid()}@{_HOST}"  # another writer, still running
+    for staged in (killed, live):
+        staged.mkdir()
+        (staged / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 1000)
+    result = run_convert(ckpt, config, tmp_path / "model")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "model" / "conversion.json").is_file()
+    assert not killed.exists() and live.is_dir()

@@ -39,7 +39,8 @@ BASELINE_PROBE_LR = 1.0  # "the MoCo C100 *baseline* keeps 1.0"
 K_CANDIDATES = 8
 # The authors' normalisation (METHOD.md section 3), and solo-learn's CIFAR-10 std for NNCLR.
 AUTHORS_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-                 "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+                 "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+                 "stl10": ((0.4914, 0.4823, 0.4466), (0.247, 0.243, 0.261))}  # their simclr_stl10 recipe's
 SOLO_LEARN_CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
@@ -83,7 +84,7 @@ def test_presets_train_and_sample_in_fp32(dataset: str):
     if "diffusion" in stages:  # the DDPM trained where no public one exists: fp32, as the authors trained theirs
         assert stages["diffusion"].job.precision == "fp32"
     runs = _resolved_runs(dataset)
-    assert len(runs) == 4 and all(job.precision == "fp32" for job in runs.values())
+    assert len(runs) == (2 if dataset == "stl10" else 4) and all(job.precision == "fp32" for job in runs.values())
 
 
 @pytest.mark.parametrize("method", ["simclr", "moco"])
@@ -92,7 +93,7 @@ def test_the_projector_is_the_authors(method: str):
     from clsp.train.methods import build_method
 
     job = _resolved_runs("cifar10")[f"clsp-{method}"]
-    built = build_method(job, build_backbone(job.backbone, small_stem=True))
+    built = build_method(job, build_backbone(job.backbone, "small"))
     assert [type(m) for m in built.projector] == [nn.Linear, nn.ReLU, nn.Linear]
     assert [(m.in_features, m.out_features) for m in built.projector if isinstance(m, nn.Linear)] == \
         [(512, 4096), (4096, 256)]
@@ -120,7 +121,7 @@ def test_nnclr_keeps_solo_learns_recipe():
     assert lars.defaults["trust_coeff"] == 0.02 and lars.defaults["trust_clip"] is True
 
 
-def test_cifar_normalisation_is_the_authors():
+def test_the_normalisation_is_the_authors():
     from clsp.datasets import NORMALISATION
 
     assert {name: NORMALISATION[name] for name in AUTHORS_STATS} == AUTHORS_STATS
@@ -148,6 +149,45 @@ def test_the_encoder_card_records_the_recipes_normalisation(tmp_path, monkeypatc
     from clsp.datasets import get_dataset
 
     assert tuple(card.std) == pytest.approx(odd_std) and tuple(card.mean) == pytest.approx(get_dataset("digits").mean)
+
+
+# Their configs/simclr_stl10.yaml and the STL-10 branch of their data and model code (METHOD.md section 3).
+STL10_SIMCLR = {"epochs": 1000, "batch_size": 1024, "lr": 0.5, "warmup_start_lr": 1e-3, "warmup_epochs": 10,
+                "weight_decay": 1e-4, "temperature": 0.2, "proj_hidden_dim": 4096, "proj_output_dim": 256,
+                "crop_min_scale": 0.08, "flip": True, "backbone": "resnet18", "stem": "mid", "optimizer": "sgd"}
+
+
+@pytest.mark.parametrize("run", ["simclr", "clsp-simclr"])
+def test_the_stl10_preset_is_the_authors_simclr_recipe(run: str):
+    from clsp.datasets import NORMALISATION
+    from clsp.train.backbones import build_backbone
+    from clsp.train.recipes import normalisation, probe_lr
+
+    preset = _preset("stl10")
+    data = preset.config.dataset
+    assert (data.name, data.split, data.image_size) == ("stl10", "unlabeled", 64)
+    job = _resolved_runs("stl10")[run]
+    assert {name: getattr(job, name) for name in STL10_SIMCLR} == STL10_SIMCLR
+    assert job.method == "simclr" and job.clsp_lambda == (1.0 if run == "clsp-simclr" else 0.0)
+    assert normalisation("simclr", "stl10", NORMALISATION["stl10"]) == AUTHORS_STATS["stl10"]
+    assert probe_lr("simclr", "stl10", job.clsp_lambda) == 1.0
+    trunk = build_backbone(job.backbone, job.stem)  # "mid": a 3x3 stride-1 stem conv, the max-pool kept
+    assert (trunk.conv1.kernel_size, trunk.conv1.stride) == ((3, 3), (1, 1)) and isinstance(trunk.maxpool, nn.MaxPool2d)
+    assert trunk(torch.zeros(2, 3, 64, 64)).shape == (2, 512)
+
+
+def test_the_stem_is_a_recorded_training_setting(tmp_path):
+    from clsp.train.backbones import load_encoder
+    from clsp.train.cli import train
+    from test_train_data import make_train_shards
+    from test_trainer import tiny
+
+    shards = make_train_shards(tmp_path / "shards", num_anchors=16, shard_size=16)
+    result = CliRunner().invoke(train, ["--shards", str(shards), "--out", str(tmp_path / "run"), "--epochs", "1",
+                                        "--stem", "mid", "--augment", "cpu", *tiny("simclr")])
+    assert result.exit_code == 0, result.output
+    net, card = load_encoder(tmp_path / "run")
+    assert card.stem == "mid" and isinstance(net.maxpool, nn.MaxPool2d) and net.conv1.stride == (1, 1)
 
 
 def _lr_by_step(unit: str, *, epochs: int, steps_per_epoch: int, warmup_epochs: float, base: float,
@@ -224,7 +264,7 @@ def test_knn_takes_the_training_features_with_a_random_flip(tmp_path, monkeypatc
 
     torch.manual_seed(0)
     net = build_backbone("resnet-narrow")
-    export_encoder(net, tmp_path / "enc", EncoderCard(backbone="resnet-narrow", small_stem=True,
+    export_encoder(net, tmp_path / "enc", EncoderCard(backbone="resnet-narrow", stem="small",
                                                       feature_dim=net.feature_dim, image_size=8))
     encoder = load_frozen_encoder(tmp_path / "enc", device="cpu")
     rng = np.random.default_rng(0)

@@ -65,7 +65,7 @@ def test_baseline_run_exports_a_loadable_encoder_and_logs(shard_dir, tmp_path):
     assert summary["clsp_lambda"] == 0.0 and summary["batch_size"] == 8  # the global batch
     assert summary["settings"]["crop_min_scale"] == 0.08 and summary["settings"]["flip"] is True
     encoder, card = load_encoder(out)
-    assert card.method == "simclr" and card.clsp_lambda == 0.0 and card.small_stem is True
+    assert card.method == "simclr" and card.clsp_lambda == 0.0 and card.stem == "small"
     assert card.backbone == "resnet-narrow"
     assert card.dataset["fingerprint"] == get_dataset("digits").fingerprint and card.image_size == 16
     # METHOD.md's augmentation, recorded

@@ -1,4 +1,4 @@
-"""Encoders: torchvision ResNets with the small-image stem, and their exported form.
+"""Encoders: torchvision ResNets with a small-image or the ImageNet stem, and their exported form.
 
 The exported encoder (``encoder.safetensors`` + ``encoder.json``) is the hand-off from training to
 evaluation and to users' own code: weights as safetensors, architecture as a small JSON.
@@ -19,7 +19,7 @@ from torchvision.models.resnet import ResNet
 
 from clsp.errors import UserError
 from clsp.io import atomic_path, load_weights, write_json_atomic
-from clsp.train.config import Backbone
+from clsp.train.config import Backbone, Stem
 
 BACKBONES: tuple[str, ...] = get_args(Backbone)
 CARD_VERSION: Final = 2
@@ -28,14 +28,15 @@ CARD_VERSION: Final = 2
 class EncoderCard(BaseModel):
     """``encoder.json``: what a frozen encoder is and how its inputs are prepared (schema version 2).
 
-    Version 1 cards (no ``schema_version``, lambda stored as ``clsp_weight``) still load.
+    Version 1 cards (no ``schema_version``, lambda stored as ``clsp_weight``) and cards that record the stem as
+    ``small_stem`` still load. ``source`` names the file an imported encoder came from.
     """
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     schema_version: Literal[2] = CARD_VERSION
     backbone: Backbone
-    small_stem: bool = True
+    stem: Stem = "small"
     feature_dim: int = Field(ge=1, le=1 << 16)
     method: str | None = Field(None, max_length=64)
     clsp_lambda: float | None = Field(None, ge=0)
@@ -45,6 +46,7 @@ class EncoderCard(BaseModel):
     std: list[float] | None = Field(None, min_length=3, max_length=3)
     probe_lr: float | None = Field(None, gt=0)  # the recipe's linear-probe learning rate
     settings: dict[str, Any] = Field(default_factory=dict)
+    source: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("std")
     @classmethod
@@ -64,6 +66,8 @@ class EncoderCard(BaseModel):
                             "clsp-train") from None
         if isinstance(raw, dict) and "schema_version" not in raw:  # version 1
             raw = {**raw, "schema_version": CARD_VERSION, "clsp_lambda": raw.get("clsp_weight")}
+        if isinstance(raw, dict) and "stem" not in raw:  # written before the stem had three choices
+            raw = {**raw, "stem": "small" if raw.get("small_stem", True) else "imagenet"}
         try:
             return cls.model_validate(raw)
         except ValidationError as error:
@@ -73,11 +77,12 @@ class EncoderCard(BaseModel):
                             "encoder with clsp-train") from None
 
 
-def build_backbone(name: str = "resnet18", small_stem: bool = True) -> nn.Module:
+def build_backbone(name: str = "resnet18", stem: Stem = "small") -> nn.Module:
     """A ResNet trunk whose forward returns pooled features (``.feature_dim`` gives their size).
 
-    ``small_stem`` is the CIFAR stem (3x3 conv, stride 1, no max-pool) for images of 64 pixels or
-    less. ``resnet-narrow`` is a ResNet-18 at a quarter of the width, sized for CPU runs.
+    ``stem`` small is the CIFAR stem (3x3 conv, stride 1, no max-pool), mid the authors' STL-10 one (the same
+    conv, max-pool kept), imagenet torchvision's (7x7 conv, stride 2, max-pool). ``resnet-narrow`` is a
+    ResNet-18 at a quarter of the width, sized for CPU runs.
     """
     if name not in BACKBONES:
         raise UserError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
@@ -88,8 +93,9 @@ def build_backbone(name: str = "resnet18", small_stem: bool = True) -> nn.Module
         _narrow(net, 16)
     else:
         net = getattr(torchvision.models, name)(weights=None)
-    if small_stem:
+    if stem != "imagenet":
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    if stem == "small":
         net.maxpool = nn.Identity()
     net.feature_dim = net.fc.in_features
     net.fc = nn.Identity()
@@ -138,18 +144,18 @@ def load_encoder(path: str | Path) -> tuple[nn.Module, EncoderCard]:
         raise UserError(f"{directory} is not an exported encoder (needs encoder.json and encoder.safetensors); "
                         "pass the directory that clsp-train wrote")
     card = EncoderCard.read(arch_file)
-    net = build_backbone(card.backbone, card.small_stem)
+    net = build_backbone(card.backbone, card.stem)
     try:
         state = load_file(str(weights))
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise UserError(f"{weights} cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
                         "re-export the encoder with clsp-train") from None
     load_weights(net, state, weights, f"not a {card.backbone}; re-export the encoder with clsp-train")
-    _check_values(state, net.state_dict(), weights)
+    check_values(state, net.state_dict(), weights)
     return net.eval(), card
 
 
-def _check_values(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], weights: Path) -> None:
+def check_values(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], weights: Path) -> None:
     """Refuse weights that load yet give meaningless features (chance accuracy reported as a result): integer
     tensors where floats belong (``load_state_dict`` casts them silently), NaN or infinity."""
     for name, tensor in state.items():

@@ -19,6 +19,7 @@ from clsp.errors import UserError
 from clsp.train.recipes import RECIPES, DecayScope, ForwardMode, NNIndex, Optimizer, PositiveLoss, ScheduleUnit
 
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet-narrow"]
+Stem = Literal["small", "mid", "imagenet"]
 _RECIPE = "[default: the method's recipe]"
 MIN_LAMBDA = 1e-6  # the smallest CLSP lambda; below it the term is noise in float32 (0 is the baseline)
 
@@ -31,6 +32,9 @@ class TrainSettings(Settings):
     clsp_lambda: float | None = setting(None, f"lambda of the CLSP term; 0 trains the baseline. {_RECIPE}",
                                         ge=0, le=100)
     backbone: Backbone = setting("resnet18", "ResNet; resnet-narrow is a quarter-width ResNet-18 for CPU runs.")
+    stem: Stem | None = setting(None, "ResNet stem: small = 3x3 stride-1 conv, no max-pool (CIFAR); mid = the same "
+                                      "conv, max-pool kept (the authors' STL-10); imagenet = 7x7 stride-2 conv and "
+                                      "max-pool. [default: small up to 64-pixel images, else imagenet]")
     epochs: int = setting(1000, "Training epochs.", ge=1, le=100_000)
     batch_size: int | None = setting(None, f"Global batch over all processes (must divide by them). {_RECIPE}",
                                      ge=1, le=1 << 20)

@@ -96,8 +96,8 @@ class Trainer:
         self.labelled = self.dataset.has_labels and bool((self.stream.labels >= 0).all())
 
         torch.manual_seed(job.seed)
-        self.small_stem = self.image_size <= 64
-        backbone = build_backbone(job.backbone, small_stem=self.small_stem)
+        self.stem = job.stem or ("small" if self.image_size <= 64 else "imagenet")
+        backbone = build_backbone(job.backbone, self.stem)
         method = build_method(job, backbone, self.dataset.num_classes if self.labelled else 0)
         if job.sync_bn and self.world_size > 1:
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
@@ -336,7 +336,7 @@ class Trainer:
             "ranks_in_sync": len(set(checksums)) == 1, "collapse": self.collapse.record(),
         }
         if acc.is_main_process:
-            card = EncoderCard(backbone=config.backbone, small_stem=self.small_stem, feature_dim=feature_dim(backbone),
+            card = EncoderCard(backbone=config.backbone, stem=self.stem, feature_dim=feature_dim(backbone),
                                method=config.method, clsp_lambda=config.clsp_lambda,
                                dataset=self.shards.store.manifest.dataset.model_dump(), image_size=self.image_size,
                                mean=list(self.dataset.mean), std=list(self.dataset.std),

@@ -201,6 +201,25 @@ def test_controls_get_paired_differences_and_collapsed_runs_are_marked(tmp_path:
     assert "| simclr | linear top-1 | 1.00 | 80.00 - 82.00 (2.00) | 3 |" in text  # the noise floor
 
 
+def test_nnclr_arms_get_the_support_set_accuracy_row_and_other_methods_do_not(tmp_path: Path):
+    per_arm = arm_runs("nnclr", [0, 1], 0.3, {}, ("clsp", "baseline"))
+    accuracy = {"clsp": [0.5, 0.6], "baseline": [0.7, 0.7]}
+    for arm, runs in per_arm.items():
+        for seed, (name, _) in enumerate(runs):
+            _write_results(tmp_path / "eval" / name, 80.0, 70.0, 75.0)
+            (tmp_path / "train" / name).mkdir(parents=True)
+            (tmp_path / "train" / name / "train_summary.json").write_text(json.dumps(
+                {"final": {"nn_acc": accuracy[arm][seed]}}))
+    names = {arm: [name for name, _ in runs] for arm, runs in per_arm.items()}
+    row = summarise(tmp_path, names)["support-set nn accuracy"]
+    assert row["clsp"]["mean"] == pytest.approx(55.0) and row["baseline"]["mean"] == pytest.approx(70.0)
+    assert row["difference"]["mean"] == pytest.approx(-15.0)
+    simclr = arm_runs("simclr", [0, 1], 0.3, {}, ("clsp", "baseline"))
+    for name, _ in sum(simclr.values(), []):
+        _write_results(tmp_path / "eval" / name, 80.0, 70.0, 75.0)
+    assert "support-set nn accuracy" not in summarise(tmp_path, {a: [n for n, _ in r] for a, r in simclr.items()})
+
+
 def test_deterministic_probe_is_deterministic():
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(4, 16)) * 3

@@ -28,7 +28,7 @@ from clsp.images import to_float
 from clsp.shards import reader
 from clsp.shards.cli import shards
 from clsp.train.cli import train
-from test_trainer import tiny
+from support import tiny
 
 T, CH, MULT, ATTN, BLOCKS, SIZE = 1000, 32, [1, 2], [1], 1, 16
 

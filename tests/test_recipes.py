@@ -132,7 +132,7 @@ def test_the_encoder_card_records_the_recipes_normalisation(tmp_path, monkeypatc
     from clsp.train import recipes
     from clsp.train.backbones import load_encoder
     from clsp.train.cli import train
-    from test_train_data import make_train_shards
+    from support import make_train_shards
 
     odd_std = (0.31, 0.32, 0.33)
     nnclr = recipes.RECIPES["nnclr"]

@@ -19,8 +19,8 @@ from torchvision.models.resnet import ResNet
 
 from clsp.errors import UserError
 from clsp.io import atomic_path, load_weights, write_json_atomic
-from clsp.train.config import Backbone
 
+Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet-narrow"]
 BACKBONES: tuple[str, ...] = get_args(Backbone)
 CARD_VERSION: Final = 2
 

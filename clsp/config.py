@@ -16,13 +16,15 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 import click
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from clsp.datasets import DEFAULT_DATA_ROOT, IMAGEFOLDER, dataset_info
+from clsp.datasets import DEFAULT_DATA_ROOT, IMAGEFOLDER, dataset_info, dataset_names
 from clsp.errors import UserError, short
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 Precision = Literal["auto", "bf16", "fp32"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+PRECISION_HELP = "auto: bf16 autocast on GPUs and on CPUs with bf16 units, else fp32."
+DATASET_HELP = f"Dataset registry name ({', '.join(dataset_names())})."
 # What a setting is for. result: it shapes what a run produces (weights, shards, scores), so it is part of
 # a stage's fingerprint, of what a resumed run must match and of the records a result carries; location:
 # where a run reads and writes; logging: what it reports and how often it checkpoints; speed: how fast it
@@ -64,14 +66,20 @@ def _bool_for_number(annotation: Any, value: Any) -> bool:
 
 
 def setting(default: Any = ..., help: str = "", *, role: Role = "result", cli: str | None = None,
-            cli_exclude: bool = False, **constraints: Any) -> Any:
+            cli_exclude: bool = False, clsp_only: bool = False, **constraints: Any) -> Any:
     """A field with its help text and its ``role`` (``ROLES``: whether it shapes the result, or only says
-    where a run reads and writes, what it logs, or how fast it runs); ``cli`` renames its option
-    (``--dataset`` for ``name``), ``cli_exclude`` keeps it out of the command line (pipeline-only settings)."""
+    where a run reads and writes, what it logs, or how fast it runs); ``clsp_only``: a result setting that a
+    baseline (lambda 0) never reads, so runs differing only in such settings share one baseline (``clsp
+    study``); ``cli`` renames its option (``--dataset`` for ``name``), ``cli_exclude`` keeps it out of the
+    command line (pipeline-only settings);
+    a ``default_factory`` among the constraints takes the place of ``default`` (a default found on the machine)."""
     if role not in ROLES:
         raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
-    extra = {key: value for key, value in (("cli", cli), ("cli_exclude", cli_exclude)) if value}
-    return Field(default, description=help, json_schema_extra={"role": role, **extra}, **constraints)
+    extra = {key: value for key, value in (("cli", cli), ("cli_exclude", cli_exclude), ("clsp_only", clsp_only))
+             if value}
+    if "default_factory" not in constraints:
+        constraints["default"] = default
+    return Field(description=help, json_schema_extra={"role": role, **extra}, **constraints)
 
 
 def same_setting(model: type[BaseModel], name: str) -> Any:
@@ -106,6 +114,11 @@ def fields_with_role(model: type[BaseModel] | BaseModel, *roles: str) -> set[str
     if unknown:
         raise ValueError(f"unknown roles {sorted(unknown)}; roles are {', '.join(ROLES)}")
     return {name for name in cls.model_fields if role_of(cls, name) in roles}
+
+
+def clsp_only_fields(model: type[BaseModel]) -> set[str]:
+    """The fields of ``model`` a baseline run never reads (declared ``clsp_only``)."""
+    return {name for name in model.model_fields if _extra(model, name).get("clsp_only")}
 
 
 def identity(job: BaseModel) -> dict[str, Any]:
@@ -229,7 +242,7 @@ def parse(model: type[M], values: dict[str, Any], where: str = "cli") -> M:
 class DatasetConfig(Settings):
     """Which real images a stage uses (the ``dataset`` section of pipeline.yaml)."""
 
-    name: str = setting("digits", "Dataset registry name (digits, cifar10, cifar100, stl10, imagefolder:PATH).",
+    name: str = setting("digits", DATASET_HELP,
                         cli="--dataset", min_length=1, max_length=4096)
     split: str | None = setting(None, "Dataset split [default: the dataset's training split].", max_length=64)
     data_root: str = setting(DEFAULT_DATA_ROOT, "Where datasets are stored or downloaded (env CLSP_DATA_ROOT).",

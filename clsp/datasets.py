@@ -8,7 +8,6 @@ shards or features made from other data.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import warnings
 from collections.abc import Callable
@@ -300,14 +299,6 @@ def _size_text(path: Path, size: tuple[int, int], root: Path) -> str:
     return f"{str(path.relative_to(root))[:80]} is {size[0]}x{size[1]}"
 
 
-def _shipped_model(folder: str) -> str:
-    """Path of a diffusion model shipped in ``clsp.generate.pretrained`` (without importing torch)."""
-    spec = importlib.util.find_spec("clsp.generate")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("clsp.generate is not installed; reinstall clsp (pip install -e .)")
-    return str(Path(list(spec.submodule_search_locations)[0]) / "pretrained" / folder)
-
-
 @dataclass(frozen=True)
 class KnownDataset:
     """Everything the project knows about one named dataset, in one place."""
@@ -317,11 +308,9 @@ class KnownDataset:
     train_split: str
     test_split: str | None
     image_size: int  # of the images as loaded, unless resized
-    default_unet: Callable[[], str | None] = lambda: None  # a shipped folder or a hub id
+    # the diffusion model: a hub id, or a model shipped with the package (``clsp.generate.pretrained``)
+    default_unet: str | None = None
     ddpm_preset: str = "ddpm-cifar"  # the U-Net preset `clsp ddpm train --preset auto` picks
-    # METHOD.md section 5: linear top-1 (%), ResNet-18 (or as keyed), 1000 epochs, authors' probe
-    paper_linear_top1: dict[str, float] = field(default_factory=dict)
-    paper_linear_top1_resnet50: dict[str, float] = field(default_factory=dict)
 
 
 def _vision(name: str) -> Callable[[str, str, bool, int | None], ImageDataset]:
@@ -331,19 +320,13 @@ def _vision(name: str) -> Callable[[str, str, bool, int | None], ImageDataset]:
 DATASETS: dict[str, KnownDataset] = {
     "digits": KnownDataset(load=lambda split, root, download, image_size: load_digits(split, image_size),
                           splits=("train", "test"), train_split="train", test_split="test",
-                          image_size=DIGITS_DEFAULT_SIZE, default_unet=lambda: _shipped_model("digits-ddpm"),
+                          image_size=DIGITS_DEFAULT_SIZE, default_unet="digits-ddpm",
                           ddpm_preset="digits"),
     "cifar10": KnownDataset(
         load=_vision("cifar10"), splits=("train", "test"), train_split="train", test_split="test", image_size=32,
-        default_unet=lambda: "google/ddpm-cifar10-32",
-        paper_linear_top1={"SimCLR": 91.45, "CLSP-SimCLR": 94.45, "MoCo": 92.29, "CLSP-MoCo": 94.62,
-                           "NNCLR": 91.88, "All4One": 93.24},
-        paper_linear_top1_resnet50={"CLSP-MoCo": 96.04}),
+        default_unet="google/ddpm-cifar10-32"),
     "cifar100": KnownDataset(
-        load=_vision("cifar100"), splits=("train", "test"), train_split="train", test_split="test", image_size=32,
-        paper_linear_top1={"SimCLR": 68.10, "CLSP-SimCLR": 72.41, "MoCo": 68.91, "CLSP-MoCo": 72.33,
-                           "NNCLR": 69.62, "All4One": 72.17},
-        paper_linear_top1_resnet50={"CLSP-MoCo": 76.43}),
+        load=_vision("cifar100"), splits=("train", "test"), train_split="train", test_split="test", image_size=32),
     "stl10": KnownDataset(load=_vision("stl10"), splits=("unlabeled", "train", "test"), train_split="unlabeled",
                          test_split="test", image_size=96),
 }

@@ -219,21 +219,11 @@ class Pipeline:
     def _add_evaluations(self, run_name: str, encoder: Path) -> None:
         from clsp.evaluate.cli import EVALUATIONS
 
-        e, ds = self.config.evaluate, self.config.dataset
+        ds = self.config.dataset
         out = self.run_dir / "eval" / run_name
         common = {"encoder": str(encoder), "out": str(out), "data_root": ds.data_root, "seed": self.config.seed}
-        wanted: dict[str, dict[str, Any]] = {}
-        if e.linear:
-            wanted["linear"] = {"dataset": ds.name, "protocol": e.linear_protocol, "epochs": e.linear_epochs,
-                                "lr": e.linear_lr, "validation": self.config.validation}
-        if e.knn:
-            wanted["knn"] = {"dataset": ds.name, "validation": self.config.validation}
-        if e.positives:
-            wanted["positives"] = {"shards": self.shards}
-        if e.embed_plot:
-            wanted["embed-plot"] = {"dataset": ds.name, "png": str(out / "tsne.png")}
-        if e.transfer:
-            wanted["transfer"] = {"datasets": ",".join(e.transfer)}
+        wanted = self.config.evaluate.jobs(dataset=ds.name, validation=self.config.validation, shards=self.shards,
+                                           out=str(out))
         for command, values in wanted.items():
             model, run = EVALUATIONS[command]
             job = parse(model, {**common, **values}, where="evaluate")

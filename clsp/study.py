@@ -9,10 +9,11 @@ killed study resumes where it stopped.
 
 ``--grid train.KEY=V1,V2`` (repeatable) first trains every cell of the grid's cartesian product on the
 training split less a fixed, stratified validation split, and scores it on those held-out images; the test
-split is not read. Per method, the cell with the highest mean paired CLSP - baseline linear top-1 on
-validation is selected (ties: the higher kNN difference, then the earlier cell), and only that cell is then
-trained on the whole training split and measured on the test split. A baseline never depends on the
-CLSP-only settings, so cells that differ only in those share one baseline per seed.
+split is not read. Per method, the baseline's settings are those of the cell with the best baseline linear
+top-1 on validation, and among the cells sharing them the one with the best CLSP linear top-1 is selected
+(ties: the higher kNN top-1, then the earlier cell; ``select_cell``); only that cell is then trained on the
+whole training split and measured on the test split. A baseline never reads the CLSP-only settings
+(``setting(clsp_only=True)``), so cells that differ only in those share one baseline per seed.
 
 The report gives each arm's mean top-1 with its 95 % t-interval, the paired CLSP - baseline (and CLSP -
 control) differences with theirs, the baseline's spread over seeds (the noise floor a difference must
@@ -34,6 +35,7 @@ import click
 
 from clsp.errors import SETTINGS, Command, UserError
 from clsp.io import write_bytes_atomic, write_json_atomic
+from clsp.train.positive_sources import CONTROLS
 
 # (results.json command, or "train" for train_summary.json; keys into its payload; label)
 METRICS = (("linear", ("top1",), "linear top-1"),
@@ -43,12 +45,16 @@ METRICS = (("linear", ("top1",), "linear top-1"),
            # the positives did to the neighbours; a method without a support set has no such row
            ("train", ("final", "nn_acc"), "support-set nn accuracy"))
 SELECTION_METRIC, TIE_BREAK_METRIC = "linear top-1", "kNN top-1"
-CONTROLS = ("self", "oracle")
-ARM_SUFFIX = {"clsp": "clsp", "baseline": "base", "self": "self", "oracle": "oracle"}
-# Settings a baseline (lambda 0) never reads: a grid over them shares one baseline per seed.
-CLSP_ONLY = ("clsp_lambda", "clsp_lambda_ramp_epochs", "positive_loss", "positive_choice", "positive_top_m",
-             "positive_tau", "positive_source")
+ARM_SUFFIX = {"clsp": "clsp", "baseline": "base", **{control: control for control in CONTROLS}}
 VALIDATION_PREFIX = "val-"
+
+
+def _clsp_only() -> set[str]:
+    """The training settings a baseline (lambda 0) never reads: a grid over them shares one baseline per seed."""
+    from clsp.config import clsp_only_fields
+    from clsp.train.config import TrainSettings
+
+    return clsp_only_fields(TrainSettings)
 
 
 def interval(values: list[float]) -> dict[str, float | int]:
@@ -121,7 +127,7 @@ def arm_runs(method: str, seeds: list[int], clsp_lambda: float | None, cell: Map
     out: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for arm in arms:
         if arm == "baseline":
-            own = {key: value for key, value in cell.items() if key not in CLSP_ONLY}
+            own = {key: value for key, value in cell.items() if key not in _clsp_only()}
             fixed: dict[str, Any] = {"clsp_lambda": 0.0}
         else:
             own = {**cell, **({"positive_source": arm} if arm in CONTROLS else {})}
@@ -216,7 +222,7 @@ def select_cell(cells: Sequence[Mapping[str, Any]], summaries: Sequence[Mapping[
         return mean(i, arm, SELECTION_METRIC), mean(i, arm, TIE_BREAK_METRIC), -i
 
     def shared(i: int) -> dict[str, Any]:
-        return {key: value for key, value in cells[i].items() if key not in CLSP_ONLY}
+        return {key: value for key, value in cells[i].items() if key not in _clsp_only()}
 
     best_base = max(range(len(cells)), key=lambda i: score(i, "baseline"))
     group = [i for i in range(len(cells)) if shared(i) == shared(best_base)]

@@ -62,7 +62,7 @@ def evaluate() -> None:
 
 
 def linear_eval(job: LinearJob) -> dict:
-    """The linear probe of one encoder (the stage function ``clsp run`` calls too)."""
+    """Linear probe on frozen features: top-1 and top-5 on the test split (authors' protocol by default)."""
     from clsp.evaluate.features import labelled_splits
     from clsp.evaluate.linear import linear_protocol
     from clsp.evaluate.report import DETERMINISTIC_PROBE
@@ -80,6 +80,7 @@ def linear_eval(job: LinearJob) -> dict:
 
 
 def knn_eval(job: KnnJob) -> dict:
+    """Weighted cosine kNN on frozen features: best top-1 and the table over k."""
     from clsp.evaluate.features import labelled_splits
     from clsp.evaluate.knn import knn_protocol
 
@@ -94,6 +95,7 @@ def knn_eval(job: KnnJob) -> dict:
 
 
 def transfer_eval(job: TransferJob) -> list[dict]:
+    """Linear transfer to other datasets: the linear protocol on each, one table for all."""
     from clsp.evaluate.transfer import parse_datasets, transfer_protocol
 
     names = parse_datasets(job.datasets)
@@ -107,6 +109,7 @@ def transfer_eval(job: TransferJob) -> list[dict]:
 
 
 def positives_eval(job: PositivesJob) -> dict:
+    """How hard the synthetic positives are, and whether they keep the anchor's class."""
     from clsp.evaluate.positives import positives_stats
 
     ctx = _Context(job)
@@ -122,6 +125,7 @@ def positives_eval(job: PositivesJob) -> dict:
 
 
 def embed_plot_eval(job: EmbedPlotJob) -> dict:
+    """A 2-D t-SNE of test features coloured by label, as PNG."""
     import re
 
     from clsp.evaluate.embed_plot import embed_plot as plot
@@ -135,22 +139,16 @@ def embed_plot_eval(job: EmbedPlotJob) -> dict:
     return result
 
 
-# command name -> (settings model, stage function): the CLI and ``clsp run`` use the same pairs
+# command name -> (settings model, stage function, whose docstring is the command's help): the CLI and
+# ``clsp run`` use the same pairs
 EVALUATIONS: dict[str, tuple[type[EncoderEval], Callable[[Any], Any]]] = {
     "linear": (LinearJob, linear_eval), "knn": (KnnJob, knn_eval), "transfer": (TransferJob, transfer_eval),
     "positives": (PositivesJob, positives_eval), "embed-plot": (EmbedPlotJob, embed_plot_eval),
 }
-_HELP = {
-    "linear": "Linear probe on frozen features: top-1 and top-5 on the test split (authors' protocol by default).",
-    "knn": "Weighted cosine kNN on frozen features: best top-1 and the table over k.",
-    "transfer": "Linear transfer to other datasets: the linear protocol on each, one table for all.",
-    "positives": "How hard the synthetic positives are, and whether they keep the anchor's class.",
-    "embed-plot": "A 2-D t-SNE of test features coloured by label, as PNG.",
-}
 
 
 def _register(name: str, model: type[EncoderEval], run: Callable[[Any], Any]) -> None:
-    @evaluate.command(name, help=_HELP[name], context_settings=SETTINGS)
+    @evaluate.command(name, help=run.__doc__, context_settings=SETTINGS)
     @click_options(model)
     def command(**options) -> None:
         run(parse(model, options))

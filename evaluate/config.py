@@ -6,15 +6,17 @@ numbers; ``standardized`` is this project's earlier probe, kept as a named alter
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import field_validator
 
-from clsp.config import Settings, ValidationSettings, same_setting, setting
+from clsp.config import DATASET_HELP, Settings, ValidationSettings, same_setting, setting
 from clsp.datasets import DEFAULT_DATA_ROOT, dataset_info
 
 LinearProtocol = Literal["authors", "standardized"]
 KNN_KS = (5, 10, 20, 50, 100, 200)
+LABELLED_HELP = f"Labelled dataset: {DATASET_HELP[0].lower()}{DATASET_HELP[1:]}"
 
 
 class EncoderEval(Settings):
@@ -50,7 +52,7 @@ class LinearSettings(Settings):
 
 
 class LinearJob(EncoderEval, LinearSettings, ValidationSettings):
-    dataset: str = setting("digits", "Labelled dataset (digits, cifar10, imagefolder:PATH, ...).")
+    dataset: str = setting("digits", LABELLED_HELP)
     _dataset = field_validator("dataset")(_known_dataset)
 
 
@@ -59,7 +61,7 @@ class TransferJob(EncoderEval, LinearSettings):
 
 
 class KnnJob(EncoderEval, ValidationSettings):
-    dataset: str = setting("digits", "Labelled dataset (digits, cifar10, imagefolder:PATH, ...).")
+    dataset: str = setting("digits", LABELLED_HELP)
     k: tuple[int, ...] = setting(KNN_KS, "Neighbour counts to try (repeatable); each is capped at the "
                                          "training-set size.")
     temperature: float = setting(0.07, "Vote weight exp(similarity / temperature).", gt=0, le=100)
@@ -116,3 +118,16 @@ class EvaluateSettings(Settings):
         for name in names:
             _known_dataset(name)
         return names
+
+    def jobs(self, *, dataset: str, validation: float, shards: str, out: str) -> dict[str, dict[str, Any]]:
+        """The evaluations this section turns on: ``clsp-eval`` command (``EVALUATIONS``) -> its job's settings
+        beside those every evaluation shares; a switch here is named as its command."""
+        wanted: dict[str, dict[str, Any]] = {
+            "linear": {"dataset": dataset, "protocol": self.linear_protocol, "epochs": self.linear_epochs,
+                       "lr": self.linear_lr, "validation": validation},
+            "knn": {"dataset": dataset, "validation": validation},
+            "positives": {"shards": shards},
+            "embed-plot": {"dataset": dataset, "png": str(Path(out) / "tsne.png")},
+            "transfer": {"datasets": ",".join(self.transfer)},
+        }
+        return {command: values for command, values in wanted.items() if getattr(self, command.replace("-", "_"))}

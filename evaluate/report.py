@@ -13,7 +13,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from clsp.datasets import DATASETS, dataset_info
 from clsp.errors import UserError
 from clsp.io import atomic_path, exclusive_lock, write_bytes_atomic, write_json_atomic
 
@@ -85,20 +84,21 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], digits
 
 def paper_column(method: str | None, clsp_lambda: float | None) -> str | None:
     """The METHOD.md column a run corresponds to (``CLSP-SimCLR``, ``MoCo``, ...), if any."""
-    name = {"simclr": "SimCLR", "moco": "MoCo", "nnclr": "NNCLR"}.get((method or "").lower())
-    if name is None:
+    from clsp.train.methods import display_name, registered
+
+    if (method or "").lower() not in registered():
         return None
+    name = display_name((method or "").lower())
     return f"CLSP-{name}" if clsp_lambda else name
 
 
 def paper_linear_top1(dataset: str, method: str | None, clsp_lambda: float | None,
                       backbone: str | None = None) -> float | None:
     """The paper's linear top-1 for this dataset and method, or None where it reports none."""
-    info = dataset_info(dataset) if dataset in DATASETS else None
-    if info is None:
-        return None
+    from clsp.evaluate.paper import LINEAR_TOP1, LINEAR_TOP1_RESNET50
+
     column = paper_column(method, clsp_lambda)
-    table = info.paper_linear_top1_resnet50 if backbone == "resnet50" else info.paper_linear_top1
+    table = (LINEAR_TOP1_RESNET50 if backbone == "resnet50" else LINEAR_TOP1).get(dataset, {})
     return table.get(column) if column is not None else None
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from clsp.config import DatasetConfig, Precision, Settings, setting
+from clsp.config import DATASET_HELP, PRECISION_HELP, DatasetConfig, Precision, Settings, setting
 
 DDPMPreset = Literal["auto", "ddpm-cifar", "digits", "tiny"]
 DEVICE = r"^(cpu|cuda(:\d{1,2})?|mps|xpu(:\d{1,2})?)$"  # torch device names this project runs on
@@ -29,7 +29,7 @@ class GenerateSettings(Settings):
     batch_size: int = setting(64, "Anchors per sampler call (each brings k candidates).", role="speed",
                               ge=1, le=65536)
     shard_size: int = setting(1000, "Anchors per shard.", ge=1, le=1_000_000)
-    precision: Precision = setting("auto", "auto: bf16 autocast on GPUs and on CPUs with bf16 units, else fp32.")
+    precision: Precision = setting("auto", PRECISION_HELP)
     share_anchor_pass: bool = setting(False, "Share the anchor's encoder pass (and noise) among its k candidates: "
                                              "cheaper.")
     compile: bool = setting(False, "torch.compile the U-Net blocks (compiling takes minutes: for long GPU runs).",
@@ -43,7 +43,7 @@ class GenerateSettings(Settings):
 class GenerateJob(DatasetConfig, GenerateSettings):
     """One generation job: the settings, the data, the model and where the shards go."""
 
-    name: str = setting(..., "Dataset registry name (digits, cifar10, cifar100, stl10, imagefolder:PATH).",
+    name: str = setting(..., DATASET_HELP,
                         cli="--dataset", min_length=1, max_length=4096)
     shards: str = setting(..., "Output shard directory or URL (s3://bucket/prefix, gs://...); a rerun "
                                  "resumes it.", role="location", min_length=1)
@@ -71,13 +71,13 @@ class DDPMSettings(Settings):
     checkpoint_every: int = setting(500, "Steps between checkpoints.", role="logging", ge=1)
     sample_every: int = setting(500, "Steps between sample grids (samples.png).", role="logging", ge=1)
     log_every: int = setting(10, "Steps between logged losses.", role="logging", ge=1)
-    precision: Precision = setting("auto", "auto: bf16 autocast on GPUs, fp32 on CPUs.")
+    precision: Precision = setting("auto", PRECISION_HELP)
 
 
 class DDPMJob(DatasetConfig, DDPMSettings):
     """One DDPM training run."""
 
-    name: str = setting(..., "Dataset registry name (digits, cifar10, cifar100, stl10, imagefolder:PATH).",
+    name: str = setting(..., DATASET_HELP,
                         cli="--dataset", min_length=1, max_length=4096)
     out: str = setting(..., "Output folder; a rerun resumes from its checkpoint.", role="location", min_length=1)
     seed: int = setting(0, "Seed of the initial weights and of every batch.", ge=0, le=2**63 - 1)

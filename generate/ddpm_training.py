@@ -23,6 +23,7 @@ import logging
 import shlex
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +60,8 @@ def resolve_ddpm(job: DDPMJob) -> DDPMJob:
     preset = preset_for_dataset(job.name) if job.preset == "auto" else get_preset(job.preset)
     values = job.model_dump()
     values["preset"] = preset.name
-    for name in ("steps", "batch_size", "lr", "warmup_steps", "ema_decay", "flip"):
-        if values[name] is None:
+    for name in (f.name for f in fields(preset)):  # the preset's training defaults, by the job's names
+        if values.get(name, "") is None:
             values[name] = getattr(preset, name)
     return DDPMJob.model_validate(values)
 

@@ -18,6 +18,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from clsp.datasets import dataset_info
 from clsp.errors import UserError
+from clsp.generate.pretrained import shipped_model
 from clsp.images import to_uint8
 from clsp.io import atomic_path
 
@@ -28,11 +29,12 @@ def resolve_unet(unet: str | None, dataset_name: str) -> str:
     if unet:
         return unet
     info = dataset_info(dataset_name)
-    known = info.default_unet() if info is not None else None
+    known = info.default_unet if info is not None else None
     if known is None:
         raise UserError(f"no diffusion model is known for {dataset_name}; train one with `clsp ddpm train "
                         f"--dataset {dataset_name} --out MODEL_DIR` and pass --unet MODEL_DIR")
-    return known
+    folder = shipped_model(known)
+    return str(folder) if folder is not None else known
 
 
 def _local_layout(folder: Path) -> tuple[Path, Path]:

@@ -1,6 +1,9 @@
 """The U-Net split of METHOD.md section 2: encoder E (to the bottleneck), decoder D, and their interpolated use.
 
-The split runs a diffusers ``UNet2DModel``'s own modules in the order of ``UNet2DModel.forward``: the encoder
+The split runs a diffusers ``UNet2DModel``'s own modules in the order of ``UNet2DModel.forward`` as diffusers
+0.42.1 writes it (``diffusers/models/unets/unet_2d.py``, transcribed from and tested with that version;
+``pyproject.toml`` admits other 0.x releases, and the test of w = 1 against ``unet(sample, t)`` over every block
+type is what catches a release that changes it): the encoder
 (input centring, time embedding, ``conv_in``, ``down_blocks``, ``mid_block``) and the decoder (``up_blocks``,
 ``conv_norm_out``, ``conv_act``, ``conv_out``). An interpolated noise prediction runs the encoder once on the
 current samples and the noised anchors stacked into one batch and the decoder once on the mixed bottleneck

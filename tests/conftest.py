@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 # Before torch loads: OpenMP threads that spin-wait turn a busy 2-core machine into a crawl.
@@ -12,9 +10,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from support import (
+    TRAINER_ANCHORS,
+    clsp_run,
+    command_env,
+    make_tiny_unet,
+    make_train_shards,
+    reduced_config,
+    run_gen,
+    save_tiny_model,
+)
 
 torch.set_num_threads(1)  # tiny models: a second thread mostly waits
 
@@ -28,24 +34,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def make_tiny_unet(sample_size: int = 16, attention: bool = True, layers_per_block: int = 1):
-    """A real diffusers UNet2DModel, small enough for CPU tests (random weights)."""
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    down = ("DownBlock2D", "AttnDownBlock2D") if attention else ("DownBlock2D", "DownBlock2D")
-    up = ("AttnUpBlock2D", "UpBlock2D") if attention else ("UpBlock2D", "UpBlock2D")
-    return UNet2DModel(sample_size=sample_size, in_channels=3, out_channels=3, layers_per_block=layers_per_block,
-                       block_out_channels=(8, 16), down_block_types=down, up_block_types=up, norm_num_groups=4)
-
-
-def make_scheduler():
-    """The DDPM linear schedule of METHOD.md (1e-4 .. 0.02 over 1000 steps)."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
-
-
 @pytest.fixture
 def tiny_unet():
     return make_tiny_unet()
@@ -56,44 +44,30 @@ def tiny_model_dir(tmp_path: Path) -> Path:
     return save_tiny_model(tmp_path / "tiny-ddpm")
 
 
-def command_env() -> dict[str, str]:
-    """Environment for subprocess runs of the commands: fixed threads, offline hub."""
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONHASHSEED="0", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
 @pytest.fixture
 def cli_env() -> dict[str, str]:
     return command_env()
 
 
-def save_tiny_model(directory: Path) -> Path:
-    """A diffusers-format model folder (UNet + scheduler config) as ``save_pretrained`` writes it."""
-    make_tiny_unet().save_pretrained(directory)
-    make_scheduler().save_pretrained(directory)
-    return directory
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny model shared by a module's generation runs."""
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny-ddpm")
 
 
-def reduced_config(tmp_path: Path, model_dir: Path, run_dir: Path) -> Path:
-    """The repository's default pipeline.yaml, shrunk to seconds: tiny model, few anchors, one epoch."""
-    config = yaml.safe_load((REPO / "pipeline.yaml").read_text())
-    config["run_dir"] = str(run_dir)
-    config["diffusion"] = {"unet": str(model_dir)}
-    config["generate"].update(candidates=2, steps=2, batch_size=8, shard_size=8, limit=32, precision="fp32")
-    # one epoch: no lambda ramp (the default's 5-epoch ramp cannot fit in it)
-    config["train"].update(epochs=1, batch_size=8, backbone="resnet-narrow", precision="fp32", workers=0,
-                           clsp_lambda_ramp_epochs=0)
-    config["evaluate"].update(linear_epochs=3, embed_plot=False)
-    path = tmp_path / f"{run_dir.name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+@pytest.fixture(scope="module")
+def reference(model_dir, one_thread, tmp_path_factory) -> Path:
+    """An uninterrupted one-process clsp-gen run: what every other way of running must reproduce."""
+    shards = tmp_path_factory.mktemp("reference") / "shards"
+    result = run_gen(shards, model_dir)
+    assert result.exit_code == 0, result.output
+    return shards
 
 
-def clsp_run(config: Path, env: dict) -> subprocess.Popen:
-    """``clsp run CONFIG`` in a fresh process, its output on one pipe."""
-    return subprocess.Popen([sys.executable, "-m", "clsp.cli", "run", str(config)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+@pytest.fixture(scope="module")
+def trainer_shards(tmp_path_factory) -> Path:
+    """Training shards of digits anchors, for the training runs of a module."""
+    return make_train_shards(tmp_path_factory.mktemp("train-shards"), num_anchors=TRAINER_ANCHORS, shard_size=16)
 
 
 @pytest.fixture(scope="session")

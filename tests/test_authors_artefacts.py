@@ -36,7 +36,7 @@ from clsp.shards.cli import shards
 from clsp.train.backbones import load_encoder
 from clsp.train.cli import train
 from clsp.train.encoder_cli import encoder
-from test_trainer import tiny
+from support import tiny
 
 LISTED = json.loads((Path(__file__).parent / "fixtures" / "authors-unet-state-dict.json").read_text())["configurations"]
 CIFAR10, SMALL = (next(v for k, v in LISTED.items() if k.startswith(prefix))

@@ -24,9 +24,7 @@ from clsp.evaluate.features import cache_key, load_frozen_encoder
 from clsp.io import save_torch_atomic
 from clsp.shards import schema
 from clsp.train.backbones import load_encoder
-from conftest import reduced_config, save_tiny_model
-from test_evaluate import make_encoder
-from test_train_data import make_train_shards
+from support import make_encoder, make_train_shards, reduced_config, save_tiny_model
 
 # A valid, small invocation per command; a case appends its bad options (click keeps an option's last value).
 BASE = {

@@ -16,7 +16,7 @@ from clsp.io import load_torch
 from clsp.train.cli import train
 from clsp.train.collapse import COLLAPSE_THRESHOLD, CollapseMonitor, nt_xent_at_collapse, std_of_l2_normalized
 from clsp.train.losses import nt_xent
-from test_train_data import make_train_shards
+from support import make_train_shards
 
 BATCH = 16
 

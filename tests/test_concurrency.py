@@ -22,7 +22,7 @@ from clsp.evaluate.config import KnnJob
 from clsp.evaluate.report import RESULTS_FILE, RESULTS_LOCK, record_result
 from clsp.io import atomic_path, remove_stale_temporaries
 from clsp.shards import reader, schema, verify, writer
-from test_evaluate import make_encoder
+from support import make_encoder
 
 SIZE = 8
 DATASET = {"name": "digits", "split": "train", "size": 64, "fingerprint": "0123456789abcdef", "image_size": SIZE,

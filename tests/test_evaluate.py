@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -20,16 +19,7 @@ from clsp.evaluate.linear import train_linear
 from clsp.evaluate.positives import positives_stats
 from clsp.evaluate.report import record_result, write_report
 from clsp.shards import schema, writer
-from clsp.train.backbones import EncoderCard, build_backbone, export_encoder
-
-SIZE = 16
-
-
-def make_encoder(directory: Path, seed: int = 0, **arch) -> Path:
-    torch.manual_seed(seed)
-    net = build_backbone("resnet-narrow")
-    return export_encoder(net, directory, EncoderCard(backbone="resnet-narrow", stem="small",
-                                                      feature_dim=net.feature_dim, image_size=SIZE, **arch))
+from support import make_encoder
 
 
 @pytest.fixture(scope="module")

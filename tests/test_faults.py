@@ -20,9 +20,7 @@ from clsp.evaluate.report import RESULTS_FILE
 from clsp.io import load_torch
 from clsp.pipeline import STATE_FILE, Pipeline, load_config
 from clsp.shards import reader, schema, verify, writer
-from conftest import clsp_run, reduced_config
-from test_gen_job import JOB, NUM_SHARDS, model_dir, reference, run_gen, shard_bytes
-from test_trainer import clsp_train, shard_dir, tiny
+from support import JOB, NUM_SHARDS, clsp_run, clsp_train, reduced_config, run_gen, shard_bytes, tiny
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -106,9 +104,9 @@ trainer.save_checkpoint = save_then_die_saving
 """
 
 
-def test_killed_training_resumes_to_the_uninterrupted_encoder_without_stale_temporaries(shard_dir, tmp_path,
+def test_killed_training_resumes_to_the_uninterrupted_encoder_without_stale_temporaries(trainer_shards, tmp_path,
                                                                                      cli_env):
-    args = ["--shards", str(shard_dir), "--epochs", "2", "--augment", "cpu", "--checkpoint-steps", "2",
+    args = ["--shards", str(trainer_shards), "--epochs", "2", "--augment", "cpu", "--checkpoint-steps", "2",
             "--seed", "7", *tiny("moco")]
     straight = clsp_train("--out", str(tmp_path / "straight"), *args, env=cli_env)  # runs meanwhile
     resumed = tmp_path / "resumed"
@@ -166,7 +164,7 @@ def test_killed_pipeline_reruns_to_the_uninterrupted_report_with_a_valid_state(p
 
 # ---- a loss that is no longer finite -----------------------------------------------------------------------
 
-def test_a_non_finite_loss_stops_training_in_one_line_without_an_encoder(shard_dir, tmp_path, monkeypatch):
+def test_a_non_finite_loss_stops_training_in_one_line_without_an_encoder(trainer_shards, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from clsp.train import trainer
@@ -176,7 +174,7 @@ def test_a_non_finite_loss_stops_training_in_one_line_without_an_encoder(shard_d
     monkeypatch.setattr(trainer.Trainer, "_views", lambda self, batch, step: tuple(
         None if x is None else x * float("nan") for x in views(self, batch, step)))
     out = tmp_path / "run"
-    result = CliRunner().invoke(train, ["--shards", str(shard_dir), "--out", str(out), "--epochs", "1",
+    result = CliRunner().invoke(train, ["--shards", str(trainer_shards), "--out", str(out), "--epochs", "1",
                                         "--log-every", "1", *tiny("simclr")])
     lines = result.stderr.splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and "loss became nan at step" in lines[0], result.output

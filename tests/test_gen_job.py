@@ -24,38 +24,7 @@ from clsp.generate.cli import gen
 from clsp.generate.job import anchor_seed, array_worker, assigned_shards
 from clsp.shards import reader, verify, writer
 from clsp.shards.preview import MIN_CELL, PAD
-from conftest import make_scheduler, make_tiny_unet
-
-LIMIT, SHARD_SIZE, CANDIDATES = 24, 8, 2
-NUM_SHARDS = LIMIT // SHARD_SIZE
-# batch size 4: two sampler calls per shard, so batching within a shard is exercised
-JOB = ["--dataset", "digits", "--limit", str(LIMIT), "--shard-size", str(SHARD_SIZE), "--candidates",
-       str(CANDIDATES), "--steps", "3", "--batch-size", "4", "--precision", "fp32"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("model") / "tiny-ddpm"
-    make_tiny_unet().save_pretrained(directory)
-    make_scheduler().save_pretrained(directory)
-    return directory
-
-
-def run_gen(shards: Path, model: Path, *extra: str):
-    return CliRunner().invoke(gen, [*JOB, "--shards", str(shards), "--unet", str(model), *extra])
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir, one_thread, tmp_path_factory) -> Path:
-    """An uninterrupted one-process run: what every other way of running must reproduce."""
-    shards = tmp_path_factory.mktemp("reference") / "shards"
-    result = run_gen(shards, model_dir)
-    assert result.exit_code == 0, result.output
-    return shards
-
-
-def shard_bytes(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.glob("shard-*.tar"))}
+from support import CANDIDATES, JOB, LIMIT, NUM_SHARDS, free_port, make_tiny_unet, run_gen, shard_bytes
 
 
 def records(directory: Path) -> dict[int, dict]:
@@ -187,14 +156,6 @@ def test_a_changed_model_at_the_same_path_is_refused(model_dir, one_thread, tmp_
     unet.save_pretrained(model)
     refused = run_gen(shards, model, "--limit", "8", "--no-preview")
     assert refused.exit_code == 1 and "generation.unet_sha256" in refused.output
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_the_datasets_shipped_model_is_recorded_by_name_not_by_install_path(tmp_path, one_thread):

@@ -39,8 +39,7 @@ from clsp.resume import save_checkpoint
 from clsp.shards import reader, schema
 from clsp.train.backbones import EncoderCard, build_backbone, export_encoder, load_encoder
 from clsp.train.cli import train
-from test_object_store import GEN, TRAIN, QuietHandler, free_port
-from test_shard_contracts import make_shards, raws_of, reseal
+from support import GEN, TRAIN, QuietHandler, free_port, make_shards, raws_of, reseal
 
 ACCEPTED = "use a local directory or one of file://, s3://, gs://, http://, https:// (optionally after simplecache::)"
 
@@ -89,7 +88,7 @@ def test_many_planned_shards_are_summarised_in_one_problem_line(tmp_path):
     result = CliRunner().invoke(clsp_main, ["shards", "verify", str(tmp_path)])
     assert result.output.splitlines()[0] == (f"  - shards not written yet (planned, not in the manifest): "
                                              f"0-{schema.MAX_SHARDS - 1} ({schema.MAX_SHARDS} in all)")
-    assert one_error_line(result).startswith("Error: 3 problem(s)")  # the others: the two shard files, now stray
+    assert one_error_line(result).startswith("Error: 4 problem(s)")  # the others: the three shard files, now stray
 
 
 def test_a_record_claiming_a_billion_samples_costs_what_its_file_holds(tmp_path):
@@ -150,7 +149,7 @@ def test_a_protocol_outside_the_allow_list_is_refused_by_every_command(location,
 def test_simplecache_before_an_allowed_protocol_is_accepted(tmp_path):
     make_shards(tmp_path)
     result = CliRunner().invoke(clsp_main, ["shards", "verify", f"simplecache::file://{tmp_path}"])
-    assert result.exit_code == 0 and result.output.startswith("OK: 2 shards"), result.output
+    assert result.exit_code == 0 and result.output.startswith("OK: 3 shards"), result.output
 
 
 # ---- remote reads: timeouts and HTTP statuses -----------------------------------------------------------------

@@ -13,8 +13,7 @@ from click.testing import CliRunner
 
 from clsp.cli import main
 from clsp.train import trainer
-from test_train_data import make_train_shards
-from test_trainer import tiny
+from support import make_train_shards, tiny
 
 EPOCH_LINE = re.compile(r"clsp\.train\.trainer: epoch (\d+)/3: loss \d+\.\d{4}, loss_base \d+\.\d{4}, "
                         r"loss_clsp \d+\.\d{4}, lr [0-9.e-]+, \d+\.\d img/s, ETA \S+$")

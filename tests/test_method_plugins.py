@@ -1,11 +1,16 @@
 """A method is one registered class: a toy BYOL-like method (an online view pulled onto a momentum target)
 registered here trains through clsp-train with its recipe, its momentum pairs and the online probe every
-method owns, and the settings it takes are refused for the methods that do not take them."""
+method owns, and the settings it takes are refused for the methods that do not take them; a method in a file
+of its own, with a setting, a metric and a display name of its own, passes the method tests unchanged."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Annotated
 
 import pytest
 import torch
@@ -17,23 +22,24 @@ from clsp.io import load_torch
 from clsp.train.cli import train
 from clsp.train.heads import simclr_projector
 from clsp.train.methods import method_only_settings, registered
-from clsp.train.methods.base import REGISTRY, EncodedView, Method, register
+from clsp.train.methods.base import REGISTRY, EncodedView, Method, own, register
 from clsp.train.recipes import RECIPES, Recipe, ViewAugmentation
-from test_train_data import make_train_shards
+from support import make_train_shards
 
 
 class Align(Method):
     """View 1's projection pulled onto view 2's through a momentum copy (BYOL without its predictor)."""
 
     name = "toy"
-    settings = ("momentum", "momentum_end")
     recipe = Recipe(batch_size=8, lr=0.05, optimizer="sgd", weight_decay=0.0, weight_decay_scope="all",
                     clsp_lambda=0.5, probe_lr=1.0, augmentation=ViewAugmentation(crop_min_scale=0.5, flip=False),
                     forward="separate", schedule_unit="epoch", warmup_start_lr=1e-3, warmup_epochs=0,
-                    proj_hidden_dim=32, proj_output_dim=16, momentum=0.99, momentum_end=1.0)
+                    proj_hidden_dim=32, proj_output_dim=16)
 
     def __init__(self, backbone: nn.Module, *, clsp_lambda: float, temperature: float, proj_hidden_dim: int,
-                 proj_output_dim: int, momentum: float, momentum_end: float, forward_mode: str = "separate") -> None:
+                 proj_output_dim: int, momentum: Annotated[float, own(0.99, "target coefficient", ge=0, le=1)],
+                 momentum_end: Annotated[float, own(1.0, "target coefficient at the end", ge=0, le=1)],
+                 forward_mode: str = "separate") -> None:
         projector = simclr_projector(backbone.feature_dim, proj_hidden_dim, proj_output_dim)
         super().__init__(backbone, projector, clsp_lambda=clsp_lambda, temperature=temperature,
                          forward_mode=forward_mode, momentum=momentum, momentum_end=momentum_end)
@@ -94,10 +100,16 @@ def test_a_registered_method_trains_through_clsp_train(toy, shards, tmp_path):
 
 
 def test_a_methods_own_settings_are_refused_for_other_methods(toy, shards, tmp_path):
-    refused = _train(shards, tmp_path / "run", "--method", "toy", "--queue-size", "64")
-    assert refused.exit_code == 1 and "--queue-size applies only to moco and nnclr, not to toy" in refused.output
-    refused = _train(shards, tmp_path / "run", "--method", "simclr", "--momentum", "0.5")
-    assert refused.exit_code == 1 and "--momentum applies only to moco and toy, not to simclr" in refused.output
+    owners = method_only_settings()
+    others = [name for name, takers in owners.items() if "toy" not in takers]
+    assert others and {"momentum", "momentum_end"} <= {name for name, takers in owners.items() if "toy" in takers}
+    refused = _train(shards, tmp_path / "run", "--method", "toy", f"--{others[0].replace('_', '-')}", "64")
+    assert refused.exit_code == 1
+    assert f"applies only to {' and '.join(owners[others[0]])}, not to toy" in refused.output
+    plain = next(name for name in registered() if name not in owners["momentum"])
+    refused = _train(shards, tmp_path / "run", "--method", plain, "--momentum", "0.5")
+    assert refused.exit_code == 1
+    assert f"--momentum applies only to {' and '.join(owners['momentum'])}, not to {plain}" in refused.output
 
 
 def test_a_second_method_under_a_taken_name_is_refused(toy):
@@ -106,3 +118,70 @@ def test_a_second_method_under_a_taken_name_is_refused(toy):
 
     with pytest.raises(ValueError, match="'toy' is registered already"):
         register(Other)
+
+
+# A method as a contributor would write it, in one file: the alignment-and-uniformity loss of Wang and Isola
+# (2020), with a setting of its own (the uniformity weight), a metric of its own and a display name.
+ONE_FILE_METHOD = '''
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+from torch import Tensor, nn
+
+from clsp.train.heads import simclr_projector
+from clsp.train.methods.base import EncodedView, Method, own, register
+from clsp.train.recipes import ForwardMode, Recipe, ViewAugmentation
+
+
+@register
+class AlignUniform(Method):
+    name = "align-uniform"
+    display_name = "AlignUniform"
+    metrics = ("alignment",)
+    recipe = Recipe(batch_size=8, lr=0.05, optimizer="sgd", weight_decay=0.0, weight_decay_scope="all",
+                    clsp_lambda=0.5, probe_lr=1.0, augmentation=ViewAugmentation(), forward="separate",
+                    schedule_unit="epoch", warmup_start_lr=1e-3, warmup_epochs=0)
+
+    def __init__(self, backbone: nn.Module, *, clsp_lambda: float, temperature: float, proj_hidden_dim: int,
+                 proj_output_dim: int,
+                 uniformity_weight: Annotated[float, own(1.0, "weight of the uniformity term", gt=0, le=100)],
+                 forward_mode: ForwardMode = "separate") -> None:
+        projector = simclr_projector(backbone.feature_dim, proj_hidden_dim, proj_output_dim)
+        super().__init__(backbone, projector, clsp_lambda=clsp_lambda, temperature=temperature,
+                         forward_mode=forward_mode)
+        self.uniformity_weight = uniformity_weight
+
+    def base_loss(self, v1: EncodedView, v2: EncodedView, labels: Tensor | None) -> dict[str, Tensor]:
+        alignment = (v1.z - v2.z).pow(2).sum(1).mean()
+        uniformity = torch.pdist(torch.cat([v1.z, v2.z])).pow(2).mul(-2).exp().mean().log()
+        return {"loss_base": alignment + self.uniformity_weight * uniformity, "alignment": alignment.detach()}
+'''
+
+
+def test_a_method_in_one_file_passes_the_method_tests(tmp_path):
+    """Imported before anything else, as a file in clsp/train/methods would be, the method gets its option and
+    runs every method-parametrised test, training through clsp-train included; no other file changes."""
+    (tmp_path / "align_uniform.py").write_text(ONE_FILE_METHOD)
+    tests = Path(__file__).parent
+    code = ("import sys, align_uniform, pytest; from clsp.train.config import TrainSettings; "
+            "assert 'uniformity_weight' in TrainSettings.model_fields; sys.exit(pytest.main(sys.argv[1:]))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(tests)]), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code, "-q", "-p", "no:cacheprovider", "-k", "align-uniform",
+                             str(tests / "test_methods.py"), str(tests / "test_method_plugins.py")],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    passed = int(result.stdout.strip().splitlines()[-1].split(" passed")[0].split()[-1])
+    assert passed >= 8, result.stdout[-2000:]
+
+
+@pytest.mark.parametrize("name", registered())
+def test_every_method_trains_through_clsp_train_and_reports_its_metrics(name: str, shards, tmp_path):
+    out = tmp_path / "run"
+    result = _train(shards, out, "--method", name, "--batch-size", "8", "--proj-hidden-dim", "32",
+                    "--proj-output-dim", "16")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert set(REGISTRY[name].logged_metrics()) <= set(summary["final"])  # the method's own metrics too
+    assert summary["collapse"]["loss_at_collapse"] == REGISTRY[name].loss_at_collapse(8)

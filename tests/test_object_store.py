@@ -12,7 +12,6 @@ import functools
 import http.server
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -29,25 +28,16 @@ from clsp.generate.cli import gen
 from clsp.pipeline import run as clsp_run
 from clsp.shards import reader, schema
 from clsp.train.cli import train
+from support import GEN, TRAIN, QuietHandler, free_port
 
 BUCKET = "bucket"
 URL = f"s3://{BUCKET}/shards"
-GEN = ["--dataset", "digits", "--limit", "32", "--shard-size", "8", "--candidates", "2", "--steps", "2",
-       "--batch-size", "8", "--precision", "fp32"]
-TRAIN = ["--workers", "0", "--backbone", "resnet-narrow", "--epochs", "1", "--batch-size", "16", "--precision",
-         "fp32", "--proj-hidden-dim", "64", "--proj-output-dim", "32"]
 NUM_SHARDS = 4
 # Without these, botocore would also look for credentials in the user's files and at the cloud metadata address.
 ISOLATED = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull,
             "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_DEFAULT_REGION": "us-east-1",
             "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +94,6 @@ def http_url(s3, s3_shards, tmp_path_factory):
     yield f"http://127.0.0.1:{server.server_address[1]}/"
     server.shutdown()
     server.server_close()
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
 
 
 def objects(fs, prefix: str = f"{BUCKET}/shards") -> dict[str, bytes]:

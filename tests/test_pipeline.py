@@ -7,8 +7,9 @@ import pytest
 from click.testing import CliRunner
 
 from clsp.errors import UserError
-from clsp.pipeline import load_config, run
-from conftest import REPO, clsp_run, reduced_config
+from clsp.pipeline import Pipeline, load_config, run
+from clsp.train.methods import registered
+from support import REPO, clsp_run, reduced_config
 
 
 def test_repository_default_is_valid_and_describes_clsp_and_baseline():
@@ -28,7 +29,8 @@ def test_repository_default_is_valid_and_describes_clsp_and_baseline():
         ("generate.weight=0.2", "unknown key 'generate.weight'"),  # renamed to generate.interpolation
         ("generate.candidates=three",
          "'generate.candidates': input should be a valid integer, unable to parse string as an integer (got 'three')"),
-        ("train.method=byol", "'train.method': unknown method 'byol'; choose one of: moco, nnclr, simclr"),
+        ("train.method=no-such-method",
+         f"'train.method': unknown method 'no-such-method'; choose one of: {', '.join(registered())}"),
         ("train.runs.clsp=-1", "run 'clsp': clsp_lambda: input should be greater than or equal to 0 (got -1.0)"),
         ("evaluate=5", "'evaluate': input should be a valid dictionary or instance of EvaluateSettings (got 5)"),
     ],
@@ -40,6 +42,19 @@ def test_bad_configuration_is_one_line_naming_the_key(override, message, tmp_pat
     result = CliRunner().invoke(run, [str(REPO / "pipeline.yaml"), "--set", override])
     assert result.exit_code == 1 and result.output.startswith("Error:") and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_each_evaluation_has_one_switch_that_makes_its_stage():
+    from clsp.evaluate.cli import EVALUATIONS
+    from clsp.evaluate.config import EvaluateSettings
+
+    every = EvaluateSettings(embed_plot=True, transfer=["digits"])
+    assert set(every.jobs(dataset="digits", validation=0.0, shards="s", out="o")) == set(EVALUATIONS)
+    none = EvaluateSettings(linear=False, knn=False, positives=False)
+    assert none.jobs(dataset="digits", validation=0.0, shards="s", out="o") == {}
+    config = load_config(REPO / "pipeline.yaml", ("evaluate.knn=false",))
+    assert {name.rsplit(":", 1)[1] for name in Pipeline(config).stages if name.startswith("eval:")} == \
+        set(config.evaluate.jobs(dataset="digits", validation=0.0, shards="s", out="o"))
 
 
 def test_set_overrides_nested_keys_with_yaml_types():

@@ -126,7 +126,7 @@ def test_nnclr_records_its_neighbours_per_epoch_in_the_summary_and_the_report(tm
 
     from clsp.evaluate.report import neighbour_row, train_summary
     from clsp.train.cli import train
-    from test_train_data import make_train_shards
+    from support import make_train_shards
 
     shards = make_train_shards(tmp_path / "shards", num_anchors=64, shard_size=32)
     out = tmp_path / "run"

@@ -10,7 +10,7 @@ from clsp.errors import UserError
 from clsp.generate.scoring import bottleneck_agreement
 from clsp.train.positive_choice import POSITIVE_CHOICES, choose, score_weighted, uniform
 from clsp.train.schedules import clsp_lambda_at
-from conftest import make_scheduler
+from support import make_scheduler
 
 
 def _images(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -19,7 +19,7 @@ from clsp.train.cli import train
 from clsp.train.data import ContrastiveStream, make_loader, open_shards
 from clsp.train.positive_sources import OraclePartners
 from clsp.train.recipes import ViewAugmentation
-from test_train_data import NUM_ANCHORS, make_train_shards
+from support import TRAIN_ANCHORS, make_train_shards
 
 CPU_VIEWS = view_augmentations("simclr", {})
 # full crops, no jitter, no greyscale, no flip: each view is the normalised image itself
@@ -59,7 +59,7 @@ def test_self_positive_is_a_third_augmentation_of_the_anchor(shard_dir, digits):
 
 def test_oracle_positive_is_another_anchor_of_the_same_class(shard_dir, digits):
     labels = digits.labels()
-    images = {a: digits.array([a])[0] for a in range(NUM_ANCHORS)}
+    images = {a: digits.array([a])[0] for a in range(TRAIN_ANCHORS)}
     partners = []
     for epoch in range(3):
         picked = {}
@@ -72,7 +72,7 @@ def test_oracle_positive_is_another_anchor_of_the_same_class(shard_dir, digits):
                 picked[anchor] = found[0]
         partners.append(picked)
     assert partners[0] != partners[1] != partners[2]  # drawn anew each epoch
-    assert len({p for picked in partners for p in picked.values()}) > NUM_ANCHORS // 2  # spread over the class
+    assert len({p for picked in partners for p in picked.values()}) > TRAIN_ANCHORS // 2  # spread over the class
 
 
 def test_controls_keep_the_synthetic_runs_order_and_views_and_repeat_exactly(shard_dir, digits):
@@ -119,7 +119,7 @@ def test_clsp_train_runs_with_each_source(shard_dir, tmp_path, source, augment):
         "--precision", "fp32", "--proj-hidden-dim", "64", "--proj-output-dim", "32"])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["settings"]["positive_source"] == source and summary["steps"] == NUM_ANCHORS // 8
+    assert summary["settings"]["positive_source"] == source and summary["steps"] == TRAIN_ANCHORS // 8
     assert summary["final"]["loss_clsp"] > 0  # view 3 was trained on
 
 

@@ -133,7 +133,7 @@ def test_the_encoder_card_records_the_recipes_normalisation(tmp_path, monkeypatc
     from clsp.train import recipes
     from clsp.train.backbones import load_encoder
     from clsp.train.cli import train
-    from test_train_data import make_train_shards
+    from support import make_train_shards
 
     odd_std = (0.31, 0.32, 0.33)
     nnclr = recipes.RECIPES["nnclr"]
@@ -179,8 +179,7 @@ def test_the_stl10_preset_is_the_authors_simclr_recipe(run: str):
 def test_the_stem_is_a_recorded_training_setting(tmp_path):
     from clsp.train.backbones import load_encoder
     from clsp.train.cli import train
-    from test_train_data import make_train_shards
-    from test_trainer import tiny
+    from support import make_train_shards, tiny
 
     shards = make_train_shards(tmp_path / "shards", num_anchors=16, shard_size=16)
     result = CliRunner().invoke(train, ["--shards", str(shards), "--out", str(tmp_path / "run"), "--epochs", "1",

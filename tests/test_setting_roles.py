@@ -18,7 +18,7 @@ from clsp.pipeline import Pipeline, load_config
 from clsp.train.backbones import load_encoder
 from clsp.train.config import TrainJob
 from clsp.train.trainer import CHECKPOINT, Trainer
-from test_train_data import make_train_shards
+from support import make_train_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 # one new setting per role, with the value it takes when changed

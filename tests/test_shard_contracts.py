@@ -21,8 +21,8 @@ from click.testing import CliRunner
 
 from clsp.cli import main
 from clsp.errors import ShardError
-from clsp.io import file_digest
 from clsp.shards import reader, schema, verify, writer
+from support import reseal
 
 K, SIZE = 2, 8
 DATASET = {"name": "digits", "split": "train", "size": 40, "fingerprint": "0123456789abcdef", "image_size": SIZE,
@@ -64,16 +64,6 @@ def rewrite_shard(directory: Path, index: int, raws: list[dict]) -> Path:
             tar.write(raw)
     reseal(directory, index)
     return path
-
-
-def reseal(directory: Path, index: int) -> None:
-    """Record the shard file's current size and sha256 in the manifest and its record."""
-    path = directory / schema.shard_name(index)
-    size, sha256 = file_digest(path)
-    manifest = json.loads((directory / reader.MANIFEST).read_text())
-    manifest["shards"][path.name].update(bytes=size, sha256=sha256)
-    (directory / reader.MANIFEST).write_text(json.dumps(manifest))
-    (directory / schema.record_name(index)).write_text(json.dumps(manifest["shards"][path.name]))
 
 
 def raws_of(manifest: schema.Manifest, index: int) -> list[dict]:

@@ -20,38 +20,7 @@ import webdataset as wds
 from clsp.errors import ShardError, UserError
 from clsp.io import file_digest
 from clsp.shards import reader, schema, verify, writer
-
-K, SIZE = 3, 8
-DATASET = {"name": "digits", "split": "train", "size": 100, "fingerprint": "0123456789abcdef", "image_size": SIZE,
-           "num_classes": 10}
-GENERATION = {"w": 0.1, "steps": 100, "eta": 0.1, "candidates": K, "seed": 0}
-
-
-def positives_of(anchor: int, k: int = K, size: int = SIZE) -> np.ndarray:
-    """Deterministic fake positives (full uint8 range, so any lossy step would show)."""
-    return np.random.default_rng(anchor).integers(0, 256, (k, size, size, 3), dtype=np.uint8)
-
-
-def anchor_image(anchor: int, size: int = SIZE) -> np.ndarray:
-    return np.random.default_rng(10_000 + anchor).integers(0, 256, (size, size, 3), dtype=np.uint8)
-
-
-def samples_for(manifest: schema.Manifest, shard_index: int, with_anchor: bool = True):
-    for a in manifest.anchor_range(shard_index):
-        yield schema.ShardSample(a, positives_of(a), label=a % 10, seed=1000 + a,
-                                 anchor=anchor_image(a) if with_anchor else None)
-
-
-def settings(num_anchors: int = 23, shard_size: int = 10, **generation) -> dict:
-    return {"dataset": DATASET, "generation": {**GENERATION, **generation}, "num_anchors": num_anchors,
-            "shard_size": shard_size}
-
-
-def make_shards(directory: Path, with_anchor: bool = True, **kw) -> schema.Manifest:
-    manifest = writer.init_manifest(directory, **settings(**kw))
-    for i in range(manifest.num_shards):
-        writer.write_shard(directory, i, samples_for(manifest, i, with_anchor))
-    return reader.read_manifest(directory)
+from support import DATASET, anchor_image, make_shards, positives_of, samples_for, settings
 
 
 def rewrite_shard(directory: Path, index: int, raw_samples: list[dict]) -> None:

@@ -13,7 +13,7 @@ from PIL import Image
 from clsp.cli import main
 from clsp.datasets import get_dataset
 from clsp.shards import preview, schema, writer
-from test_shards import SIZE, K, make_shards, positives_of
+from support import SIZE, K, make_shards, positives_of
 
 
 def run(*args: str):

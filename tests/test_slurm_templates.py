@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from clsp.shards import reader, verify
-from conftest import make_scheduler, make_tiny_unet
+from support import make_scheduler, make_tiny_unet
 
 SLURM = Path(__file__).resolve().parents[1] / "slurm"
 TEMPLATES = ("gen-array.sbatch", "gen-multinode.sbatch", "train-multinode.sbatch")

@@ -29,7 +29,7 @@ from clsp.study import (
     validation_grid,
 )
 from clsp.train.data import open_shards, plan_epoch
-from test_train_data import make_train_shards
+from support import make_train_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 

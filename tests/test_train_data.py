@@ -12,43 +12,14 @@ import torch
 from clsp.config import parse
 from clsp.datasets import get_dataset
 from clsp.errors import UserError
-from clsp.shards import schema, writer
+from clsp.shards import schema
 from clsp.train.augment import DeviceAugment, augment_images, cpu_transform, view_augmentations
 from clsp.train.config import TrainJob
 from clsp.train.data import ContrastiveStream, make_loader, open_shards, plan_epoch
 from clsp.train.recipes import ViewAugmentation
+from support import TRAIN_ANCHORS, TRAIN_K, fabricated_positives, make_train_shards
 
-NUM_ANCHORS = 40
 CPU_VIEWS = view_augmentations("simclr", {})  # views on CPU workers; views=None: raw images for the device
-SHARD_SIZE = 12
-K = 3
-
-
-def fabricated_positives(anchor: np.ndarray, index: int, k: int = K) -> np.ndarray:
-    """k "synthetic" positives of an anchor: shifted and noised copies (stands in for the generator)."""
-    rng = np.random.default_rng(index)
-    out = []
-    for j in range(k):
-        shifted = np.roll(anchor, shift=(j + 1, -j), axis=(0, 1)).astype(np.int16)
-        out.append(np.clip(shifted + rng.integers(-20, 21, size=anchor.shape), 0, 255).astype(np.uint8))
-    return np.stack(out)
-
-
-def make_train_shards(directory: Path, *, num_anchors: int = NUM_ANCHORS, shard_size: int = SHARD_SIZE,
-                      shards: list[int] | None = None, dataset_name: str = "digits", with_anchor: bool = False) -> Path:
-    """A real shard directory for the first ``num_anchors`` images of a dataset (all shards by default)."""
-    dataset = get_dataset(dataset_name)
-    manifest = writer.init_manifest(directory, dataset=dataset.describe(), generation={"fabricated": True},
-                                    num_anchors=num_anchors, shard_size=shard_size)
-    for index in range(manifest.num_shards) if shards is None else shards:
-        anchors = manifest.anchor_range(index)
-        images = dataset.array(list(anchors))
-        writer.write_shard(directory, index, (
-            schema.ShardSample(anchor_index=a, positives=fabricated_positives(img, a), label=int(dataset.labels()[a]),
-                               anchor=img if with_anchor else None)
-            for a, img in zip(anchors, images)))
-    return directory
-
 
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory) -> Path:
@@ -134,38 +105,37 @@ def test_an_epoch_covers_each_anchor_once_across_ranks(shard_dir, world_size, ba
     assert len({len(seen) for seen in per_rank}) == 1  # every rank runs the same number of steps
     seen = np.concatenate(per_rank)
     assert len(set(seen.tolist())) == len(seen)  # no anchor twice
-    expected = NUM_ANCHORS // (world_size * batch_size) * world_size * batch_size
+    expected = TRAIN_ANCHORS // (world_size * batch_size) * world_size * batch_size
     assert len(seen) == expected  # all of them when divisible, else the tail of < world*batch is dropped
-    if expected == NUM_ANCHORS:
-        assert sorted(seen.tolist()) == list(range(NUM_ANCHORS))
+    if expected == TRAIN_ANCHORS:
+        assert sorted(seen.tolist()) == list(range(TRAIN_ANCHORS))
 
 
 def test_order_changes_with_epoch_and_dropped_tail_differs(shard_dir):
     shards = open_shards(shard_dir)
     plans = [plan_epoch(shards, seed=0, epoch=e, batch_size=6) for e in range(3)]
     seen = [set(np.concatenate(p.chunks).tolist()) for p in plans]
-    dropped = [frozenset(range(NUM_ANCHORS)) - s for s in seen]
-    assert all(len(d) == NUM_ANCHORS % 6 for d in dropped)
+    dropped = [frozenset(range(TRAIN_ANCHORS)) - s for s in seen]
+    assert all(len(d) == TRAIN_ANCHORS % 6 for d in dropped)
     assert len(set(dropped)) > 1
     assert not np.array_equal(plans[0].anchors(0), plans[1].anchors(0))
 
 
-def test_workers_split_without_duplicates_and_views_match_in_process(shard_dir, digits):
+def test_workers_split_without_duplicates_and_give_the_batches_made_in_process(shard_dir, digits):
     shards = open_shards(shard_dir)
     kw = dict(batch_size=4, seed=1, views=CPU_VIEWS)
     with_workers = ContrastiveStream(shards, digits, num_workers=2, **kw)
     batches = collect(with_workers)
     indices = torch.cat([b["index"] for b in batches]).tolist()
-    assert len(batches) == with_workers.steps == NUM_ANCHORS // 4
-    assert sorted(indices) == list(range(NUM_ANCHORS))
+    assert len(batches) == with_workers.steps == TRAIN_ANCHORS // 4
+    assert sorted(indices) == list(range(TRAIN_ANCHORS))
     first = batches[0]
     assert first["x1"].shape == first["x3"].shape == (4, 3, 16, 16)
     assert torch.equal(first["label"], torch.from_numpy(digits.labels()[first["index"].numpy()]))
-    # the same plan played in-process gives bit-identical views: augmentation is seeded per step
-    in_process = ContrastiveStream(shards, digits, num_workers=0, **kw)
-    in_process.plan = with_workers.plan  # the 2-worker delivery order
-    again = collect(in_process)
-    assert all(torch.equal(a["x3"], b["x3"]) and torch.equal(a["index"], b["index"]) for a, b in zip(batches, again))
+    # in-process, the same batches bit for bit, in the same order: the number of workers is a speed setting
+    again = collect(ContrastiveStream(shards, digits, num_workers=0, **kw))
+    assert len(again) == len(batches)
+    assert all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(batches, again))
 
 
 def test_positive_is_one_of_the_candidates_drawn_anew_each_epoch(shard_dir, digits):
@@ -180,12 +150,13 @@ def test_positive_is_one_of_the_candidates_drawn_anew_each_epoch(shard_dir, digi
                 img = digits.array([a])[0]
                 assert torch.equal(anchor, torch.from_numpy(img.transpose(2, 0, 1).copy()))
                 candidates = fabricated_positives(img, a)
-                matches = [j for j in range(K) if np.array_equal(positive.numpy().transpose(1, 2, 0), candidates[j])]
+                matches = [j for j in range(TRAIN_K)
+                           if np.array_equal(positive.numpy().transpose(1, 2, 0), candidates[j])]
                 assert len(matches) == 1
                 picks[a] = matches[0]
         drawn.append(picks)
     counts = Counter(j for picks in drawn for j in picks.values())
-    assert set(counts) == set(range(K))  # every candidate gets used
+    assert set(counts) == set(range(TRAIN_K))  # every candidate gets used
     assert any(drawn[0][a] != drawn[1][a] for a in drawn[0])  # a fresh draw per epoch
 
 

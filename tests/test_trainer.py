@@ -19,30 +19,7 @@ from clsp.shards import writer
 from clsp.train.backbones import load_encoder
 from clsp.train.cli import train
 from clsp.train.optim import WARMUP_START_LR, warmup_cosine_factor
-from test_train_data import make_train_shards
-
-NUM_ANCHORS = 48
-
-
-def tiny(method: str) -> list[str]:
-    """A CPU-sized run of ``method``: narrow backbone, small heads and memory banks, batch 8."""
-    sizes = {"simclr": [], "moco": ["--queue-size", "64"], "nnclr": ["--queue-size", "64", "--pred-hidden-dim", "64"]}
-    return ["--method", method, "--backbone", "resnet-narrow", "--batch-size", "8", "--workers", "0", "--precision",
-            "fp32", "--proj-hidden-dim", "64", "--proj-output-dim", "32", "--warmup-epochs", "1", "--lr", "0.1",
-            *sizes[method]]
-
-
-
-@pytest.fixture(scope="module")
-def shard_dir(tmp_path_factory) -> Path:
-    return make_train_shards(tmp_path_factory.mktemp("train-shards"), num_anchors=NUM_ANCHORS, shard_size=16)
-
-
-def clsp_train(*args: str, env: dict, harness: str = "") -> subprocess.Popen:
-    """Start clsp-train in a fresh process (``harness`` is Python run before the command starts)."""
-    code = f"import sys\n{harness}\nfrom clsp.train.cli import main\nmain(sys.argv[1:])"
-    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+from support import TRAINER_ANCHORS, make_train_shards, tiny
 
 
 def test_warmup_then_cosine_schedule():
@@ -53,9 +30,9 @@ def test_warmup_then_cosine_schedule():
     assert all(a > b for a, b in zip(factor[10:], factor[11:]))
 
 
-def test_baseline_run_exports_a_loadable_encoder_and_logs(shard_dir, tmp_path):
+def test_baseline_run_exports_a_loadable_encoder_and_logs(trainer_shards, tmp_path):
     out = tmp_path / "run"
-    result = CliRunner().invoke(train, ["--shards", str(shard_dir), "--out", str(out), "--clsp-lambda", "0",
+    result = CliRunner().invoke(train, ["--shards", str(trainer_shards), "--out", str(out), "--clsp-lambda", "0",
                                         "--epochs", "2", "--augment", "device", *tiny("simclr")])
     assert result.exit_code == 0, result.output
     assert "trained simclr resnet-narrow on digits/train: 2 epochs, 12 steps" in result.output
@@ -80,28 +57,28 @@ def test_baseline_run_exports_a_loadable_encoder_and_logs(shard_dir, tmp_path):
     assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     # a rerun finds the finished checkpoint and trains nothing more
-    again = CliRunner().invoke(train, ["--shards", str(shard_dir), "--out", str(out), "--clsp-lambda", "0",
+    again = CliRunner().invoke(train, ["--shards", str(trainer_shards), "--out", str(out), "--clsp-lambda", "0",
                                        "--epochs", "2", "--augment", "device", *tiny("simclr")])
     assert again.exit_code == 0 and torch.equal(load_file(str(out / "encoder.safetensors"))["conv1.weight"],
                                                 exported["conv1.weight"])
     # ... but not with another augmentation
-    other = CliRunner().invoke(train, ["--shards", str(shard_dir), "--out", str(out), "--clsp-lambda", "0",
+    other = CliRunner().invoke(train, ["--shards", str(trainer_shards), "--out", str(out), "--clsp-lambda", "0",
                                        "--epochs", "2", "--augment", "device", "--no-flip", *tiny("simclr")])
     assert other.exit_code != 0 and "flip: True there, False now" in other.output, other.output
 
 
 @pytest.mark.slow
-def test_two_processes_train_in_sync(shard_dir, tmp_path, cli_env):
+def test_two_processes_train_in_sync(trainer_shards, tmp_path, cli_env):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     out = tmp_path / "ddp"
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "-m", "clsp.train.cli", "--shards", str(shard_dir), "--out", str(out),
+           "no", "--dynamo_backend", "no", "-m", "clsp.train.cli", "--shards", str(trainer_shards), "--out", str(out),
            "--epochs", "1", "--augment", "device", *tiny("nnclr")]
     run = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((out / "train_summary.json").read_text())
     # global batch 8 = 2 x 4
-    assert summary["world_size"] == 2 and summary["batch_size"] == 8 and summary["steps"] == NUM_ANCHORS // 8
+    assert summary["world_size"] == 2 and summary["batch_size"] == 8 and summary["steps"] == TRAINER_ANCHORS // 8
     assert len(summary["rank_checksums"]) == 2 and summary["ranks_in_sync"] is True
     assert "nn_acc" in summary["final"]
     load_encoder(out)
@@ -116,8 +93,8 @@ def _other_dataset_shards(directory: Path) -> Path:
 
 @pytest.mark.parametrize("case", ["other-dataset", "empty", "unverified", "unknown-method", "batch-too-large",
                                   "crop-min-scale"])
-def test_bad_inputs_give_one_error_line(case, shard_dir, tmp_path):
-    shards, extra = str(shard_dir), tiny("nnclr")
+def test_bad_inputs_give_one_error_line(case, trainer_shards, tmp_path):
+    shards, extra = str(trainer_shards), tiny("nnclr")
     if case == "other-dataset":
         shards = str(_other_dataset_shards(tmp_path / "other"))
     elif case == "empty":

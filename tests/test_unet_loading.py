@@ -14,7 +14,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from clsp.errors import UserError
 from clsp.generate.ddpm_presets import PRESETS, build_unet
 from clsp.generate.unet import check_compatible, load_unet, resolve_unet, sample_images
-from conftest import make_scheduler, make_tiny_unet
+from support import make_scheduler, make_tiny_unet
 
 CLSP = str(Path(sys.executable).parent / "clsp")  # the installed console script
 

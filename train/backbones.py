@@ -19,8 +19,9 @@ from torchvision.models.resnet import ResNet
 
 from clsp.errors import UserError
 from clsp.io import atomic_path, load_weights, write_json_atomic
-from clsp.train.config import Backbone, Stem
 
+Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet-narrow"]
+Stem = Literal["small", "mid", "imagenet"]  # 3x3 stride-1 conv without (small) or with (mid) max-pool; imagenet
 BACKBONES: tuple[str, ...] = get_args(Backbone)
 CARD_VERSION: Final = 2
 

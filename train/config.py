@@ -1,25 +1,32 @@
 """Stage 2's settings: one model that ``clsp-train``'s options and ``pipeline.yaml``'s ``train`` derive from.
 
 A setting left unset (None) takes its method's recipe value (``clsp.train.methods``) for the dataset
-being trained; ``TrainJob.resolved`` fills them in and refuses settings that do not apply to the method
-(a method names the settings it takes). The method is any registered one, so a new method file needs no
-change here unless it brings a setting of its own.
+being trained; ``TrainJob.resolved`` fills them in and refuses settings that do not apply to the method.
+The method is any registered one, and the settings only some methods take are declared by those methods
+(``clsp.train.methods.base.own``) and added here, so a new method file needs no change here.
+
+``precision`` and ``augment`` default to ``auto``: a rule the run applies on its machine. A run's identity
+(its fingerprint) holds ``auto``, the same on every machine; what the rule gave is recorded with the run and
+checked on resume (``clsp.train.trainer.run_settings``), like the process count.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import create_model, field_validator, model_validator
 
-from clsp.config import Precision, Settings, ValidationSettings, same_setting, setting
+from clsp.config import PRECISION_HELP, Precision, Settings, ValidationSettings, same_setting, setting
 from clsp.datasets import DEFAULT_DATA_ROOT
 from clsp.errors import UserError
-from clsp.train.recipes import RECIPES, DecayScope, ForwardMode, NNIndex, Optimizer, PositiveLoss, ScheduleUnit
+from clsp.train.backbones import Backbone, Stem
+from clsp.train.methods import method_only_settings, own_defaults, own_fields, own_settings, registered
+from clsp.train.methods.base import REGISTRY
+from clsp.train.positive_sources import PositiveSource
+from clsp.train.recipes import RECIPES, DecayScope, ForwardMode, Optimizer, PositiveLoss, ScheduleUnit
 
-Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet-narrow"]
-Stem = Literal["small", "mid", "imagenet"]
+Augment = Literal["auto", "cpu", "device"]
 _RECIPE = "[default: the method's recipe]"
 MIN_LAMBDA = 1e-6  # the smallest CLSP lambda; below it the term is noise in float32 (0 is the baseline)
 
@@ -27,10 +34,10 @@ MIN_LAMBDA = 1e-6  # the smallest CLSP lambda; below it the term is noise in flo
 class TrainSettings(Settings):
     """How an encoder is trained (the ``train`` section of pipeline.yaml, and clsp-train's options)."""
 
-    method: str = setting("simclr", "Base contrastive method: simclr, moco, nnclr or another registered one "
-                                     "(SimCLR and MoCo are the paper's).", min_length=1, max_length=64)
+    method: str = setting("simclr", f"Base contrastive method: {', '.join(registered())} or another registered "
+                                     "one.", min_length=1, max_length=64)
     clsp_lambda: float | None = setting(None, f"lambda of the CLSP term; 0 trains the baseline. {_RECIPE}",
-                                        ge=0, le=100)
+                                        clsp_only=True, ge=0, le=100)
     backbone: Backbone = setting("resnet18", "ResNet; resnet-narrow is a quarter-width ResNet-18 for CPU runs.")
     stem: Stem | None = setting(None, "ResNet stem: small = 3x3 stride-1 conv, no max-pool (CIFAR); mid = the same "
                                       "conv, max-pool kept (the authors' STL-10); imagenet = 7x7 stride-2 conv and "
@@ -49,37 +56,31 @@ class TrainSettings(Settings):
                                         gt=0, le=100)
     proj_hidden_dim: int | None = setting(None, f"Projector hidden size. {_RECIPE}", ge=1, le=65536)
     proj_output_dim: int | None = setting(None, f"Projector output size. {_RECIPE}", ge=1, le=65536)
-    pred_hidden_dim: int | None = setting(None, f"NNCLR predictor hidden size. {_RECIPE}", ge=1, le=65536)
-    queue_size: int | None = setting(None, f"MoCo queue per view / NNCLR support set. {_RECIPE}",
-                                     ge=1, le=1 << 24)
-    momentum: float | None = setting(None, f"MoCo momentum-encoder coefficient at the start. {_RECIPE}",
-                                     ge=0, le=1)
-    momentum_end: float | None = setting(None, f"MoCo coefficient at the end (cosine rise). {_RECIPE}",
-                                         ge=0, le=1)
-    nn_index: NNIndex | None = setting(None, f"NNCLR support-set search: flat (exact) or approximate. {_RECIPE}")
     crop_min_scale: float | None = setting(
         None, "Smallest crop area of RandomResizedCrop, in (0, 1]; 0.08 suits natural images, 0.5 small "
               f"digits. {_RECIPE}", gt=0, le=1)
     flip: bool | None = setting(None, f"Random horizontal flips (off for digits and text). {_RECIPE}")
     positive_choice: Literal["uniform", "top-m", "score-weighted"] = setting(
         "uniform", "Which of an anchor's k candidates is its positive each epoch: uniform (METHOD.md), uniform among "
-                   "the top-m by stored score, or softmax(score / tau)-weighted (needs clsp-gen --scores).")
+                   "the top-m by stored score, or softmax(score / tau)-weighted (needs clsp-gen --scores).",
+        clsp_only=True)
     positive_loss: PositiveLoss | None = setting(
         None, "How the synthetic positive enters the loss: align = lambda * ||z1 - z3||^2 (the authors' term); "
               "infonce = the positive as a second positive of both real views inside the method's own contrastive "
               "loss, against the same negatives; nn = (NNCLR) the positive's nearest neighbour in the support set "
-              f"as a positive of both views' predictions. {_RECIPE}")
-    positive_top_m: int = setting(2, "m of the top-m choice.", ge=1, le=64)
-    positive_tau: float = setting(0.1, "Temperature of the score-weighted choice.", gt=0, le=100)
+              f"as a positive of both views' predictions. {_RECIPE}", clsp_only=True)
+    positive_top_m: int = setting(2, "m of the top-m choice.", clsp_only=True, ge=1, le=64)
+    positive_tau: float = setting(0.1, "Temperature of the score-weighted choice.", clsp_only=True, gt=0, le=100)
     clsp_lambda_ramp_epochs: float = setting(0.0, "Ramp lambda linearly from 0 over these epochs (0: constant), so "
                                                   "a high lambda cannot collapse an untrained encoder.",
-                                             ge=0, le=100_000)
-    augment: Literal["cpu", "device"] | None = setting(
-        None, "cpu: per image in DataLoader workers; device: batched on the training device. "
-              "[default: device on CUDA, else cpu]")
-    precision: Precision = setting("auto", "auto: bf16 autocast on GPUs and on CPUs with bf16 units.")
-    workers: int = setting(min(4, len(os.sched_getaffinity(0))), "DataLoader worker processes per process (0: "
-                           "in-process) [default: 4, at most the usable cores].", ge=0, le=256)
+                                             clsp_only=True, ge=0, le=100_000)
+    augment: Augment = setting(
+        "auto", "cpu: per image in DataLoader workers; device: batched on the training device; auto: device on "
+                "CUDA, else cpu.")
+    precision: Precision = setting("auto", PRECISION_HELP)
+    workers: int = setting(help="DataLoader worker processes per process (0: in-process); the batches are the "
+                                "same for any number [default: 4, at most the usable cores].", role="speed",
+                           default_factory=lambda: min(4, len(os.sched_getaffinity(0))), ge=0, le=256)
     decoded_cache_dir: str | None = setting(
         None, "Keep the decoded positives here as memory-mapped files, shared by workers, ranks and later "
               "runs [default: in memory, for this run].", role="location", min_length=1, max_length=4096)
@@ -92,10 +93,11 @@ class TrainSettings(Settings):
     log_every: int = setting(10, "Steps between logged scalars.", role="logging", ge=1, le=100_000)
     stop_on_collapse: bool = setting(False, "Stop with an error (no encoder written) when an epoch sits at "
                                             "collapse, instead of warning and training on.", role="logging")
-    positive_source: Literal["synthetic", "self", "oracle"] = setting(
+    positive_source: PositiveSource = setting(
         "synthetic", "What fills the CLSP positive: synthetic = the shards' positives (METHOD.md); self = an extra "
                      "augmented view of the anchor itself (the authors' simclr_aug control); oracle = a random other "
-                     "training image of the same class (needs labels; the ceiling of what a positive can give).")
+                     "training image of the same class (needs labels; the ceiling of what a positive can give).",
+        clsp_only=True)
     forward: ForwardMode | None = setting(
         None, "joint: one backbone call on the concatenated views, whose BatchNorm statistics it keeps; separate: "
               "one call per view, the synthetic one leaving BatchNorm's running statistics untouched. "
@@ -109,10 +111,12 @@ class TrainSettings(Settings):
     @field_validator("method")
     @classmethod
     def _registered(cls, method: str) -> str:
-        from clsp.train.methods import registered  # imports the method files: the names are theirs
-
         if method not in registered():
             raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(registered())}")
+        missing = [name for name in own_settings(REGISTRY[method]) if name not in cls.model_fields]
+        if missing:
+            raise ValueError(f"method {method!r} brings the settings {', '.join(missing)}, made only for the methods "
+                             "registered before clsp.train.config is imported: put its file in clsp/train/methods")
         return method
 
     @model_validator(mode="after")
@@ -132,6 +136,11 @@ class TrainSettings(Settings):
         return value
 
 
+if not TYPE_CHECKING:  # the settings only some methods take, as the methods declare them
+    TrainSettings = create_model("TrainSettings", __base__=TrainSettings, __module__=__name__,
+                                 __doc__=TrainSettings.__doc__, **own_fields())
+
+
 class TrainJob(TrainSettings):
     """One training run: the settings plus where it reads and writes."""
 
@@ -147,27 +156,19 @@ class TrainJob(TrainSettings):
 
     def resolved(self, dataset: str) -> TrainJob:
         """A copy with every unset setting taken from the method's recipe for ``dataset``."""
-        from clsp.train.methods import method_only_settings
-
         values = self.model_dump()
         for name, methods in method_only_settings().items():
             if values[name] is not None and self.method not in methods:
                 raise UserError(f"--{name.replace('_', '-')} applies only to {' and '.join(methods)}, not to "
                                 f"{self.method}; leave it unset")
-        from clsp.train.methods.base import REGISTRY
-
         implemented = REGISTRY[self.method].positive_losses
         if self.positive_loss is not None and self.positive_loss not in implemented:
             raise UserError(f"--positive-loss {self.positive_loss} is not implemented by {self.method}; choose one "
                             f"of: {', '.join(implemented)}")
-        recipe = RECIPES[self.method].for_dataset(dataset)
+        recipe = {**own_defaults(self.method), **RECIPES[self.method].for_dataset(dataset)}
         view = recipe["augmentation"]
         defaults = {**recipe, "crop_min_scale": view.crop_min_scale, "flip": view.flip}
         for name, value in values.items():
             if value is None and defaults.get(name) is not None:
                 values[name] = defaults[name]
-        if values["augment"] is None:
-            import torch
-
-            values["augment"] = "device" if torch.cuda.is_available() else "cpu"
         return type(self).model_validate(values)

@@ -9,11 +9,11 @@ computes it alone, DataLoader workers split it without duplicates, and a resumed
    ``stream[r * steps * batch : (r + 1) * steps * batch]`` of that order. The tail of fewer than
    ``world * batch`` anchors is dropped, like ``DistributedSampler(drop_last=True)``; it is the end of
    a shuffled order, so a different tail each epoch.
-3. A rank's block is cut into one chunk of whole batches per DataLoader worker; a worker takes the
-   positives its anchors drew from the decoded shards (``clsp.train.decoded_cache``): the first epoch
-   reads and decodes the rows of its anchors, later epochs index arrays.
-4. The DataLoader hands batches back round-robin over the workers, which fixes the delivered order
-   for a given number of workers.
+3. Step ``s`` of a rank is batch ``s`` of its block, whatever the number of DataLoader workers (a speed
+   setting: the batches are the same for any number). Worker ``w`` delivers steps ``w, w + W, ...``, the
+   DataLoader's round-robin order, and its chunk holds those batches' anchors: it takes the positives they
+   drew from the decoded shards (``clsp.train.decoded_cache``) in one read; the first epoch reads and decodes
+   the rows of its anchors, later epochs index arrays.
 
 Each anchor's positive is one of its k candidates, chosen from one uniform draw per ``(seed, epoch)``
 by the positive-choice policy (uniform as METHOD.md; top-m or score-weighted by the stored scores), and the
@@ -25,7 +25,6 @@ same-class anchor drawn per ``(seed, epoch)``, with the same plan and seeds, and
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,13 +126,9 @@ def plan_epoch(shards: ShardSet, *, seed: int, epoch: int, batch_size: int, rank
     steps = steps_per_epoch(len(stream), batch_size, world_size)
     block = stream[rank * steps * batch_size:(rank + 1) * steps * batch_size]
     workers = max(1, num_workers)
-    chunk_batches = max(1, math.ceil(steps / workers))
-    chunks = [block[c * chunk_batches * batch_size:(c + 1) * chunk_batches * batch_size]
-              for c in range(math.ceil(steps / chunk_batches))]
-    per_worker = [[(c, off) for c in range(w, len(chunks), workers) for off in range(0, len(chunks[c]), batch_size)]
-                  for w in range(workers)]
-    delivered = [item for rnd in range(max(map(len, per_worker))) for items in per_worker
-                 for item in items[rnd:rnd + 1]]
+    batches = [block[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
+    chunks = [np.concatenate(batches[w::workers]) for w in range(min(workers, steps))]
+    delivered = [(s % workers, s // workers * batch_size) for s in range(steps)]
     return EpochPlan(chunks, delivered, batch_size)
 
 

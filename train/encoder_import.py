@@ -20,8 +20,7 @@ from clsp.config import Settings, setting
 from clsp.datasets import NORMALISATION
 from clsp.errors import UserError
 from clsp.io import file_digest, load_weights, read_checkpoint, staged_directory
-from clsp.train.backbones import EncoderCard, build_backbone, check_values, export_encoder, feature_dim
-from clsp.train.config import Stem
+from clsp.train.backbones import EncoderCard, Stem, build_backbone, check_values, export_encoder, feature_dim
 
 HEAD = ("fc.0.weight", "fc.0.bias", "fc.2.weight", "fc.2.bias")
 # The authors' stem and training image size per dataset (their get_resnet sizes and configs' img_size).

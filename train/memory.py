@@ -39,9 +39,9 @@ class FIFOQueue(nn.Module):
         return self.embeddings.shape[0]
 
     def contents(self) -> tuple[Tensor, Tensor]:
-        """``(embeddings [size, dim], labels [size])`` as views: clone before the queue is pushed to if
-        autograd keeps them for the backward pass."""
-        return self.embeddings, self.labels
+        """``(embeddings [size, dim], labels [size])`` as detached copies: a later ``push`` overwrites the
+        buffers in place, and a caller's tensors (kept by autograd for the backward pass) stay as they were."""
+        return self.embeddings.detach().clone(), self.labels.clone()
 
     @torch.no_grad()
     def push(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -83,7 +83,7 @@ class SupportSet(FIFOQueue):
     @torch.no_grad()
     def nearest(self, queries: Tensor) -> tuple[Tensor, Tensor]:
         """``(neighbours [B, dim], their labels [B])`` by inner product over the whole set."""
-        bank, bank_labels = self.contents()
+        bank, bank_labels = self.embeddings, self.labels  # read before any push: no copy needed
         if self._approximate is not None:
             _, idx = self._approximate.search(queries, bank, k=1)
         else:

@@ -14,11 +14,15 @@ is drawn from the run's own anchors (never from images outside the shards, such 
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 
 from clsp.errors import UserError
 
-POSITIVE_SOURCES = ("synthetic", "self", "oracle")
+PositiveSource = Literal["synthetic", "self", "oracle"]
+POSITIVE_SOURCES: tuple[str, ...] = get_args(PositiveSource)
+CONTROLS = tuple(source for source in POSITIVE_SOURCES if source != "synthetic")  # the arms of ``clsp study``
 _ORACLE_STREAM = 2  # the RNG stream of the oracle's draws (1 is the synthetic candidate draw)
 
 

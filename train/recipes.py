@@ -41,7 +41,8 @@ class ViewAugmentation:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A method's training facts; every field is a default of the same-named training setting."""
+    """A method's training facts; every field is a default of the same-named training setting (a method's own
+    settings bring their recipe value with their declaration, ``clsp.train.methods.base.own``)."""
 
     batch_size: int  # global, over all processes
     lr: float
@@ -63,11 +64,6 @@ class Recipe:
     temperature: float = 0.2
     proj_hidden_dim: int = 4096
     proj_output_dim: int = 256
-    pred_hidden_dim: int | None = None
-    queue_size: int | None = None
-    momentum: float | None = None
-    momentum_end: float | None = None
-    nn_index: NNIndex | None = None
     positive_loss: PositiveLoss = "align"
     by_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)
 

@@ -30,18 +30,30 @@ from clsp.runtime import make_accelerator, progress, resolve_precision
 from clsp.shards import reader
 from clsp.train.augment import DeviceAugment, view_augmentations
 from clsp.train.backbones import EncoderCard, build_backbone, export_encoder, feature_dim
-from clsp.train.collapse import CollapseMonitor, nt_xent_at_collapse
+from clsp.train.collapse import CollapseMonitor
 from clsp.train.config import TrainJob
 from clsp.train.data import ContrastiveStream, make_loader, open_shards, step_seed
 from clsp.train.methods import Method, build_method
 from clsp.train.optim import build_optimizer, warmup_cosine
 from clsp.train.recipes import normalisation, probe_lr
 from clsp.train.schedules import clsp_lambda_at
+from clsp.train.summary import plot_losses, summary_line
 
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "train_summary.json"
 CURVE = "loss_curve.png"
-METRICS = ("loss", "loss_base", "loss_clsp", "nn_acc", "nn_acc_synthetic", "probe_acc", "z_std")
+
+
+def resolve_augment(augment: str, device: torch.device) -> str:
+    """``auto``: the batched augmentation on a CUDA device, else the per-image one in the DataLoader workers."""
+    return ("device" if device.type == "cuda" else "cpu") if augment == "auto" else augment
+
+
+def run_settings(job: TrainJob, device: torch.device) -> dict[str, Any]:
+    """The settings a run's result records and a resumed run must match: those that shape it
+    (``clsp.config.identity``), with precision and augmentation as this machine resolves their ``auto``."""
+    return {**identity(job), "precision": resolve_precision(job.precision, device),
+            "augment": resolve_augment(job.augment, device)}
 
 
 class Trainer:
@@ -78,13 +90,14 @@ class Trainer:
             held = validation_indices(self.dataset, job.validation)[1]
             self.shards = replace(self.shards, held_out=frozenset(held.tolist()))
         self.image_size = self.dataset.image_size
+        self.augment = resolve_augment(job.augment, self.device)
         views = view_augmentations(job.method, job.model_dump())
         choice_params: dict[str, dict[str, Any]] = {"top-m": {"m": job.positive_top_m},
                                                     "score-weighted": {"tau": job.positive_tau}}
         self.stream = ContrastiveStream(
             self.shards, self.dataset, batch_size=self.batch_size, seed=job.seed, rank=self.rank,
             world_size=self.world_size, num_workers=job.workers, positives=clsp_lambda > 0,
-            views=views if job.augment == "cpu" else None, choice=job.positive_choice,
+            views=views if self.augment == "cpu" else None, choice=job.positive_choice,
             choice_params=choice_params.get(job.positive_choice, {}),
             cache_dir=job.decoded_cache_dir, source=job.positive_source)
         if job.positive_source != "synthetic" and job.positive_choice != "uniform":
@@ -117,15 +130,15 @@ class Trainer:
         self.model, self.optimizer, *probe = self.accelerator.prepare(
             method, optimizer, *([probe_optimizer] if probe_optimizer is not None else []))
         self.probe_optimizer = probe[0] if probe else None
-        self.device_augment = None if job.augment == "cpu" else tuple(
+        self.device_augment = None if self.augment == "cpu" else tuple(
             DeviceAugment(self.image_size, self.dataset.mean, self.dataset.std, view).to(self.device) for view in views)
         self.epoch, self.step_in_epoch, self.elapsed = 0, 0, 0.0
         self.history: list[list[float]] = []  # per step: global step, loss, loss_base, loss_clsp (rank 0)
         self.epoch_metrics: dict[str, float] = {}
         self.per_epoch: list[dict[str, float]] = []  # every epoch's metrics, for the summary (nn_acc over training)
+        self.metrics = type(method).logged_metrics()
         self.collapse = CollapseMonitor(required(job.proj_output_dim, "proj_output_dim"),
-                                        nt_xent_at_collapse(required(job.batch_size, "batch_size"))
-                                        if job.method == "simclr" else None)
+                                        type(method).loss_at_collapse(required(job.batch_size, "batch_size")))
 
     # ---- state -------------------------------------------------------------------------------------
     @property
@@ -137,9 +150,9 @@ class Trainer:
         return self.epoch * self.steps_per_epoch + self.step_in_epoch
 
     def _settings(self) -> dict:
-        """The resolved settings a resumed run must match: those that shape the result (``clsp.config.identity``),
-        and the process count, which splits the epoch."""
-        return {**identity(self.config), "world_size": self.world_size}
+        """The resolved settings a resumed run must match (``run_settings``), and the process count, which
+        splits the epoch."""
+        return {**run_settings(self.config, self.device), "world_size": self.world_size}
 
     def save(self) -> None:
         """Checkpoint (main process; every rank waits for it)."""
@@ -209,7 +222,7 @@ class Trainer:
         self.method.on_train_step_end((self.global_step + 1) / self.total_steps)
         if self.probe_optimizer is not None:
             self.probe_optimizer.step()
-        return {k: out[k].detach().float() for k in METRICS if k in out}
+        return {k: out[k].detach().float() for k in self.metrics if k in out}
 
     # ---- the run ----------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -258,7 +271,7 @@ class Trainer:
         bar.close()
         self._log_steps(pending, bar)
         if sums:  # the epoch's mean of each metric over steps and ranks
-            keys = [k for k in METRICS if k in sums]
+            keys = [k for k in self.metrics if k in sums]
             means = acc.reduce(torch.stack([sums[k] for k in keys]) / counted, reduction="mean").tolist()
             self.epoch_metrics = dict(zip(keys, means))
             self.per_epoch.append(self.epoch_metrics)
@@ -323,14 +336,15 @@ class Trainer:
         from accelerate.utils import gather_object
 
         checksums = gather_object([weights_digest(backbone)])
+        settings = run_settings(config, self.device)
         summary = {
             "method": config.method, "clsp_lambda": config.clsp_lambda, "backbone": config.backbone,
             "dataset": self.shards.store.manifest.dataset.model_dump(), "epochs": config.epochs,
             "steps": self.global_step,
             "batch_size": config.batch_size, "world_size": self.world_size, "anchors": self.shards.num_anchors,
             "anchors_per_epoch": self.steps_per_epoch * required(config.batch_size, "batch_size"),
-            "precision": resolve_precision(config.precision, self.device),
-            "settings": config.model_dump(exclude=fields_with_role(config, "location")),
+            "precision": settings["precision"],
+            "settings": {**config.model_dump(exclude=fields_with_role(config, "location")), **settings},
             "time_s": round(self.elapsed, 2), "final": self.epoch_metrics, "per_epoch": self.per_epoch,
             "rank_checksums": checksums,
             "ranks_in_sync": len(set(checksums)) == 1, "collapse": self.collapse.record(),
@@ -342,7 +356,7 @@ class Trainer:
                                mean=list(self.dataset.mean), std=list(self.dataset.std),
                                probe_lr=probe_lr(config.method, self.dataset.name,
                                                  required(config.clsp_lambda, "clsp_lambda")),
-                               settings=identity(config))
+                               settings=settings)
             export_encoder(backbone, self.out, card)
             write_json_atomic(self.out / SUMMARY, summary)
             plot_losses(self.history, self.out / CURVE, self.steps_per_epoch)
@@ -350,46 +364,6 @@ class Trainer:
             print(summary_line(summary, self.out), flush=True)
         acc.wait_for_everyone()
         return summary
-
-
-def summary_line(summary: dict, out: Path) -> str:
-    final = summary["final"]
-    name = summary["method"] + (f"+CLSP(lambda={summary['clsp_lambda']:g})" if summary["clsp_lambda"] else "")
-    parts = [f"loss {final.get('loss', float('nan')):.4f} (base {final.get('loss_base', float('nan')):.4f}, "
-             f"clsp {final.get('loss_clsp', float('nan')):.4f})"]
-    for key, label in (("probe_acc", "online probe"), ("nn_acc", "nn acc")):
-        if key in final:
-            parts.append(f"{label} {100 * final[key]:.1f}%")
-    sync = "" if summary["ranks_in_sync"] else " WARNING: ranks ended with different weights"
-    return (f"trained {name} {summary['backbone']} on {summary['dataset']['name']}/{summary['dataset']['split']}: "
-            f"{summary['epochs']} epochs, {summary['steps']} steps x {summary['world_size']} process(es), "
-            f"{', '.join(parts)}, {summary['time_s']:.1f} s -> {out / 'encoder.safetensors'}{sync}")
-
-
-def plot_losses(history: list[list[float]], path: Path, steps_per_epoch: int) -> None:
-    """Loss terms against training step, with epochs on a second axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    data = np.asarray(history, dtype=np.float64).reshape(-1, 4)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    window = max(1, min(50, len(data) // 20))
-    kernel = np.ones(window) / window
-    for column, label in ((1, "total"), (2, "base"), (3, "CLSP term")):
-        if len(data) >= window:
-            ax.plot(data[window - 1:, 0], np.convolve(data[:, column], kernel, mode="valid"), label=label)
-    ax.set_xlabel(f"step ({steps_per_epoch} per epoch)")
-    ax.set_ylabel("loss" + (f" (moving mean of {window})" if window > 1 else ""))
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    from clsp.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 def train(job: TrainJob) -> dict:

@@ -3,9 +3,12 @@ the momentum copies, group parameters; and the registry of methods.
 
 A method is one ``nn.Module`` whose ``forward`` is the whole training step's forward, so that the trainer
 can call it through the DDP wrapper and gradients synchronise. A method is one file in this folder: a
-subclass decorated with ``@register`` that names itself, its ``recipe``, the training ``settings`` its
-constructor takes, how the two real views give its base loss (``base_loss``) and, if it has momentum
-copies, which (``momentum_pairs``). Its online linear probe (a monitor of training, not the evaluation
+subclass decorated with ``@register`` that names itself (``name``, ``display_name``), its ``recipe``, how the
+two real views give its base loss (``base_loss``), the scalars it reports beside the loss (``metrics``), its
+base loss at collapse where one is known (``loss_at_collapse``) and, if it has momentum copies, which
+(``momentum_pairs``). A setting only some methods take is declared once, on the constructor's argument
+(``Annotated[int, own(recipe value, help, constraints)]``): the training setting, its option, its recipe value
+and its help come from there (``clsp.train.config``). Its online linear probe (a monitor of training, not the evaluation
 probe of ``clsp-eval linear``) is part of the module, so it is checkpointed and resumed with it.
 
 BatchNorm's running statistics are what evaluation normalises with, so synthetic images must not set them
@@ -19,8 +22,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar, TypeVar, get_args, get_origin, get_type_hints
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +31,41 @@ from torch import Tensor, nn
 
 from clsp.train.backbones import feature_dim
 from clsp.train.collapse import std_of_l2_normalized
-from clsp.train.config import TrainSettings
 from clsp.train.losses import clsp_loss
 from clsp.train.recipes import RECIPES, ForwardMode, PositiveLoss, Recipe
 from clsp.train.schedules import cosine_momentum
 
 ONLINE_PROBE_LR = 0.1  # the online probe only monitors training; the evaluation probe is clsp-eval linear
 PROBE_MOMENTUM = 0.9
+# the scalars ``Method.forward`` gives for every method (a method adds its own, ``Method.metrics``)
+FRAME_METRICS = ("loss", "loss_base", "loss_clsp", "probe_acc", "z_std")
+
+
+@dataclass(frozen=True)
+class OwnSetting:
+    """A training setting that only the methods declaring it take: its recipe value, help and constraints."""
+
+    default: Any
+    help: str
+    constraints: dict[str, Any] = field(default_factory=dict)
+
+
+def own(default: Any, help: str, **constraints: Any) -> OwnSetting:
+    """Declare a method's own setting on its constructor argument: ``queue_size: Annotated[int, own(32768,
+    "Keys per queue.", ge=1)]``; ``default`` is the recipe's value (``Recipe.by_dataset`` may change it)."""
+    return OwnSetting(default, help, constraints)
+
+
+def own_settings(cls: type[Method]) -> dict[str, tuple[Any, OwnSetting]]:
+    """The settings ``cls``'s constructor declares with ``own``: name -> (type, declaration)."""
+    declared: dict[str, tuple[Any, OwnSetting]] = {}
+    for name, hint in get_type_hints(cls.__init__, include_extras=True).items():
+        if get_origin(hint) is Annotated:
+            kind, *extras = get_args(hint)
+            for extra in extras:
+                if isinstance(extra, OwnSetting):
+                    declared[name] = (kind, extra)
+    return declared
 
 
 @dataclass
@@ -82,12 +113,21 @@ class Method(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    display_name: ClassVar[str] = ""  # as the paper and the report write it ("SimCLR"); the name where unset
     recipe: ClassVar[Recipe]
-    # the training settings the constructor takes besides the common ones; set for another method they are
-    # refused (``TrainJob.resolved``)
-    settings: ClassVar[tuple[str, ...]] = ()
     # the values of ``positive_loss`` the method implements; ``infonce`` needs ``contrast``
     positive_losses: ClassVar[tuple[PositiveLoss, ...]] = ("align",)
+    metrics: ClassVar[tuple[str, ...]] = ()  # scalars of ``base_loss`` beside ``loss_base`` that are logged
+
+    @classmethod
+    def loss_at_collapse(cls, global_batch: int) -> float | None:
+        """The base loss when every projection coincides, for the collapse warning; None where unknown."""
+        return None
+
+    @classmethod
+    def logged_metrics(cls) -> tuple[str, ...]:
+        """The scalars of a training step the trainer logs and averages per epoch."""
+        return (*FRAME_METRICS, *cls.metrics)
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, *, clsp_lambda: float,
                  temperature: float, forward_mode: ForwardMode = "separate",
@@ -232,9 +272,6 @@ def register(cls: M) -> M:
         raise TypeError(f"{cls.__name__} needs a name and a recipe to be registered")
     if REGISTRY.get(cls.name, cls) is not cls:
         raise ValueError(f"method {cls.name!r} is registered already (by {REGISTRY[cls.name].__name__})")
-    unknown = [name for name in cls.settings if name not in TrainSettings.model_fields]
-    if unknown:
-        raise ValueError(f"{cls.__name__}.settings names {', '.join(unknown)}, which are not training settings")
     REGISTRY[cls.name] = cls
     RECIPES[cls.name] = cls.recipe
     return cls

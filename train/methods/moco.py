@@ -7,6 +7,8 @@ network, like ``z1``: the momentum network gets no gradient, so the term could n
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -15,14 +17,14 @@ from clsp.train.backbones import feature_dim
 from clsp.train.heads import simclr_projector
 from clsp.train.losses import moco_loss, positive_nce
 from clsp.train.memory import FIFOQueue
-from clsp.train.methods.base import EncodedView, Method, register
+from clsp.train.methods.base import EncodedView, Method, own, register
 from clsp.train.recipes import ForwardMode, Recipe, ViewAugmentation
 
 
 @register
 class MoCo(Method):
     name = "moco"
-    settings = ("queue_size", "momentum", "momentum_end")
+    display_name = "MoCo"
     positive_losses = ("align", "infonce")
     # CLSP-MoCo (the authors' code): batch 512, lr 0.3, two 32768-key queues, momentum 0.99 -> 0.999,
     # saturation 0.2, solarization, one backbone call per view. On CIFAR-100 CLSP-MoCo has lambda 0.2 and
@@ -31,13 +33,15 @@ class MoCo(Method):
                     clsp_lambda=0.5, probe_lr=1.0,
                     augmentation=ViewAugmentation(saturation=0.2, solarize_p=0.2), forward="separate",
                     schedule_unit="epoch", warmup_start_lr=1e-3,
-                    queue_size=32768, momentum=0.99, momentum_end=0.999,
                     # digits: queues no larger than the 1,150 training anchors hold real keys after one epoch.
                     by_dataset={"cifar100": {"clsp_lambda": 0.2, "clsp_probe_lr": 10.0},
                                 "digits": {"queue_size": 1024}})
 
     def __init__(self, backbone: nn.Module, *, clsp_lambda: float, temperature: float, proj_hidden_dim: int,
-                 proj_output_dim: int, queue_size: int, momentum: float, momentum_end: float,
+                 proj_output_dim: int,
+                 queue_size: Annotated[int, own(32768, "keys per queue (one queue per view)", ge=1, le=1 << 24)],
+                 momentum: Annotated[float, own(0.99, "momentum-encoder coefficient at the start", ge=0, le=1)],
+                 momentum_end: Annotated[float, own(0.999, "coefficient at the end (cosine rise)", ge=0, le=1)],
                  forward_mode: ForwardMode = "separate") -> None:
         projector = simclr_projector(feature_dim(backbone), proj_hidden_dim, proj_output_dim)
         super().__init__(backbone, projector, clsp_lambda=clsp_lambda, temperature=temperature,
@@ -57,8 +61,7 @@ class MoCo(Method):
 
     def base_loss(self, v1: EncodedView, v2: EncodedView, labels: Tensor | None) -> dict[str, Tensor]:
         k1, k2 = self.keys(v1.images), self.keys(v2.images)
-        # Clones: the queues are overwritten below, before autograd uses them in the backward pass.
-        negatives1, negatives2 = self.queue1.contents()[0].clone(), self.queue2.contents()[0].clone()
+        negatives1, negatives2 = self.queue1.contents()[0], self.queue2.contents()[0]
         loss = (moco_loss(v1.z, k2, negatives2, self.temperature)
                 + moco_loss(v2.z, k1, negatives1, self.temperature)) / 2
         self.queue1.push(k1)

@@ -17,6 +17,8 @@ support set; ``nn_acc_synthetic`` the same for the synthetic view's neighbours (
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import Tensor, nn
 
@@ -24,15 +26,17 @@ from clsp.train.backbones import feature_dim
 from clsp.train.heads import nnclr_predictor, nnclr_projector
 from clsp.train.losses import nnclr_loss
 from clsp.train.memory import SupportSet
-from clsp.train.methods.base import EncodedView, Method, register
-from clsp.train.recipes import ForwardMode, Recipe, ViewAugmentation
+from clsp.train.methods.base import EncodedView, Method, own, register
+from clsp.train.recipes import ForwardMode, NNIndex, Recipe, ViewAugmentation
 
 
 @register
 class NNCLR(Method):
     name = "nnclr"
-    settings = ("pred_hidden_dim", "queue_size", "nn_index")
+    display_name = "NNCLR"
     positive_losses = ("align", "infonce", "nn")
+    # how often a neighbour in the support set has the anchor's label: view 1's, and (nn) the synthetic view's
+    metrics = ("nn_acc", "nn_acc_synthetic")
     # solo-learn's NNCLR: LARS, batch 256, lr 0.4, wd 1e-5 without biases and norms, BN projector
     # 2048-2048-256, predictor 4096, 65536 x 256 support set searched exactly, asymmetric views (saturation
     # 0.2 on both, solarization on the second), warm-up from 3e-5 stepped per step, CIFAR-10 std of
@@ -41,13 +45,16 @@ class NNCLR(Method):
                     clsp_lambda=1.0, probe_lr=1.0, augmentation=ViewAugmentation(saturation=0.2),
                     second_view=ViewAugmentation(saturation=0.2, solarize_p=0.2), forward="separate",
                     schedule_unit="step", warmup_start_lr=3e-5,
-                    proj_hidden_dim=2048, pred_hidden_dim=4096, queue_size=65536, nn_index="flat",
+                    proj_hidden_dim=2048,
                     # digits: a support set no larger than the 1,150 training anchors holds real embeddings
                     # after one epoch; 65536 random vectors would be the neighbours for the whole short run.
                     by_dataset={"cifar10": {"std": (0.2470, 0.2435, 0.2616)}, "digits": {"queue_size": 1024}})
 
     def __init__(self, backbone: nn.Module, *, clsp_lambda: float, temperature: float, proj_hidden_dim: int,
-                 proj_output_dim: int, pred_hidden_dim: int, queue_size: int, nn_index: str,
+                 proj_output_dim: int,
+                 pred_hidden_dim: Annotated[int, own(4096, "predictor hidden size", ge=1, le=65536)],
+                 queue_size: Annotated[int, own(65536, "support-set size", ge=1, le=1 << 24)],
+                 nn_index: Annotated[NNIndex, own("flat", "support-set search: flat (exact) or approximate")],
                  forward_mode: ForwardMode = "separate") -> None:
         projector = nnclr_projector(feature_dim(backbone), proj_hidden_dim, proj_output_dim)
         super().__init__(backbone, projector, clsp_lambda=clsp_lambda, temperature=temperature,

@@ -13,7 +13,7 @@ from clsp.errors import UserError
 from clsp.train.backbones import build_backbone
 from clsp.train.config import TrainJob
 from clsp.train.losses import clsp_loss, nnclr_loss, positive_nce, simclr_positive_nce
-from clsp.train.methods import build_method
+from clsp.train.methods import build_method, own_settings
 from clsp.train.methods.base import REGISTRY
 
 SMALL = {"proj_hidden_dim": 32, "proj_output_dim": 16}
@@ -23,10 +23,9 @@ CASES = [(name, loss) for name, cls in REGISTRY.items() for loss in cls.positive
 def _method(name: str, positive_loss: str, clsp_lambda: float = 1.0):
     torch.manual_seed(0)
     sizes = dict(SMALL)
-    if "queue_size" in REGISTRY[name].settings:
-        sizes["queue_size"] = 32
-    if "pred_hidden_dim" in REGISTRY[name].settings:
-        sizes["pred_hidden_dim"] = 32
+    for small in ("queue_size", "pred_hidden_dim"):
+        if small in own_settings(REGISTRY[name]):
+            sizes[small] = 32
     job = TrainJob(method=name, shards="unused", out="unused", positive_loss=positive_loss,
                    clsp_lambda=clsp_lambda, **sizes).resolved("digits")
     return build_method(job, build_backbone("resnet-narrow"))

@@ -118,6 +118,8 @@ class Method(nn.Module):
     # the values of ``positive_loss`` the method implements; ``infonce`` needs ``contrast``
     positive_losses: ClassVar[tuple[PositiveLoss, ...]] = ("align",)
     metrics: ClassVar[tuple[str, ...]] = ()  # scalars of ``base_loss`` beside ``loss_base`` that are logged
+    # scalars of ``positive_term`` beside ``loss_clsp``, given only by the positive losses that compute them
+    positive_metrics: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def loss_at_collapse(cls, global_batch: int) -> float | None:
@@ -127,7 +129,7 @@ class Method(nn.Module):
     @classmethod
     def logged_metrics(cls) -> tuple[str, ...]:
         """The scalars of a training step the trainer logs and averages per epoch."""
-        return (*FRAME_METRICS, *cls.metrics)
+        return (*FRAME_METRICS, *cls.metrics, *cls.positive_metrics)
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, *, clsp_lambda: float,
                  temperature: float, forward_mode: ForwardMode = "separate",

@@ -36,7 +36,8 @@ class NNCLR(Method):
     display_name = "NNCLR"
     positive_losses = ("align", "infonce", "nn")
     # how often a neighbour in the support set has the anchor's label: view 1's, and (nn) the synthetic view's
-    metrics = ("nn_acc", "nn_acc_synthetic")
+    metrics = ("nn_acc",)
+    positive_metrics = ("nn_acc_synthetic",)
     # solo-learn's NNCLR: LARS, batch 256, lr 0.4, wd 1e-5 without biases and norms, BN projector
     # 2048-2048-256, predictor 4096, 65536 x 256 support set searched exactly, asymmetric views (saturation
     # 0.2 on both, solarization on the second), warm-up from 3e-5 stepped per step, CIFAR-10 std of

@@ -10,6 +10,7 @@ the file it would have replaced is unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -51,6 +52,18 @@ def check_creatable(directory: str | os.PathLike) -> None:
             if not part.is_dir():
                 raise UserError(f"{part} is a file, not a directory; choose another path")
             return
+
+
+def missing_directories(path: str | os.PathLike) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first: what writing there would create."""
+    return [part for part in (Path(path), *Path(path).parents) if not part.exists()]
+
+
+def remove_empty_directories(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (deepest first) that is empty: what a refused run created and left unused."""
+    for folder in folders:
+        with contextlib.suppress(OSError):  # not empty (or gone): something else lives there
+            folder.rmdir()
 
 
 # A write that fails for lack of room or for a size limit: what a full disk, a quota or `ulimit -f` gives.

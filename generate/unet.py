@@ -9,6 +9,7 @@ line rather than a shape error deep inside a forward pass.
 from __future__ import annotations
 
 import os
+import socket
 import warnings
 from pathlib import Path
 
@@ -48,22 +49,43 @@ def _local_layout(folder: Path) -> tuple[Path, Path]:
                     f"write one with DDPMScheduler(...).save_pretrained('{folder}')")
 
 
+HUB_PROBE_S = 3.0  # how long to wait for a connection to the hub before treating it as offline
+
+
+def hub_offline() -> str | None:
+    """Why the Hugging Face hub cannot be used now (HF_HUB_OFFLINE, or no connection to it within
+    ``HUB_PROBE_S``), or None. Without this check an offline machine spends a minute in the hub client's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE=1 forbids downloading it"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # reached through a proxy: a direct connection says nothing
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    endpoint = urlsplit(constants.ENDPOINT)
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_S).close()
+    except OSError as err:
+        return f"the hub ({host}) cannot be reached from here ({err.strerror or f'no answer in {HUB_PROBE_S:g} s'})"
+    return None
+
+
 def _from_hub(repo_id: str) -> tuple[UNet2DModel, DDPMScheduler]:
     """A hub repository, flat (config.json at the top, like google/ddpm-cifar10-32) or in pipeline layout."""
-    errors = []
+    errors, offline = [], hub_offline()
     for unet_sub, sched_sub in ((None, None), ("unet", "scheduler")):
         try:
             with warnings.catch_warnings():  # diffusers passes hub arguments that huggingface_hub deprecates
                 warnings.simplefilter("ignore", UserWarning)
-                unet = UNet2DModel.from_pretrained(repo_id, subfolder=unet_sub)
-                scheduler = DDPMScheduler.from_pretrained(repo_id, subfolder=sched_sub)
+                unet = UNet2DModel.from_pretrained(repo_id, subfolder=unet_sub, local_files_only=offline is not None)
+                scheduler = DDPMScheduler.from_pretrained(repo_id, subfolder=sched_sub,
+                                                          local_files_only=offline is not None)
             return unet, scheduler
         except (OSError, ValueError) as err:  # diffusers raises EnvironmentError (= OSError) for missing files
             errors.append(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        why = "HF_HUB_OFFLINE=1 forbids downloading it"
-    else:
-        why = f"downloading it failed: {errors[-1]}"
+    why = offline or f"downloading it failed: {errors[-1]}"
     raise UserError(f"cannot load U-Net {repo_id!r}: it is not a local folder nor in the Hugging Face cache, and "
                     f"{why}; download it once with network access or pass a local model folder")
 

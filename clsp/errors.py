@@ -65,6 +65,9 @@ def one_line(error: BaseException) -> str:
     if isinstance(error, OSError) and not isinstance(error, UserError) and error.errno is not None:
         where = short_path(error.filename) if error.filename is not None else "?"
         hint = _OS_HINTS.get(error.errno, "check the path and the disk")
+        if error.errno == errno.EEXIST and error.filename is not None and os.path.islink(error.filename) \
+                and not os.path.exists(error.filename):
+            hint = "it is a symbolic link to nothing; remove it, or point it at a directory"
         return f"{os.strerror(error.errno)} ({where}): {hint}"
     text = str(error)
     if "Original Traceback" in text:  # torch's ExceptionWrapper: "Caught X in DataLoader worker ...\n<trace>\nX: msg"

@@ -46,8 +46,11 @@ def _new_temporary(path: Path) -> tuple[int, Path]:
 
 
 def check_creatable(directory: str | os.PathLike) -> None:
-    """Refuse, before any work, a directory that cannot be made because an existing part of it is a file."""
+    """Refuse, before any work, a directory that cannot be made because an existing part of it is a file or a
+    symbolic link to nothing."""
     for part in (Path(directory), *Path(directory).parents):
+        if part.is_symlink() and not part.exists():  # mkdir would fail on it later, after work (see one_line)
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(part))
         if part.exists():
             if not part.is_dir():
                 raise UserError(f"{part} is a file, not a directory; choose another path")

@@ -439,3 +439,11 @@ def test_a_hub_model_without_network_fails_fast_in_one_line(tmp_path: Path, monk
     assert line.startswith("Error: cannot load U-Net 'nobody/no-such-model': it is not a local folder nor in the "
                            "Hugging Face cache, and the hub (127.0.0.1) cannot be reached from here"), line
     assert "config.json" not in line and list(tmp_path.iterdir()) == []
+
+
+def test_a_named_pipe_as_the_configuration_is_named_as_such(tmp_path: Path):
+    fifo = tmp_path / "pipeline.yaml"
+    os.mkfifo(fifo)  # reading it would wait for a writer forever
+    line = _refused(CliRunner().invoke(run, [str(fifo), "--check"]))
+    assert line == (f"Error: pipeline configuration {fifo} is not a regular file (a directory, a named pipe or a "
+                    f"device); pass a YAML file such as pipeline.yaml")

@@ -467,3 +467,12 @@ def test_ddpm_sample_writes_no_black_grid_from_a_model_that_overflows(tmp_path, 
     result = CliRunner().invoke(clsp_main, ["ddpm", "sample", "--unet", str(overflowing_model), "--out", str(out),
                                             "--num-samples", "2", "--steps", "2", "--device", "cpu"])
     assert NOT_FINITE in one_error_line(result) and not out.exists()
+
+
+def test_an_output_that_is_a_dangling_symbolic_link_is_named_as_one(tmp_path):
+    out = tmp_path / "run"
+    out.symlink_to(tmp_path / "gone" / "run")
+    line = one_error_line(CliRunner().invoke(train, [*TRAIN, "--shards", str(tmp_path / "s"), "--out", str(out)]))
+    assert line == (f"Error: File exists ({out}): it is a symbolic link to nothing; remove it, or point it at a "
+                    f"directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and out.is_symlink()

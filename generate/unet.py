@@ -9,7 +9,6 @@ line rather than a shape error deep inside a forward pass.
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from clsp.datasets import dataset_info
 from clsp.errors import UserError
+from clsp.generate.hub import hub_offline
 from clsp.images import to_uint8
 from clsp.io import atomic_path
 
@@ -47,29 +47,6 @@ def _local_layout(folder: Path) -> tuple[Path, Path]:
             return unet_dir, candidate
     raise UserError(f"{folder} has a U-Net but no scheduler_config.json (beside it or in scheduler/); "
                     f"write one with DDPMScheduler(...).save_pretrained('{folder}')")
-
-
-HUB_PROBE_S = 3.0  # how long to wait for a connection to the hub before treating it as offline
-
-
-def hub_offline() -> str | None:
-    """Why the Hugging Face hub cannot be used now (HF_HUB_OFFLINE, or no connection to it within
-    ``HUB_PROBE_S``), or None. Without this check an offline machine spends a minute in the hub client's retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return "HF_HUB_OFFLINE=1 forbids downloading it"
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None  # reached through a proxy: a direct connection says nothing
-    from urllib.parse import urlsplit
-
-    from huggingface_hub import constants
-
-    endpoint = urlsplit(constants.ENDPOINT)
-    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=HUB_PROBE_S).close()
-    except OSError as err:
-        return f"the hub ({host}) cannot be reached from here ({err.strerror or f'no answer in {HUB_PROBE_S:g} s'})"
-    return None
 
 
 def _from_hub(repo_id: str) -> tuple[UNet2DModel, DDPMScheduler]:

@@ -447,3 +447,18 @@ def test_a_named_pipe_as_the_configuration_is_named_as_such(tmp_path: Path):
     line = _refused(CliRunner().invoke(run, [str(fifo), "--check"]))
     assert line == (f"Error: pipeline configuration {fifo} is not a regular file (a directory, a named pipe or a "
                     f"device); pass a YAML file such as pipeline.yaml")
+
+
+def test_a_global_batch_of_one_sample_per_process_is_refused_before_training(tmp_path: Path, monkeypatch):
+    from accelerate import Accelerator
+
+    from clsp.train.cli import train
+    from test_train_data import make_train_shards
+
+    shards = make_train_shards(tmp_path / "shards", num_anchors=16, shard_size=16)
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))  # as under a 2-process launch
+    result = CliRunner().invoke(train, ["--shards", str(shards), "--out", str(tmp_path / "out"), "--batch-size", "2",
+                                        "--workers", "0", "--backbone", "resnet-narrow", "--epochs", "1"])
+    assert _refused(result) == ("Error: --batch-size 2 is the global batch and does not split over 2 processes with "
+                                "at least 2 samples each; use a multiple of 2, at least 4")
+    assert not (tmp_path / "out").exists()

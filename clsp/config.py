@@ -11,10 +11,10 @@ from __future__ import annotations
 import difflib
 import types
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import click
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from clsp.datasets import DEFAULT_DATA_ROOT, IMAGEFOLDER, dataset_info, dataset_names
 from clsp.errors import UserError, short
@@ -31,6 +31,8 @@ DATASET_HELP = f"Dataset registry name ({', '.join(dataset_names())})."
 # runs, with the same result. A setting that changes numerics (precision, the order of batches) is result.
 Role = Literal["result", "location", "logging", "speed"]
 ROLES: tuple[str, ...] = get_args(Role)
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024  # the sizes --image-size resizes to
+MIN_VALIDATION = 0.01  # the smallest validation fraction: 1 % of a label (1 of the 139 of digits' rarest)
 
 
 class Settings(BaseModel):
@@ -153,18 +155,19 @@ def _option(model: type[BaseModel], name: str) -> Callable:
     required = info.is_required()
     default = None if required else info.get_default(call_default_factory=True)
     kwargs: dict[str, Any] = {"help": info.description or "", "show_default": default is not None}
+    if not required:  # click (8.2+) skips its "Missing option" check for an option given an explicit default
+        kwargs["default"] = default
     if base is bool:
-        return click.option(f"{flag}/{flag.replace('--', '--no-', 1)}", name, default=default, **kwargs)
+        return click.option(f"{flag}/{flag.replace('--', '--no-', 1)}", name, **kwargs)
     if get_origin(base) is tuple:  # a repeatable option
-        return click.option(flag, name, type=get_args(base)[0], default=default, multiple=True, required=required,
-                            **kwargs)
+        return click.option(flag, name, type=get_args(base)[0], multiple=True, required=required, **kwargs)
     if get_origin(base) is Literal:
         ctype: Any = click.Choice([str(choice) for choice in get_args(base)])
     elif base in (int, float, str):
         ctype = base
     else:
         raise TypeError(f"{model.__name__}.{name}: no command-line form for {info.annotation}; mark it cli_exclude")
-    return click.option(flag, name, type=ctype, default=default, required=required, **kwargs)
+    return click.option(flag, name, type=ctype, required=required, **kwargs)
 
 
 def click_options(model: type[BaseModel], exclude: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
@@ -247,7 +250,8 @@ class DatasetConfig(Settings):
     split: str | None = setting(None, "Dataset split [default: the dataset's training split].", max_length=64)
     data_root: str = setting(DEFAULT_DATA_ROOT, "Where datasets are stored or downloaded (env CLSP_DATA_ROOT).",
                              role="location", min_length=1, max_length=4096)
-    image_size: int | None = setting(None, "Resize the images to this size [default: the dataset's].", ge=8, le=1024)
+    image_size: int | None = setting(None, "Resize the images to this size [default: the dataset's].",
+                                     ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)
 
     @field_validator("name")
     @classmethod
@@ -266,10 +270,18 @@ class DatasetConfig(Settings):
         return split
 
 
+def _holds_images(value: float) -> float:
+    """A fraction that rounds to no image of a label would only be refused once training reads the data."""
+    if 0 < value < MIN_VALIDATION:
+        raise ValueError(f"the validation fraction must be 0 (off) or at least {MIN_VALIDATION:g}, not {value:g}")
+    return value
+
+
 class ValidationSettings(Settings):
     """A validation split carved from the training split, so settings are chosen without the test split."""
 
-    validation: float = setting(
+    # the rule is part of the field, so every model that takes it with ``same_setting`` applies it too
+    validation: Annotated[float, AfterValidator(_holds_images)] = setting(
         0.0, "Hold out this fraction of each label of the training split as validation data (fixed by the data's "
              "fingerprint): training skips those anchors, evaluations fit on the rest and score on them, and the "
-             "test split is not read. 0: off.", ge=0, le=0.5)
+             f"test split is not read. 0: off; else {MIN_VALIDATION:g} to 0.5.", ge=0, le=0.5)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from clsp.errors import UserError
+from clsp.errors import UserError, short, short_path
 
 DEFAULT_DATA_ROOT = os.environ.get("CLSP_DATA_ROOT", "data")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -242,7 +242,10 @@ NORMALISATION = {
 def _torchvision(name: str, split: str, root: str, download: bool, image_size: int | None) -> ArrayDataset:
     import torchvision
 
+    from clsp.io import missing_directories, remove_empty_directories
+
     root_path = Path(root) / name
+    made = missing_directories(root_path)  # what the download would make
     try:
         if name == "stl10":
             ds = torchvision.datasets.STL10(str(root_path), split=split, download=download)
@@ -254,6 +257,7 @@ def _torchvision(name: str, split: str, root: str, download: bool, image_size: i
             images, targets = ds.data, np.asarray(ds.targets)
             num_classes = 10 if name == "cifar10" else 100
     except (RuntimeError, OSError) as err:
+        remove_empty_directories(made)  # a failed download leaves no empty folders behind
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(
             f"{name} ({split}) is not under {root_path} and could not be downloaded ({reason}); "
@@ -268,7 +272,8 @@ def _torchvision(name: str, split: str, root: str, download: bool, image_size: i
 def load_imagefolder(path: str, split: str = "train", image_size: int | None = None) -> ImageFolderDataset:
     """A folder of images; ``PATH/<class>/<image>`` gives labels, a flat folder gives -1."""
     root = Path(path)
-    _require(root.is_dir(), f"imagefolder path {root} is not a directory; pass imagefolder:PATH to a folder of images")
+    _require(root.is_dir(),
+             f"imagefolder path {short_path(root)} is not a directory; pass imagefolder:PATH to a folder of images")
     if (root / split).is_dir():
         root = root / split
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -338,7 +343,7 @@ def dataset_info(name: str) -> KnownDataset | None:
     if name.startswith(IMAGEFOLDER):
         return None
     if name not in DATASETS:
-        raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(dataset_names())}")
+        raise UserError(f"unknown dataset {short(name)}; choose one of: {', '.join(dataset_names())}")
     return DATASETS[name]
 
 

@@ -54,11 +54,20 @@ def short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def short_path(path: Any, limit: int = 80) -> str:
+    """A path of at most ``limit`` characters for a message: its start and its end (the file's own name) kept."""
+    text = str(path)
+    return text if len(text) <= limit else f"{text[:limit // 2 - 2]}...{text[-(limit - limit // 2 - 1):]}"
+
+
 def one_line(error: BaseException) -> str:
     """The message of ``error`` as one line (a DataLoader worker's re-raised error keeps only its own)."""
     if isinstance(error, OSError) and not isinstance(error, UserError) and error.errno is not None:
-        where = error.filename if error.filename is not None else "?"
+        where = short_path(error.filename) if error.filename is not None else "?"
         hint = _OS_HINTS.get(error.errno, "check the path and the disk")
+        if error.errno == errno.EEXIST and error.filename is not None and os.path.islink(error.filename) \
+                and not os.path.exists(error.filename):
+            hint = "it is a symbolic link to nothing; remove it, or point it at a directory"
         return f"{os.strerror(error.errno)} ({where}): {hint}"
     text = str(error)
     if "Original Traceback" in text:  # torch's ExceptionWrapper: "Caught X in DataLoader worker ...\n<trace>\nX: msg"
@@ -69,8 +78,12 @@ def one_line(error: BaseException) -> str:
 
 
 def _usage_line(error: click.UsageError) -> click.ClickException:
-    """click's usage error as a plain one-line error with the same exit status."""
+    """click's usage error as a plain one-line error with the same exit status (a missing required option says
+    that it is required, and what it is)."""
     line = type("UsageLine", (click.ClickException,), {"exit_code": error.exit_code})
+    if isinstance(error, click.MissingParameter) and isinstance(error.param, click.Option):
+        what = " ".join((error.param.help or "").split())
+        return line(f"{error.param.opts[0]} is required" + (f": {what}" if what else ""))
     return line(" ".join(error.format_message().split()))
 
 

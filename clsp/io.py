@@ -10,6 +10,7 @@ the file it would have replaced is unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -47,12 +48,27 @@ def _new_temporary(path: Path) -> tuple[int, Path]:
 
 
 def check_creatable(directory: str | os.PathLike) -> None:
-    """Refuse, before any work, a directory that cannot be made because an existing part of it is a file."""
+    """Refuse, before any work, a directory that cannot be made because an existing part of it is a file or a
+    symbolic link to nothing."""
     for part in (Path(directory), *Path(directory).parents):
+        if part.is_symlink() and not part.exists():  # mkdir would fail on it later, after work (see one_line)
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(part))
         if part.exists():
             if not part.is_dir():
                 raise UserError(f"{part} is a file, not a directory; choose another path")
             return
+
+
+def missing_directories(path: str | os.PathLike) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first: what writing there would create."""
+    return [part for part in (Path(path), *Path(path).parents) if not part.exists()]
+
+
+def remove_empty_directories(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (deepest first) that is empty: what a refused run created and left unused."""
+    for folder in folders:
+        with contextlib.suppress(OSError):  # not empty (or gone): something else lives there
+            folder.rmdir()
 
 
 # A write that fails for lack of room or for a size limit: what a full disk, a quota or `ulimit -f` gives.

@@ -132,7 +132,8 @@ def load_config(path: str | Path, overrides: tuple[str, ...] = ()) -> PipelineCo
     """Read (within the budgets of ``clsp.yamlio``), override and validate a pipeline configuration."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"pipeline configuration {path} not found; pass a YAML file such as pipeline.yaml")
+        what = "is not a regular file (a directory, a named pipe or a device)" if path.exists() else "not found"
+        raise UserError(f"pipeline configuration {path} {what}; pass a YAML file such as pipeline.yaml")
     config = read_yaml(path) or {}
     if not isinstance(config, dict):
         raise UserError(f"{path} must hold a mapping of sections (dataset, generate, train, ...)")

@@ -47,6 +47,8 @@ METRICS = (("linear", ("top1",), "linear top-1"),
 SELECTION_METRIC, TIE_BREAK_METRIC = "linear top-1", "kNN top-1"
 ARM_SUFFIX = {"clsp": "clsp", "baseline": "base", **{control: control for control in CONTROLS}}
 VALIDATION_PREFIX = "val-"
+MAX_GRID_CELLS = 64  # cells of a --grid, checked from the axes' lengths before any cell is built
+MAX_STUDY_RUNS = 1000  # training runs of a whole study (grid and test phases), checked before any work
 
 
 def _clsp_only() -> set[str]:
@@ -85,6 +87,10 @@ def parse_grid(specs: tuple[str, ...] | list[str]) -> list[dict[str, Any]]:
     from clsp.yamlio import parse_yaml
 
     axes: dict[str, list[Any]] = {}
+    sizes = [spec.partition("=")[2].count(",") + 1 for spec in specs]
+    if math.prod(sizes) > MAX_GRID_CELLS:  # before a value is parsed: a huge grid is refused at once
+        raise UserError(f"--grid makes {math.prod(sizes):,} cells ({' x '.join(map(str, sizes))}); at most "
+                        f"{MAX_GRID_CELLS}: search fewer values, or fewer settings at once")
     for spec in specs:
         dotted, sep, raw = spec.partition("=")
         parts = raw.split(",")
@@ -416,6 +422,23 @@ def _run_phase(base: Any, study_dir: Path, runs: dict[str, dict[str, Any]], vali
     return resolved
 
 
+def _plan(cells: list[dict[str, Any]], methods: int, grid_seeds: int, grid_runs: int, seeds: int,
+          arms: tuple[str, ...]) -> str:
+    """The study's runs, counted before any work (cells x seeds x arms = runs); over ``MAX_STUDY_RUNS`` refused."""
+    test = methods * seeds * len(arms)
+    phases = [f"test {methods} method(s) x {seeds} seeds x {len(arms)} arms = {test}"]
+    if cells:
+        planned = methods * len(cells) * grid_seeds * 2
+        shared = f" ({grid_runs} to train: shared baselines)" if grid_runs < planned else ""
+        phases.insert(0, f"grid {methods} method(s) x {len(cells)} cells x {grid_seeds} seeds x 2 arms = "
+                         f"{planned}{shared}")
+    total = grid_runs + test
+    if total > MAX_STUDY_RUNS:
+        raise UserError(f"the study would train {total} runs ({'; '.join(phases)}); at most {MAX_STUDY_RUNS}: "
+                        f"use fewer --grid values, seeds, methods or controls")
+    return f"[clsp study] plan: {'; '.join(phases)}; {total} training runs in all"
+
+
 def _controls(text: str) -> tuple[str, ...]:
     chosen = tuple(dict.fromkeys(c.strip() for c in text.split(",") if c.strip()))
     unknown = [c for c in chosen if c not in CONTROLS]
@@ -444,6 +467,7 @@ def _controls(text: str) -> tuple[str, ...]:
 def study(config: str, seeds: int, methods: str | None, clsp_lambda: float | None, grid: tuple[str, ...],
           grid_seeds: int | None, validation: float, controls: str, overrides: tuple[str, ...]) -> None:
     """Train CLSP and baseline runs over paired seeds for each method; write study.md, study.json, a plot."""
+    from clsp.config import ValidationSettings, parse
     from clsp.pipeline import load_config
     from clsp.train.methods import registered
 
@@ -453,6 +477,7 @@ def study(config: str, seeds: int, methods: str | None, clsp_lambda: float | Non
     if not chosen or unknown:
         raise UserError(f"--methods {methods[:60]!r}: choose from {', '.join(registered())}")
     arms = ("clsp", "baseline", *_controls(controls))
+    parse(ValidationSettings, {"validation": validation})  # NaN, or a fraction that holds out nothing, even unused
     cells = parse_grid(grid)
     base = load_config(config, overrides)
     if clsp_lambda is None:
@@ -460,6 +485,10 @@ def study(config: str, seeds: int, methods: str | None, clsp_lambda: float | Non
         clsp_lambda = float(positive[0]) if positive else None
     seed_list = list(range(seeds))
     grid_seed_list = list(range(grid_seeds or seeds))
+    grid_runs = {name: settings for cell in cells for name, settings in
+                 study_runs(chosen, grid_seed_list, clsp_lambda, {m: cell for m in chosen},
+                            prefix=VALIDATION_PREFIX).items()}
+    click.echo(_plan(cells, len(chosen), len(grid_seed_list), len(grid_runs), seeds, arms))
     run_dir = Path(base.run_dir)
     study_dir = run_dir / "study"
     if base.shards is None and (run_dir / "shards" / "manifest.json").is_file() and not (study_dir / "shards").exists():
@@ -469,9 +498,6 @@ def study(config: str, seeds: int, methods: str | None, clsp_lambda: float | Non
     grid_report = None
     selected: dict[str, dict[str, Any]] = {method: {} for method in chosen}
     if cells:
-        grid_runs = {name: settings for cell in cells for name, settings in
-                     study_runs(chosen, grid_seed_list, clsp_lambda, {m: cell for m in chosen},
-                                prefix=VALIDATION_PREFIX).items()}
         _run_phase(base, study_dir, grid_runs, validation)
         grid_report = validation_grid(study_dir, chosen, grid_seed_list, clsp_lambda, cells)
         selected = {method: entry["selected"]["settings"] for method, entry in grid_report.items()}

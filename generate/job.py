@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TypeVar, cast
@@ -37,6 +38,7 @@ from clsp.log import Rate
 from clsp.runtime import make_accelerator, progress, resolve_precision
 from clsp.shards import schema, verify, writer
 from clsp.shards.preview import arrays_png, preview_png
+from clsp.shards.reader import MANIFEST
 from clsp.shards.store import ShardStore
 
 T = TypeVar("T")
@@ -168,7 +170,9 @@ def check_model_fits(unet: str | None, dataset: str, image_size: int | None) -> 
 
     Returns a note when the model is a hub id not in the local cache: then loading it checks the fit."""
     ref = resolve_unet(unet, dataset)
-    config = unet_config(ref)
+    with warnings.catch_warnings():  # diffusers passes hub arguments that huggingface_hub deprecates
+        warnings.simplefilter("ignore", UserWarning)
+        config = unet_config(ref)
     if config is None:
         return [f"diffusion model {ref} is not in the local cache: its fit to the data is checked when "
                 "generation loads it"]
@@ -209,9 +213,14 @@ def run_generation(cfg: GenerateJob, echo: Callable[[str], object] = print) -> d
     store = ShardStore.open(cfg.shards)  # a bad URL, a missing extra or missing credentials: before any work
     store.require_writable()
     store.probe()
+    made, fresh = store.missing_directories(), not store.exists(MANIFEST)
     accelerator = make_accelerator()  # device placement and process group only: the sampler does its own autocast
     try:
         return _run(cfg, accelerator, num_workers, worker_index, echo)
+    except UserError:
+        if fresh and num_workers * accelerator.num_processes == 1:  # alone: no other writer relies on the manifest
+            writer.discard_unstarted(cfg.shards, made=made, also=(PREVIEW,))
+        raise
     finally:
         accelerator.end_training()
 

@@ -18,6 +18,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from clsp.datasets import dataset_info
 from clsp.errors import UserError
+from clsp.generate.hub import hub_offline
 from clsp.generate.pretrained import shipped_model
 from clsp.images import to_uint8
 from clsp.io import atomic_path
@@ -52,20 +53,18 @@ def _local_layout(folder: Path) -> tuple[Path, Path]:
 
 def _from_hub(repo_id: str) -> tuple[UNet2DModel, DDPMScheduler]:
     """A hub repository, flat (config.json at the top, like google/ddpm-cifar10-32) or in pipeline layout."""
-    errors = []
+    errors, offline = [], hub_offline()
     for unet_sub, sched_sub in ((None, None), ("unet", "scheduler")):
         try:
             with warnings.catch_warnings():  # diffusers passes hub arguments that huggingface_hub deprecates
                 warnings.simplefilter("ignore", UserWarning)
-                unet = UNet2DModel.from_pretrained(repo_id, subfolder=unet_sub)
-                scheduler = DDPMScheduler.from_pretrained(repo_id, subfolder=sched_sub)
+                unet = UNet2DModel.from_pretrained(repo_id, subfolder=unet_sub, local_files_only=offline is not None)
+                scheduler = DDPMScheduler.from_pretrained(repo_id, subfolder=sched_sub,
+                                                          local_files_only=offline is not None)
             return unet, scheduler
         except (OSError, ValueError) as err:  # diffusers raises EnvironmentError (= OSError) for missing files
             errors.append(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        why = "HF_HUB_OFFLINE=1 forbids downloading it"
-    else:
-        why = f"downloading it failed: {errors[-1]}"
+    why = offline or f"downloading it failed: {errors[-1]}"
     raise UserError(f"cannot load U-Net {repo_id!r}: it is not a local folder nor in the Hugging Face cache, and "
                     f"{why}; download it once with network access or pass a local model folder")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clsp.config import DatasetConfig, same_setting, setting
+from clsp.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, DatasetConfig, same_setting, setting
 from clsp.errors import UserError
 from clsp.generate.config import GenerateJob
 
@@ -31,16 +31,27 @@ class ImportJob(DatasetConfig):
 
 
 def open_positives(path: str | Path) -> np.ndarray:
-    """The file as a read-only memory map, refused in one line unless it is uint8 ``[N, k, H, W, 3]``."""
+    """The file as a read-only memory map, refused in one line unless it is a regular file (a FIFO or a device
+    would block or never end) holding uint8 ``[N, k, H, W, 3]`` with k within the shard schema's bound."""
+    from clsp.shards.schema import MAX_CANDIDATES
+
+    if not Path(path).exists():
+        raise UserError(f"{path} not found; pass the authors' .npy file of positives")
+    if not Path(path).is_file():
+        raise UserError(f"{path} is not a regular file (a directory, a named pipe or a device); pass the .npy file "
+                        f"itself, copied to disk")
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as err:  # pickled objects, a bad header, not a .npy at all
-        raise UserError(f"cannot read {path} as a .npy array: {' '.join(str(err).split())}") from None
+    except (ValueError, EOFError) as err:  # pickled objects, a bad header, an empty file, not a .npy at all
+        raise UserError(f"cannot read {path} as a .npy array: {' '.join(str(err).split()) or 'it is empty'}") from None
     if not isinstance(array, np.ndarray):
         raise UserError(f"{path} is an .npz archive; pass the .npy array of positives itself")
     if array.dtype != np.uint8 or array.ndim != 5 or array.shape[-1] != 3 or array.shape[1] < 1:
         raise UserError(f"{path} holds {array.dtype} {list(array.shape)}; the authors' sets are uint8 "
                         f"[N, k, H, W, 3] (row i = the k positives of training image i)")
+    if array.shape[1] > MAX_CANDIDATES:
+        raise UserError(f"{path} holds {array.shape[1]} positives per image; a shard holds at most {MAX_CANDIDATES}: "
+                        f"import the first {MAX_CANDIDATES} (np.save a copy of array[:, :{MAX_CANDIDATES}])")
     return array
 
 
@@ -52,8 +63,10 @@ def check_fits(array: np.ndarray, path: str | Path, describe: dict) -> None:
                         f"images; the row count must equal the training split's (row i = image i)")
     size = describe["image_size"]
     if (height, width) != (size, size):
+        resizable = height == width and MIN_IMAGE_SIZE <= height <= MAX_IMAGE_SIZE  # else --image-size cannot help
+        resize = f" (or pass --image-size {height})" if resizable else ""
         raise UserError(f"{path} holds {height}x{width} images but {describe['name']}'s are {size}x{size}; "
-                        f"import it for the dataset it was made from (or pass --image-size {height})")
+                        f"import it for the dataset it was made from{resize}")
 
 
 def import_npy(job: ImportJob, echo: Callable[[str], object] = print) -> dict:

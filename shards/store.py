@@ -14,7 +14,10 @@ forks), and errors of the storage client (a missing extra, missing credentials, 
 an HTTP status) become one-line ``UserError``s naming the location. Only the protocols above (and
 ``simplecache::`` chained before one of them) are accepted: fsspec knows many more (``memory://``, whose
 "shards" vanish with the process, ``ftp://``, ``github://``, ...) that clsp does not promise anything for.
-Remote requests time out after ``CLSP_STORAGE_TIMEOUT`` seconds (connect and each read; default 60).
+Remote requests time out after ``CLSP_STORAGE_TIMEOUT`` seconds (default 60): a question about a file (does it
+exist, how large is it) is answered within that time in all, whatever the client retries (fsspec's HTTP client
+asks with HEAD, then with GET); a download may take longer, but waits at most that long to connect and between
+reads.
 """
 
 from __future__ import annotations
@@ -30,11 +33,19 @@ from pathlib import Path
 from typing import IO
 
 import fsspec
+from fsspec.asyn import AsyncFileSystem
 from fsspec.core import split_protocol, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from clsp.errors import UserError
-from clsp.io import atomic_file, exclusive_lock, explained_write, remove_stale_temporaries, write_bytes_atomic
+from clsp.io import (
+    atomic_file,
+    exclusive_lock,
+    explained_write,
+    missing_directories,
+    remove_stale_temporaries,
+    write_bytes_atomic,
+)
 
 SPOOL_BYTES = 64 << 20  # a downloaded shard is kept in memory up to this size, then in a temporary file
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
@@ -46,6 +57,7 @@ TIMEOUT_VARIABLE = "CLSP_STORAGE_TIMEOUT"
 DEFAULT_TIMEOUT_S = 60.0
 _NO_BUCKET = "create the bucket first; clsp writes into it but does not create it"
 _ONE_SLASH = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/(?!/)")  # "s3:/bucket": a URL missing a slash
+_IPV6_GAP = re.compile(r"\[[0-9A-Fa-f:.]*::")  # "http://[::1]:8000": an IPv6 address written with "::"
 # Exception classes of the storage clients, by name: they are optional dependencies, never imported here.
 _NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError", "RefreshError"}
 _UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectionError",
@@ -127,7 +139,8 @@ def _explained(where: str, missing: str | None = None) -> Iterator[None]:
 
 
 def timeout_s() -> float:
-    """Seconds a remote request may take to connect, and between bytes read: ``CLSP_STORAGE_TIMEOUT``."""
+    """``CLSP_STORAGE_TIMEOUT``: seconds a question about a remote file may take in all, and a download to connect
+    and between bytes read."""
     text = os.environ.get(TIMEOUT_VARIABLE, "").strip()
     if not text:
         return DEFAULT_TIMEOUT_S
@@ -159,6 +172,9 @@ def _client_options(protocols: list[str]) -> dict[str, dict]:
 def _chain(location: str) -> list[str]:
     """The protocols of a location's chain as fsspec reads them ("file" for a local path); UserError for any
     outside the allow-list, before fsspec creates (and for some protocols, contacts) anything."""
+    if _IPV6_GAP.search(location):  # fsspec reads every "::" as a link of a chain, also inside an address
+        raise UserError(f"{location[:200]!r}: '::' inside an IPv6 address is read as a chain of protocols; write the "
+                        f"address in full (e.g. [0:0:0:0:0:0:0:1] for [::1]) or use a host name such as localhost")
     *links, target = location.split("::")
     protocols = [split_protocol(link if "://" in link else f"{link}://")[0] for link in links]
     protocols.append(split_protocol(target)[0] or "file")
@@ -171,8 +187,10 @@ def _filesystem(location: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """``(fs, root)`` of a location; UserError for a bad URL, a protocol outside the allow-list or one whose
     extra is not installed."""
     if _ONE_SLASH.match(location):
-        raise UserError(f"{location!r} looks like a URL with one slash after the protocol; write "
-                        f"{location.replace(':/', '://', 1)!r}, or ./{location} for a local directory")
+        protocol, _, path = location.partition(":")
+        meant = f"{path!r} (or 'file://{path}')" if protocol == "file" else repr(f"{protocol}:/{path}")
+        raise UserError(f"{location[:200]!r} looks like a URL with one slash after the protocol; write {meant[:200]}, "
+                        f"or ./{location[:200]} for a local directory")
     protocols = _chain(location)
     try:
         fs, root = url_to_fs(location, **_client_options(protocols))
@@ -232,9 +250,11 @@ class ShardStore:
 
     def _info(self, path: str, where: str) -> dict | None:
         """fsspec's info of ``path``, None when absent; unlike ``fs.isfile``, an unreachable store is an error."""
+        fs = self._resolved()[0]
+        deadline = {"timeout": timeout_s()} if isinstance(fs, AsyncFileSystem) else {}  # the whole question, retries
         with _explained(where):
             try:
-                return self._resolved()[0].info(path)
+                return fs.info(path, **deadline)
             except FileNotFoundError as missing:  # fsspec's HTTP client reports a refused connection so
                 cause = missing.__cause__
                 if type(cause) is ValueError:  # what the HTTP client's URL parser raises, e.g. for port 99999
@@ -306,6 +326,10 @@ class ShardStore:
         if self.read_only:
             raise UserError(f"{self.location} is read-only (http and https serve shards, they do not store them); "
                             f"write to a local directory, s3:// or gs://")
+        if _CACHE in _chain(self.location)[:-1]:  # its writes land in a local cache, not at the location
+            target = self.location.split("::")[-1]
+            raise UserError(f"{self.location[:200]}: {_CACHE}:: keeps a local copy of what is read and cannot be "
+                            f"written through; write to {target[:200]} itself")
 
     def lock(self, name: str):
         """An exclusive lock on file ``name`` of a local directory; object stores have none (they need none:
@@ -347,6 +371,11 @@ class ShardStore:
         fs = self._resolved()[0]
         with _explained(self.where(names[0])):
             fs.rm([self._path(n) for n in names])
+
+    def missing_directories(self) -> list[Path]:
+        """The local directory and those of its parents that do not exist yet, deepest first ([] for object
+        stores): what writing into it will create."""
+        return missing_directories(self._resolved()[1]) if self.local else []
 
 
 def exists(location: str | os.PathLike) -> bool:

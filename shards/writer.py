@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 from pydantic import ValidationError
 
 from clsp.errors import UserError
-from clsp.io import file_digest, json_bytes
+from clsp.io import file_digest, json_bytes, remove_empty_directories
 from clsp.shards import schema
 from clsp.shards.reader import MANIFEST, Location, ShardDirectory, read_manifest, read_manifest_file
 from clsp.shards.store import ShardStore
@@ -85,6 +86,19 @@ def init_manifest(directory: Location, *, dataset: dict, generation: dict, num_a
             _remove_shard_files(store)
         store.write_bytes(MANIFEST, json_bytes(fresh.model_dump(mode="json")))
     return fresh
+
+
+def discard_unstarted(directory: Location, *, made: list[Path], also: tuple[str, ...] = ()) -> None:
+    """Undo ``init_manifest`` after a run is refused before its first shard (a model whose samples are not finite):
+    remove the manifest and the files named in ``also``, and the local directories the run ``made`` (deepest first)
+    once empty, so nothing half-made stays behind. A directory holding any shard or shard record is left as is."""
+    store = ShardStore.open(directory)
+    if store.names("shard-*"):
+        return
+    store.remove([name for name in (MANIFEST, *also) if store.exists(name)])
+    if made:
+        (made[0] / LOCK).unlink(missing_ok=True)
+    remove_empty_directories(made)
 
 
 def _checked(samples: Iterable[schema.ShardSample], anchors: range) -> Iterator[schema.ShardSample]:

@@ -90,9 +90,9 @@ def reduced_config(tmp_path: Path, model_dir: Path, run_dir: Path) -> Path:
     config["run_dir"] = str(run_dir)
     config["diffusion"] = {"unet": str(model_dir)}
     config["generate"].update(candidates=2, steps=2, batch_size=8, shard_size=8, limit=32, precision="fp32")
-    # one epoch: no lambda ramp (the default's 5-epoch ramp cannot fit in it)
+    # one epoch: no lambda ramp and a one-epoch warm-up (the default's 5-epoch schedules cannot fit in it)
     config["train"].update(epochs=1, batch_size=8, backbone="resnet-narrow", precision="fp32", workers=0,
-                           clsp_lambda_ramp_epochs=0)
+                           clsp_lambda_ramp_epochs=0, warmup_epochs=1)
     config["evaluate"].update(linear_epochs=3, embed_plot=False)
     path = tmp_path / f"{run_dir.name}.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from click.testing import CliRunner, Result
 from safetensors.torch import load_file, save_file
 
-from clsp.errors import short
+from clsp.errors import UserError, short
 from clsp.pipeline import Pipeline, Stage, load_config, run
 from clsp.train.config import TrainSettings
 from clsp.yamlio import MAX_ALIASES, MAX_BYTES, MAX_DEPTH, MAX_NODES
@@ -279,7 +280,7 @@ def test_a_second_whole_run_of_one_run_directory_waits_then_skips_what_the_first
 
 def _convert_inputs(directory: Path, case: str) -> tuple[Path, Path]:
     """A small valid checkpoint and YAML in the authors' layout, then the one change ``case`` makes."""
-    from test_authors_artefacts import reference_model, write_artefacts
+    from authors_reference import reference_model, write_artefacts
 
     state = reference_model().state_dict()
     weight = "encoder.downblocks.0.block1.2.weight"
@@ -349,8 +350,8 @@ def test_hostile_convert_inputs_are_refused_in_one_line_within_budget(case: str,
 
 
 def test_a_unet_folder_with_nan_weights_is_refused_when_loaded(tmp_path: Path):
+    from authors_reference import convert_reference
     from clsp.generate.ddpm_cli import ddpm
-    from test_authors_artefacts import convert_reference
 
     _, folder = convert_reference(tmp_path)
     weights = folder / "diffusion_pytorch_model.safetensors"
@@ -361,3 +362,191 @@ def test_a_unet_folder_with_nan_weights_is_refused_when_loaded(tmp_path: Path):
                                               "--num-samples", "1", "--steps", "1"]))
     assert "holds NaN or infinite values in conv_in.weight" in line, line
     assert not (tmp_path / "grid.png").exists()
+
+
+# ---- the study's grid: bounded, and its plan said before any work -------------------------------------------------
+def test_a_grid_of_a_million_cells_is_refused_at_once(tmp_path: Path):
+    from clsp.study import MAX_GRID_CELLS, study
+
+    values = ",".join(str(i) for i in range(1, 1001))
+    started = time.monotonic()
+    result = CliRunner().invoke(study, [str(ROOT / "pipeline.yaml"), "--methods", "simclr", "--grid",
+                                        f"train.epochs={values}", "--grid", f"train.checkpoint_every={values}",
+                                        "--set", f"run_dir={tmp_path / 'r'}"])
+    line = _refused(result)
+    assert f"--grid makes 1,000,000 cells (1000 x 1000); at most {MAX_GRID_CELLS}" in line, line
+    assert time.monotonic() - started < 10 and not (tmp_path / "r").exists()
+
+
+def test_a_study_of_too_many_runs_is_refused_naming_its_plan(tmp_path: Path):
+    from clsp.study import MAX_STUDY_RUNS, study
+
+    result = CliRunner().invoke(study, [str(ROOT / "pipeline.yaml"), "--methods", "simclr", "--seeds", "100",
+                                        "--grid", "train.lr=0.1,0.2,0.3,0.4", "--grid", "train.epochs=5,6,7,8",
+                                        "--set", f"run_dir={tmp_path / 'r'}"])
+    line = _refused(result)
+    assert line.startswith("Error: the study would train 3400 runs (grid 1 method(s) x 16 cells x 100 seeds x "
+                           "2 arms = 3200; test 1 method(s) x 100 seeds x 2 arms = 200)"), line
+    assert f"at most {MAX_STUDY_RUNS}" in line and not (tmp_path / "r").exists()
+
+
+def test_a_study_prints_its_plan_before_any_work(tmp_path: Path, monkeypatch):
+    import clsp.study
+
+    def no_work(*args, **kwargs):
+        raise UserError("stopped before the first phase")
+
+    monkeypatch.setattr(clsp.study, "_run_phase", no_work)
+    result = CliRunner().invoke(clsp.study.study, [
+        str(ROOT / "pipeline.yaml"), "--methods", "simclr", "--seeds", "3", "--grid-seeds", "2", "--controls", "self",
+        "--grid", "train.clsp_lambda=0.3,1.0", "--grid", "train.lr=0.1,0.2", "--set", f"run_dir={tmp_path / 'r'}"])
+    plan = [line for line in result.output.splitlines() if line.startswith("[clsp study] plan:")]
+    assert plan == ["[clsp study] plan: grid 1 method(s) x 4 cells x 2 seeds x 2 arms = 16 (12 to train: shared "
+                    "baselines); test 1 method(s) x 3 seeds x 3 arms = 9; 21 training runs in all"], result.output
+    assert result.output.index(plan[0]) < result.output.index("stopped before the first phase")
+
+
+# ---- contrastive batches, workers, validation fractions and schedules: refused at --check ------------------------
+def test_a_batch_of_one_is_refused_by_clsp_train_and_by_a_study_grid(tmp_path: Path):
+    from clsp.study import study
+    from clsp.train.cli import train
+
+    expected = "a contrastive batch needs at least 2 samples per process, not 1"
+    line = _refused(CliRunner().invoke(train, ["--shards", str(tmp_path / "s"), "--out", str(tmp_path / "o"),
+                                               "--batch-size", "1"]))
+    assert line == f"Error: --batch-size: {expected}"
+    line = _refused(CliRunner().invoke(study, [str(ROOT / "pipeline.yaml"), "--grid", "train.batch_size=1,8",
+                                               "--set", f"run_dir={tmp_path / 'r'}"]))
+    assert line == f"Error: 'train.batch_size': {expected}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("assignment, expected", [
+    (f"train.workers={len(os.sched_getaffinity(0)) + 1}",
+     f"'train.workers': {len(os.sched_getaffinity(0)) + 1} workers exceed the {len(os.sched_getaffinity(0))} usable "
+     f"CPU cores; use at most {len(os.sched_getaffinity(0))}"),
+    ("validation=1e-9", "'validation': the validation fraction must be 0 (off) or at least 0.01, not 1e-09"),
+    ("train.warmup_epochs=50", "warmup_epochs 50 is longer than the run's 15 epochs; use at most 15 (0: none)"),
+], ids=["workers", "validation", "warm-up"])
+def test_settings_that_only_training_refused_are_refused_at_check(assignment: str, expected: str, tmp_path: Path):
+    result = CliRunner().invoke(run, [str(ROOT / "pipeline.yaml"), "--check", "--set", f"run_dir={tmp_path / 'r'}",
+                                      "--set", "evaluate.embed_plot=false", "--set", assignment])
+    assert expected in _refused(result)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_study_refuses_a_nan_validation_fraction_without_a_grid(tmp_path: Path):
+    from clsp.study import study
+
+    result = CliRunner().invoke(study, [str(ROOT / "pipeline.yaml"), "--methods", "simclr", "--validation", "nan",
+                                        "--set", f"run_dir={tmp_path / 'r'}"])
+    assert _refused(result) == "Error: --validation: input should be a finite number (got nan)"
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_warmup_longer_than_the_run_is_refused_like_a_long_ramp_and_a_recipe_warmup_is_cut(tmp_path: Path):
+    from clsp.train.cli import train
+    from clsp.train.config import TrainJob
+
+    line = _refused(CliRunner().invoke(train, ["--shards", str(tmp_path / "s"), "--out", str(tmp_path / "o"),
+                                               "--warmup-epochs", "50", "--epochs", "1"]))
+    assert line == ("Error: warmup_epochs 50 is longer than the run's 1 epochs; use at most 1 (0: none) or train "
+                    "longer")
+    assert not (tmp_path / "o").exists()
+    recipe_default = TrainJob(shards="s", out="o", epochs=3).resolved("digits")  # SimCLR's recipe: 10 epochs
+    assert recipe_default.warmup_epochs == 3 and TrainJob(shards="s", out="o").resolved("digits").warmup_epochs == 10
+
+
+# ---- long names are quoted short ------------------------------------------------------------------------------------
+LONG = "x" * 2000
+
+
+@pytest.mark.parametrize("command, args", [
+    ("run", ["--set", f"dataset.name={LONG}"]),
+    ("run", ["--set", f"run_dir=/tmp/{LONG}"]),
+    ("gen", ["--dataset", LONG]),
+], ids=["dataset.name", "run_dir", "clsp-gen--dataset"])
+def test_a_2000_character_name_is_quoted_in_about_80_characters(command: str, args: list[str], tmp_path: Path):
+    from clsp.generate.cli import gen
+
+    if command == "run":
+        result = CliRunner().invoke(run, [str(ROOT / "pipeline.yaml"), "--check", *args])
+    else:
+        result = CliRunner().invoke(gen, [*args, "--shards", str(tmp_path / "s")])
+    line = _refused(result)
+    assert "x" * 90 not in line and len(line) < 200, line
+    assert "unknown dataset 'xxx" in line or "File name too long (/tmp/xxx" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- the design card's commands, offline ---------------------------------------------------------------------------
+def test_clsp_train_without_out_says_out_is_required(tmp_path: Path):
+    from clsp.train.cli import train
+
+    line = _refused(CliRunner().invoke(train, ["--shards", str(tmp_path / "s")]), exit_code=2)
+    assert line.startswith("Error: --out is required: Run directory"), line
+
+
+def test_clsp_gen_for_cifar10_offline_is_one_line_without_warnings_or_an_empty_data_folder(tmp_path: Path,
+                                                                                          monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    from clsp.generate.cli import gen
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # the card's command as written: the data go to ./data
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(gen, ["--dataset", "cifar10", "--data-root", "data", "--shards", "shards"])
+    line = _refused(result)
+    assert line.startswith("Error: cifar10 (train) is not under data/cifar10 and could not be downloaded"), line
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
+    assert list(tmp_path.iterdir()) == []  # no empty data/cifar10/ (nor shards) left
+
+
+def test_a_hub_model_without_network_fails_fast_in_one_line(tmp_path: Path, monkeypatch):
+    from huggingface_hub import constants
+
+    from clsp.cli import main as clsp_main
+    from support import free_port
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens: no network
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    started = time.monotonic()
+    result = CliRunner().invoke(clsp_main, ["ddpm", "sample", "--unet", "nobody/no-such-model",
+                                            "--out", str(tmp_path / "grid.png")])
+    line = _refused(result)
+    assert time.monotonic() - started < 10, "the hub client retried"
+    assert line.startswith("Error: cannot load U-Net 'nobody/no-such-model': it is not a local folder nor in the "
+                           "Hugging Face cache, and the hub (127.0.0.1) cannot be reached from here"), line
+    assert "config.json" not in line and list(tmp_path.iterdir()) == []
+
+
+def test_a_named_pipe_as_the_configuration_is_named_as_such(tmp_path: Path):
+    fifo = tmp_path / "pipeline.yaml"
+    os.mkfifo(fifo)  # reading it would wait for a writer forever
+    line = _refused(CliRunner().invoke(run, [str(fifo), "--check"]))
+    assert line == (f"Error: pipeline configuration {fifo} is not a regular file (a directory, a named pipe or a "
+                    f"device); pass a YAML file such as pipeline.yaml")
+
+
+def test_a_global_batch_of_one_sample_per_process_is_refused_before_training(tmp_path: Path, monkeypatch):
+    from accelerate import Accelerator
+
+    from clsp.train.cli import train
+    from support import make_train_shards
+
+    shards = make_train_shards(tmp_path / "shards", num_anchors=16, shard_size=16)
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))  # as under a 2-process launch
+    result = CliRunner().invoke(train, ["--shards", str(shards), "--out", str(tmp_path / "out"), "--batch-size", "2",
+                                        "--workers", "0", "--backbone", "resnet-narrow", "--epochs", "1"])
+    assert _refused(result) == ("Error: --batch-size 2 is the global batch and does not split over 2 processes with "
+                                "at least 2 samples each; use a multiple of 2, at least 4")
+    assert not (tmp_path / "out").exists()

@@ -17,6 +17,7 @@ import resource
 import socket
 import tarfile
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -353,8 +354,8 @@ def test_a_rerun_of_a_killed_convert_removes_its_staged_folder_and_keeps_a_live_
     import subprocess
     import sys
 
+    from authors_reference import reference_model, run_convert, write_artefacts
     from clsp.io import _HOST
-    from test_authors_artefacts import reference_model, run_convert, write_artefacts
 
     ckpt, config = write_artefacts(tmp_path / "in", reference_model().state_dict())
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
@@ -368,3 +369,130 @@ def test_a_rerun_of_a_killed_convert_removes_its_staged_folder_and_keeps_a_live_
     assert result.exit_code == 0, result.output
     assert (tmp_path / "model" / "conversion.json").is_file()
     assert not killed.exists() and live.is_dir()
+
+
+def test_a_silent_server_is_reported_after_about_the_timeout_not_twice_it(monkeypatch):
+    monkeypatch.setenv("CLSP_STORAGE_TIMEOUT", "2")
+    with socket.socket() as silent:  # HEAD times out, and fsspec would then try GET: the timeout bounds both
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/shards"
+        started = time.monotonic()
+        line = one_error_line(CliRunner().invoke(clsp_main, ["shards", "verify", url]))
+        elapsed = time.monotonic() - started
+    assert line.startswith(f"Error: no answer from {url}/manifest.json within 2 s"), line
+    assert 1.9 < elapsed < 3.5, f"{elapsed:.1f} s"
+
+
+# ---- what clsp shards import reads: one regular .npy file, checked before the manifest -------------------------
+
+def _import(tmp_path: Path, source: Path, *extra: str):
+    return CliRunner().invoke(clsp_main, ["shards", "import", str(source), "--dataset", "digits",
+                                          "--shards", str(tmp_path / "out" / "shards"), *extra])
+
+
+def _positives(path: Path, shape: tuple[int, ...]) -> Path:
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape).flush()  # sparse: costs no disk
+    return path
+
+
+def test_a_named_pipe_given_to_import_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "positives.npy"
+    os.mkfifo(fifo)  # opening it to read would wait for a writer forever
+    started = time.monotonic()
+    line = one_error_line(_import(tmp_path, fifo))
+    assert line == (f"Error: {fifo} is not a regular file (a directory, a named pipe or a device); pass the .npy "
+                    f"file itself, copied to disk")
+    assert time.monotonic() - started < 10 and sorted(p.name for p in tmp_path.iterdir()) == ["positives.npy"]
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("empty", "cannot read {file} as a .npy array: No data left in file"),
+    ("k65", "{file} holds 65 positives per image; a shard holds at most 64: import the first 64"),
+])
+def test_an_empty_npy_or_k_over_the_schema_is_refused_before_any_manifest(case, expected, tmp_path):
+    source = tmp_path / f"{case}.npy"
+    if case == "empty":
+        source.write_bytes(b"")
+    else:
+        _positives(source, (get_dataset("digits").__len__(), schema.MAX_CANDIDATES + 1, 16, 16, 3))
+    line = one_error_line(_import(tmp_path, source))
+    assert line.startswith("Error: " + expected.format(file=source)), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_image_size_mismatch_suggests_only_an_image_size_that_would_fit(tmp_path):
+    from clsp.shards.import_npy import check_fits
+
+    rows = len(get_dataset("digits"))
+    square = one_error_line(_import(tmp_path, _positives(tmp_path / "square.npy", (rows, 2, 8, 8, 3))))
+    assert square.endswith("import it for the dataset it was made from (or pass --image-size 8)"), square
+    check_fits(np.empty((rows, 2, 8, 8, 3), np.uint8), "square.npy", get_dataset("digits", image_size=8).describe())
+    oblong = one_error_line(_import(tmp_path, _positives(tmp_path / "oblong.npy", (rows, 2, 16, 32, 3))))
+    assert oblong.endswith("holds 16x32 images but digits's are 16x16; import it for the dataset it was made from")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- hints that say what works ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("location, expected", [
+    ("file:/data/shards", "'file:/data/shards' looks like a URL with one slash after the protocol; write "
+                          "'/data/shards' (or 'file:///data/shards'), or ./file:/data/shards for a local directory"),
+    ("http://[::1", "'http://[::1': '::' inside an IPv6 address is read as a chain of protocols; write the address "
+                    "in full (e.g. [0:0:0:0:0:0:0:1] for [::1]) or use a host name such as localhost"),
+])
+def test_a_mistyped_location_is_told_what_to_write(location, expected):
+    assert one_error_line(CliRunner().invoke(clsp_main, ["shards", "info", location])) == f"Error: {expected}"
+
+
+def test_clsp_gen_through_simplecache_into_a_local_folder_is_refused_before_any_work(tmp_path, tiny_model_dir):
+    folder = tmp_path / "shards"
+    result = CliRunner().invoke(gen, [*GEN, "--unet", str(tiny_model_dir), "--shards", f"simplecache::{folder}"])
+    assert one_error_line(result) == (f"Error: simplecache::{folder}: simplecache:: keeps a local copy of what is read "
+                                      f"and cannot be written through; write to {folder} itself")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-ddpm"]
+
+
+# ---- a model whose samples are not finite ----------------------------------------------------------------------
+
+@pytest.fixture
+def overflowing_model(tmp_path) -> Path:
+    """Finite weights, 1e30 times too large: every sample overflows to infinity and NaN."""
+    from support import make_scheduler, make_tiny_unet
+
+    unet = make_tiny_unet()
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.mul_(1e30)
+    assert all(bool(torch.isfinite(p).all()) for p in unet.parameters())
+    unet.save_pretrained(tmp_path / "overflowing")
+    make_scheduler().save_pretrained(tmp_path / "overflowing")
+    return tmp_path / "overflowing"
+
+
+NOT_FINITE = "NaN or infinite values in a batch of"
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-scores", "--no-preview"]], ids=["scores", "no-scores"])
+def test_clsp_gen_refuses_a_batch_that_is_not_finite_and_leaves_nothing(extra, tmp_path, overflowing_model):
+    result = CliRunner().invoke(gen, [*GEN, "--unet", str(overflowing_model),
+                                      "--shards", str(tmp_path / "gen" / "shards"), *extra])
+    line = one_error_line(result)
+    assert line.startswith("Error: the diffusion model produced ") and NOT_FINITE in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["overflowing"]  # no manifest, no empty folders
+
+
+def test_ddpm_sample_writes_no_black_grid_from_a_model_that_overflows(tmp_path, overflowing_model):
+    out = tmp_path / "grid.png"
+    result = CliRunner().invoke(clsp_main, ["ddpm", "sample", "--unet", str(overflowing_model), "--out", str(out),
+                                            "--num-samples", "2", "--steps", "2", "--device", "cpu"])
+    assert NOT_FINITE in one_error_line(result) and not out.exists()
+
+
+def test_an_output_that_is_a_dangling_symbolic_link_is_named_as_one(tmp_path):
+    out = tmp_path / "run"
+    out.symlink_to(tmp_path / "gone" / "run")
+    line = one_error_line(CliRunner().invoke(train, [*TRAIN, "--shards", str(tmp_path / "s"), "--out", str(out)]))
+    assert line == (f"Error: File exists ({out}): it is a symbolic link to nothing; remove it, or point it at a "
+                    f"directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and out.is_symlink()

@@ -237,7 +237,8 @@ def test_tiny_grid_study_selects_on_validation_then_measures_on_test(tmp_path: P
             "train.clsp_lambda=0.3,1.0", "--controls", "self", "--validation", "0.2",
             "--set", f"run_dir={tmp_path / 'run'}", "--set", "generate.limit=96", "--set", "generate.steps=2",
             "--set", "generate.candidates=2", "--set", "train.epochs=1", "--set", "train.batch_size=32",
-            "--set", "train.clsp_lambda_ramp_epochs=0", "--set", "evaluate.linear_epochs=2"]
+            "--set", "train.clsp_lambda_ramp_epochs=0", "--set", "train.warmup_epochs=1",
+            "--set", "evaluate.linear_epochs=2"]
     first = CliRunner().invoke(study, args)
     assert first.exit_code == 0, first.output
     out = tmp_path / "run" / "study"

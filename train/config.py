@@ -120,12 +120,35 @@ class TrainSettings(Settings):
         return method
 
     @model_validator(mode="after")
-    def _ramp_fits_the_run(self) -> TrainSettings:
-        """Refused here, before any work, rather than at the first training step."""
-        if self.clsp_lambda != 0 and self.clsp_lambda_ramp_epochs > self.epochs:
-            raise ValueError(f"clsp_lambda_ramp_epochs {self.clsp_lambda_ramp_epochs:g} is longer than the run's "
-                             f"{self.epochs} epochs; ramp over at most {self.epochs} (0: no ramp) or train longer")
+    def _schedules_fit_the_run(self) -> TrainSettings:
+        """One rule for every schedule (the learning rate's warm-up, the lambda ramp): one longer than the run is
+        refused here, before any work, rather than cut short silently. A recipe's warm-up is cut to the run by
+        ``TrainJob.resolved``: it is a default, not a request."""
+        ramp = self.clsp_lambda_ramp_epochs if self.clsp_lambda != 0 else None
+        for name, epochs in (("warmup_epochs", self.warmup_epochs), ("clsp_lambda_ramp_epochs", ramp)):
+            if epochs is not None and epochs > self.epochs:
+                raise ValueError(f"{name} {epochs:g} is longer than the run's {self.epochs} epochs; use at most "
+                                 f"{self.epochs} (0: none) or train longer")
         return self
+
+    @field_validator("batch_size")
+    @classmethod
+    def _two_per_batch(cls, value: int | None) -> int | None:
+        """A contrastive loss compares each sample with the others of its batch: one sample has none (the loss is
+        0, the collapse monitor's std NaN). The per-process share is checked where the process count is known."""
+        if value is not None and value < 2:
+            raise ValueError(f"a contrastive batch needs at least 2 samples per process, not {value}")
+        return value
+
+    @field_validator("workers")
+    @classmethod
+    def _usable_cores(cls, value: int) -> int:
+        """More DataLoader workers than cores only contend for them (and each holds its own copy of the data)."""
+        cores = len(os.sched_getaffinity(0))
+        if value > cores:
+            raise ValueError(f"{value} workers exceed the {cores} usable CPU cores; use at most {cores} "
+                             f"(0: in-process)")
+        return value
 
     @field_validator("clsp_lambda")
     @classmethod
@@ -167,7 +190,8 @@ class TrainJob(TrainSettings):
                             f"of: {', '.join(implemented)}")
         recipe = {**own_defaults(self.method), **RECIPES[self.method].for_dataset(dataset)}
         view = recipe["augmentation"]
-        defaults = {**recipe, "crop_min_scale": view.crop_min_scale, "flip": view.flip}
+        defaults = {**recipe, "crop_min_scale": view.crop_min_scale, "flip": view.flip,
+                    "warmup_epochs": min(recipe["warmup_epochs"], self.epochs)}
         for name, value in values.items():
             if value is None and defaults.get(name) is not None:
                 values[name] = defaults[name]

@@ -77,9 +77,10 @@ class Trainer:
         # recorded in the encoder card, so evaluation normalises as training did
         self.dataset.mean, self.dataset.std = normalisation(job.method, self.dataset.name,
                                                             (self.dataset.mean, self.dataset.std))
-        if job.batch_size % self.world_size:
+        if job.batch_size % self.world_size or job.batch_size < 2 * self.world_size:  # a contrastive loss needs two
             raise UserError(f"--batch-size {job.batch_size} is the global batch and does not split over "
-                            f"{self.world_size} processes; use a multiple of {self.world_size}")
+                            f"{self.world_size} processes with at least 2 samples each; use a multiple of "
+                            f"{self.world_size}, at least {2 * self.world_size}")
         self.batch_size = job.batch_size // self.world_size
         self.shards = open_shards(job.shards, allow_partial=job.allow_partial)
         if job.validation:  # the validation images stay unseen: their anchors are skipped

@@ -76,8 +76,11 @@ def fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], digits: int = 2) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], digits: int = 2,
+                   numeric: Sequence[int] = ()) -> str:
+    """A Markdown table; the columns at the indices ``numeric`` are right-aligned."""
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---:" if i in numeric else "---" for i in range(len(headers))) + "|"]
     lines += ["| " + " | ".join(fmt(cell, digits) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 

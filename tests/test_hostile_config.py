@@ -391,13 +391,13 @@ def test_a_study_of_too_many_runs_is_refused_naming_its_plan(tmp_path: Path):
 
 
 def test_a_study_prints_its_plan_before_any_work(tmp_path: Path, monkeypatch):
-    import clsp.study
+    import clsp.study.command
 
     def no_work(*args, **kwargs):
         raise UserError("stopped before the first phase")
 
-    monkeypatch.setattr(clsp.study, "_run_phase", no_work)
-    result = CliRunner().invoke(clsp.study.study, [
+    monkeypatch.setattr(clsp.study.command, "_run_phase", no_work)
+    result = CliRunner().invoke(clsp.study.command.study, [
         str(ROOT / "pipeline.yaml"), "--methods", "simclr", "--seeds", "3", "--grid-seeds", "2", "--controls", "self",
         "--grid", "train.clsp_lambda=0.3,1.0", "--grid", "train.lr=0.1,0.2", "--set", f"run_dir={tmp_path / 'r'}"])
     plan = [line for line in result.output.splitlines() if line.startswith("[clsp study] plan:")]

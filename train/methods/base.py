@@ -88,6 +88,8 @@ class Method(nn.Module):
     settings: ClassVar[tuple[str, ...]] = ()
     # the values of ``positive_loss`` the method implements; ``infonce`` needs ``contrast``
     positive_losses: ClassVar[tuple[PositiveLoss, ...]] = ("align",)
+    # the base loss needs every training image's class label (``build_method`` refuses an unlabelled run)
+    needs_labels: ClassVar[bool] = False
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, *, clsp_lambda: float,
                  temperature: float, forward_mode: ForwardMode = "separate",

@@ -105,7 +105,7 @@ class DDPMJob(DatasetConfig, DDPMSettings):
 
 
 class SampleJob(Settings):
-    """``clsp ddpm sample``: unconditional DDIM samples of a model as one PNG grid."""
+    """``clsp ddpm sample``: DDIM samples of a model as one PNG grid."""
 
     unet: str = setting(..., "Model folder or hub id (e.g. google/ddpm-cifar10-32).", min_length=1)
     out: str = setting(..., "PNG file for the sample grid.", min_length=1)

@@ -87,10 +87,10 @@ def sample_positives(unet: UNet2DModel, scheduler: Any, anchors: torch.Tensor, n
     check_mix_depth(unet, mix_depth)
     classes = num_classes(unet)
     check_guidance(classes, guidance)
-    class_index = None
+    condition: dict[str, Any] = {}  # a conditional model's label per candidate row, and the guidance weight
     if classes:
-        class_index = embedding_index(check_labels(classes, labels, anchors.shape[0]))
-        class_index = class_index.to(unet.device).repeat_interleave(num_candidates)
+        index = embedding_index(check_labels(classes, labels, anchors.shape[0]))
+        condition = {"class_labels": index.to(unet.device).repeat_interleave(num_candidates), "guidance": guidance}
     if isinstance(generator, tuple):
         generator = list(generator)
     device = unet.device
@@ -111,8 +111,7 @@ def sample_positives(unet: UNet2DModel, scheduler: Any, anchors: torch.Tensor, n
         for t, t_next in progress_bar(pairs, desc="DDIM", unit="step") if progress else pairs:
             anchor_t = q_sample(ddim, anchors, noise(noise_rows), t).flatten(0, 1)
             output = interpolated_noise_prediction(unet, _layout(x), torch.tensor(t, device=device),
-                                                   _layout(anchor_t), w, mix_depth, class_index,
-                                                   guidance or 0.0).float()
+                                                   _layout(anchor_t), w, mix_depth, **condition).float()
             z = noise(k).flatten(0, 1) if eta > 0 and t_next >= 0 else None
             x = ddim_update(ddim, output, t, t_next, x, eta, z)
     return x.clamp(-1, 1).reshape(batch, k, channels, height, width).contiguous()

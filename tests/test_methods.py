@@ -15,7 +15,7 @@ from clsp.train.config import TrainJob
 from clsp.train.losses import clsp_loss
 from clsp.train.memory import FIFOQueue
 from clsp.train.methods import METHODS, build_method
-from clsp.train.methods.base import ema_update, running_stats_kept
+from clsp.train.methods.base import REGISTRY, ema_update, running_stats_kept
 from clsp.train.recipes import RECIPES
 from clsp.train.schedules import cosine_momentum
 
@@ -29,11 +29,12 @@ def _job(name: str, dataset: str = "digits", **settings) -> TrainJob:
 def _small_method(name: str, **kwargs):
     torch.manual_seed(0)
     sizes = dict(SMALL)
-    if name != "simclr":
+    if "queue_size" in REGISTRY[name].settings:
         sizes["queue_size"] = 32
     if name == "nnclr":
         sizes["pred_hidden_dim"] = 32
-    return build_method(_job(name, **{**sizes, **kwargs}), build_backbone("resnet-narrow"))
+    classes = 3 if REGISTRY[name].needs_labels else 0  # SupCon is built only for labelled data
+    return build_method(_job(name, **{**sizes, **kwargs}), build_backbone("resnet-narrow"), classes)
 
 
 def _views(n: int = 3, batch: int = 8, seed: int = 1) -> list[torch.Tensor]:

@@ -267,7 +267,7 @@ class Pipeline:
             if size is not None:
                 check_image_size(get_preset(self._job("diffusion", DDPMJob).preset), size)
         else:
-            notes += check_model_fits(gen.unet, cfg.dataset.name, cfg.dataset.image_size)
+            notes += check_model_fits(gen.unet, cfg.dataset.name, cfg.dataset.image_size, gen.guidance)
         return notes
 
     def _state(self) -> dict[str, str]:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import model_validator
+
 from clsp.config import DATASET_HELP, PRECISION_HELP, DatasetConfig, Precision, Settings, setting
 
 DDPMPreset = Literal["auto", "ddpm-cifar", "digits", "tiny"]
+AUTHORS_LABEL_DROPOUT = 0.1  # their conditional training's share of steps trained as the null class
 DEVICE = r"^(cpu|cuda(:\d{1,2})?|mps|xpu(:\d{1,2})?)$"  # torch device names this project runs on
 
 
@@ -24,6 +27,11 @@ class GenerateSettings(Settings):
                                 "keep the anchor's class more often, deeper ones break the samples).", ge=0, le=64)
     scores: bool = setting(True, "Store each candidate's agreement with its anchor (bottleneck cosine at t=100), "
                                  "for training's top-m and score-weighted positive choice.")
+    guidance: float | None = setting(
+        None, "Classifier-free guidance weight W of a class-conditional model: each anchor's positives are drawn for "
+              "its label with eps = (1 + W) eps(x, t, y) - W eps(x, t, null); 0 = the conditional prediction alone, "
+              "the authors use 1.8 with --interpolation 1 --steps 100 --eta 1. Needed for such a model, refused for "
+              "an unconditional one.", ge=0, le=100)
     steps: int = setting(100, "DDIM steps (at most the model's training timesteps).", ge=1, le=1000)
     eta: float = setting(0.1, "DDIM stochasticity (0 = deterministic).", ge=0, le=1)
     batch_size: int = setting(64, "Anchors per sampler call (each brings k candidates).", role="speed",
@@ -68,6 +76,13 @@ class DDPMSettings(Settings):
     ema_decay: float | None = setting(None, "EMA decay of the saved weights [default: the preset's].", ge=0, le=1)
     flip: bool | None = setting(None, "Random horizontal flips [default: the preset's; off for digits].")
     grad_clip: float = setting(1.0, "Gradient-norm clipping.", gt=0, le=1e6)
+    conditional: bool = setting(False, "Train a class-conditional model for classifier-free guidance (needs labels): "
+                                       "a class embedding of num_classes + 1 rows, row 0 the null class.")
+    label_dropout: float = setting(AUTHORS_LABEL_DROPOUT, "With --conditional: probability that a step's whole batch "
+                                   "is trained as the null class (the authors' 0.1).", ge=0, le=1)
+    init: str | None = setting(None, "Start from this model's weights (folder or hub id of the same U-Net shape); "
+                                     "a conditional run from an unconditional model starts its class embedding at "
+                                     "zero, i.e. as that model.", min_length=1, max_length=4096)
     checkpoint_every: int = setting(500, "Steps between checkpoints.", role="logging", ge=1)
     sample_every: int = setting(500, "Steps between sample grids (samples.png).", role="logging", ge=1)
     log_every: int = setting(10, "Steps between logged losses.", role="logging", ge=1)
@@ -77,6 +92,12 @@ class DDPMSettings(Settings):
 class DDPMJob(DatasetConfig, DDPMSettings):
     """One DDPM training run."""
 
+    @model_validator(mode="after")
+    def _dropout_needs_conditional(self) -> DDPMJob:
+        if not self.conditional and self.label_dropout != AUTHORS_LABEL_DROPOUT:
+            raise ValueError("label_dropout applies to a class-conditional model; add --conditional or leave it out")
+        return self
+
     name: str = setting(..., DATASET_HELP,
                         cli="--dataset", min_length=1, max_length=4096)
     out: str = setting(..., "Output folder; a rerun resumes from its checkpoint.", role="location", min_length=1)
@@ -84,7 +105,7 @@ class DDPMJob(DatasetConfig, DDPMSettings):
 
 
 class SampleJob(Settings):
-    """``clsp ddpm sample``: unconditional DDIM samples of a model as one PNG grid."""
+    """``clsp ddpm sample``: DDIM samples of a model as one PNG grid."""
 
     unet: str = setting(..., "Model folder or hub id (e.g. google/ddpm-cifar10-32).", min_length=1)
     out: str = setting(..., "PNG file for the sample grid.", min_length=1)

@@ -1,4 +1,4 @@
-"""``clsp ddpm``: train, sample and score unconditional DDPM models; options derive from
+"""``clsp ddpm``: train, sample and score DDPM models (unconditional or class-conditional); options derive from
 ``clsp.generate.config`` (``DDPMJob``, ``SampleJob``, ``FIDJob``)."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from clsp.generate.config import DDPMJob, FIDJob, SampleJob
 
 @click.group(cls=Group, context_settings=SETTINGS)
 def ddpm() -> None:
-    """Train, sample and score unconditional DDPM models (diffusers UNet2DModel + DDPMScheduler)."""
+    """Train, sample and score DDPM models (diffusers UNet2DModel + DDPMScheduler)."""
 
 
 @ddpm.command(context_settings=SETTINGS)
 @click_options(DDPMJob)
 def train(**options) -> None:
-    """Train an unconditional DDPM; writes a DDPMPipeline folder with the EMA weights.
+    """Train a DDPM (class-conditional with --conditional); writes a DDPMPipeline folder with the EMA weights.
 
     Runs on a CPU or one GPU as is, and on many GPUs and nodes under accelerate:
 
@@ -37,7 +37,7 @@ def train(**options) -> None:
 @ddpm.command(context_settings=SETTINGS)
 @click_options(SampleJob)
 def sample(**options) -> None:
-    """Draw unconditional DDIM samples from a model and write them as one PNG grid."""
+    """Draw DDIM samples from a model (a conditional one: the classes in turn, guidance 1.8) as one PNG grid."""
     import torch
 
     from clsp.generate.unet import load_unet, sample_images, save_grid

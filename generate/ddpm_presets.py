@@ -98,7 +98,9 @@ def check_image_size(preset: Preset, image_size: int) -> None:
                         f"multiple of {factor}, not {image_size}; pass --image-size {suggestion}")
 
 
-def build_unet(preset: Preset, image_size: int) -> UNet2DModel:
-    """A freshly initialised U-Net of the preset's shape for ``image_size`` x ``image_size`` images."""
+def build_unet(preset: Preset, image_size: int, num_classes: int = 0) -> UNet2DModel:
+    """A freshly initialised U-Net of the preset's shape for ``image_size`` x ``image_size`` images; with
+    ``num_classes``, class-conditional (``num_classes + 1`` class embeddings, 0 the null class)."""
     check_image_size(preset, image_size)
-    return UNet2DModel(sample_size=image_size, **preset.unet)
+    classes = {"num_class_embeds": num_classes + 1} if num_classes else {}
+    return UNet2DModel(sample_size=image_size, **preset.unet, **classes)

@@ -1,4 +1,6 @@
-"""Train an unconditional epsilon-prediction DDPM where no pretrained model exists.
+"""Train an epsilon-prediction DDPM where no pretrained model exists: unconditional, or class-conditional for
+classifier-free guidance (``--conditional``: labels shifted by one, the whole batch dropped to the null class
+with probability ``label_dropout``; ``clsp.generate.conditional``).
 
 Standard DDPM training (Ho et al. 2020): diffusers ``UNet2DModel`` + ``DDPMScheduler`` (linear betas
 1e-4..0.02 over 1000 steps), MSE on the noise, AdamW with linear warm-up then a constant rate,
@@ -36,9 +38,10 @@ from diffusers.training_utils import EMAModel
 from clsp.config import identity, required
 from clsp.datasets import get_dataset
 from clsp.errors import UserError
+from clsp.generate.conditional import drop_labels, embedding_index
 from clsp.generate.config import DDPMJob
 from clsp.generate.ddpm_presets import build_unet, get_preset, preset_for_dataset
-from clsp.generate.unet import sample_images, save_grid
+from clsp.generate.unet import load_unet, sample_images, save_grid
 from clsp.images import to_float
 from clsp.io import load_weights, write_json_atomic
 from clsp.log import Rate
@@ -72,6 +75,15 @@ def resume_settings(job: DDPMJob) -> dict:
     return {key: value for key, value in identity(job).items() if key != "steps"}
 
 
+def _labels(dataset) -> torch.Tensor:
+    """Every training image's class, refused in one line where the dataset has none."""
+    labels = dataset.labels() if dataset.has_labels else np.full(len(dataset), -1)
+    if len(labels) == 0 or (labels < 0).any():
+        raise UserError(f"--conditional needs a class label for every training image, and {dataset.name} "
+                        f"({dataset.split}) has none; train without --conditional or on a labelled dataset")
+    return torch.from_numpy(np.asarray(labels, dtype=np.int64))
+
+
 def _images(dataset) -> torch.Tensor:
     """All training images as uint8 ``[N, H, W, C]`` (digits and CIFAR fit in memory many times over)."""
     return torch.from_numpy(dataset.array(np.arange(len(dataset))))
@@ -81,8 +93,11 @@ def _step_generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
 
 
-def _batch(images: torch.Tensor, cfg: DDPMJob, step: int, rank: int, world: int, num_timesteps: int):
-    """This rank's share of the global batch of ``step``: clean images in [-1, 1], timesteps, noise."""
+def _batch(images: torch.Tensor, cfg: DDPMJob, step: int, rank: int, world: int, num_timesteps: int,
+           labels: torch.Tensor | None = None):
+    """This rank's share of the global batch of ``step``: clean images in [-1, 1], timesteps, noise, and for a
+    conditional run the class-embedding indices (None otherwise), dropped to the null class for the whole
+    global batch at once."""
     n = len(images)
     order = torch.randperm(n, generator=_step_generator(cfg.seed, step))
     batch = torch.arange(required(cfg.batch_size, "batch_size"))
@@ -94,7 +109,21 @@ def _batch(images: torch.Tensor, cfg: DDPMJob, step: int, rank: int, world: int,
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     t = torch.randint(0, num_timesteps, (len(x),), generator=g)
     noise = torch.randn(x.shape, generator=g)
-    return x, t, noise
+    classes = None
+    if labels is not None:  # stream 0 of the step: the same draw on every rank
+        classes = drop_labels(embedding_index(labels[chosen]), cfg.label_dropout, _step_generator(cfg.seed, step, 0))
+    return x, t, noise, classes
+
+
+def _initial_weights(unet: UNet2DModel, ref: str) -> None:
+    """Load ``ref``'s weights into ``unet``; a class embedding the source lacks starts at zero, so a conditional
+    model made from an unconditional one predicts what it did for every label."""
+    source = load_unet(ref)[0].state_dict()
+    target = unet.state_dict()
+    new = [key for key in target if key not in source]
+    if unet.class_embedding is not None and new == ["class_embedding.weight"]:
+        source["class_embedding.weight"] = torch.zeros_like(target["class_embedding.weight"])
+    load_weights(unet, source, Path(ref), "pass --init a model of the same preset and image size")
 
 
 def _save_model(ema: EMAModel, template: UNet2DModel, scheduler: DDPMScheduler, out: Path) -> None:
@@ -135,12 +164,16 @@ def train_ddpm(job: DDPMJob) -> dict:
         raise UserError(f"--batch-size {cfg.batch_size} does not split over {world} processes; "
                         f"use a multiple of {world}")
     dataset = get_dataset(cfg.name, split=cfg.split, root=cfg.data_root, image_size=cfg.image_size)
+    labels = _labels(dataset) if cfg.conditional else None
+    classes = int(dataset.num_classes or labels.max() + 1) if labels is not None else 0
     image_size = dataset.image_size
     cfg = cfg.replace(image_size=image_size)
     settings = resume_settings(cfg)
     preset = get_preset(cfg.preset)
     torch.manual_seed(cfg.seed)
-    unet = build_unet(preset, image_size)
+    unet = build_unet(preset, image_size, classes)
+    if cfg.init:
+        _initial_weights(unet, cfg.init)
     scheduler = make_ddpm_scheduler()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=peak_lr, weight_decay=0.0)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
@@ -167,7 +200,8 @@ def train_ddpm(job: DDPMJob) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         writer = SummaryWriter(str(out / "tensorboard"))
     params = sum(p.numel() for p in unet.parameters())
-    log.info(f"training {preset.name} U-Net ({params / 1e6:.2f}M params) on {cfg.name} "
+    kind = f"{classes}-class conditional " if classes else ""
+    log.info(f"training {preset.name} {kind}U-Net ({params / 1e6:.2f}M params) on {cfg.name} "
              f"({len(dataset)} images, {image_size}x{image_size}) for {cfg.steps} steps, global batch "
              f"{cfg.batch_size}, {world} process(es), {precision}; from step {step}")
 
@@ -190,11 +224,11 @@ def train_ddpm(job: DDPMJob) -> dict:
         lr = peak_lr * min(1.0, (step + 1) / max(1, warmup_steps))  # linear warm-up, then constant
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, t, noise = _batch(images, cfg, step, rank, world, scheduler.config.num_train_timesteps)
+        x, t, noise, y = _batch(images, cfg, step, rank, world, scheduler.config.num_train_timesteps, labels)
         x, t, noise = x.to(accelerator.device), t.to(accelerator.device), noise.to(accelerator.device)
         noisy = scheduler.add_noise(x, noise, t)
         with accelerator.autocast():
-            pred = model(noisy, t).sample
+            pred = model(noisy, t, class_labels=None if y is None else y.to(accelerator.device)).sample
         loss = F.mse_loss(pred.float(), noise)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -222,6 +256,7 @@ def train_ddpm(job: DDPMJob) -> dict:
     summary = {
         "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "config": cfg.model_dump(), "preset": preset.name, "unet_config": dict(unet.config), "parameters": params,
+        "conditional": bool(classes), "num_classes": classes,
         "dataset": dataset.describe(), "steps": step, "world_size": world, "precision": precision,
         "device": str(accelerator.device), "wall_time_s": round(elapsed + time.time() - started, 1),
         "resumed_from_step": resumed_from, "final_loss": float(np.mean(recent)) if recent else None,

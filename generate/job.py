@@ -28,6 +28,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from clsp.config import DatasetConfig, identity
 from clsp.datasets import ImageDataset, dataset_info, get_dataset
 from clsp.errors import UserError
+from clsp.generate.conditional import check_guidance, check_labels, config_classes, num_classes
 from clsp.generate.config import GenerateJob
 from clsp.generate.ddim import ddim_scheduler
 from clsp.generate.sampler import num_skips, sample_positives
@@ -90,6 +91,8 @@ def generation_record(cfg: GenerateJob, unet_ref: str, unet_sha256: str, precisi
     as the manifest's ``dataset``), with the model and the precision as resolved. A rerun resumes shards
     only when it is the same."""
     own = {key: value for key, value in identity(cfg).items() if key not in DatasetConfig.model_fields}
+    if own["guidance"] is None:  # an unconditional model's shards keep the record they always had
+        del own["guidance"]
     return {**own, "unet": unet_ref, "unet_sha256": unet_sha256, "precision": precision}
 
 
@@ -99,6 +102,7 @@ class _PositiveDrawer:
     def __init__(self, cfg: GenerateJob, dataset: ImageDataset, unet, scheduler, precision: str):
         self.cfg, self.dataset, self.unet, self.scheduler, self.precision = cfg, dataset, unet, scheduler, precision
         self.labels = dataset.labels()
+        self.conditional = cfg.guidance is not None  # each anchor's positives drawn for its label
 
     def batch(self, indices: list[int]) -> list[schema.ShardSample]:
         images = self.dataset.array(indices)
@@ -106,17 +110,21 @@ class _PositiveDrawer:
         seeds = [anchor_seed(self.cfg.seed, i) for i in indices]
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         anchors = to_float(images, signed=True)
+        labels = torch.from_numpy(self.labels[indices]) if self.conditional else None
         positives = to_uint8(sample_positives(
             self.unet, self.scheduler, anchors, self.cfg.candidates, w=self.cfg.interpolation,
             steps=self.cfg.steps, eta=self.cfg.eta, generator=generators, precision=self.precision,
-            share_anchor_pass=self.cfg.share_anchor_pass, mix_depth=self.cfg.mix_depth))
+            share_anchor_pass=self.cfg.share_anchor_pass, mix_depth=self.cfg.mix_depth, labels=labels,
+            guidance=self.cfg.guidance))
         scores = None
         if self.cfg.scores:  # scored as stored (8-bit), with each anchor's own generator: shards stay W-independent
             scores = bottleneck_agreement(self.unet, self.scheduler, anchors, to_float(positives, signed=True),
                                           generator=generators, precision=self.precision)
         return [schema.ShardSample(anchor_index=i, positives=positives[j], label=int(self.labels[i]), seed=seeds[j],
                                    anchor=images[j] if self.cfg.store_anchors else None,
-                                   scores=None if scores is None else scores[j])
+                                   scores=None if scores is None else scores[j],
+                                   condition=int(self.labels[i]) if self.conditional else None,
+                                   guidance=self.cfg.guidance)
                 for j, i in enumerate(indices)]
 
     def shard(self, anchors: range, advance: Callable[[int], object]) -> Iterator[schema.ShardSample]:
@@ -164,9 +172,11 @@ def _preview(store: ShardStore, gen: _PositiveDrawer, count: int, done: set[int]
     store.write_bytes(PREVIEW, png)
 
 
-def check_model_fits(unet: str | None, dataset: str, image_size: int | None) -> list[str]:
-    """Refuse a diffusion model that does not fit the images, from its config alone: before any image is
-    loaded or resized (at a size the model cannot take that would be gigabytes of work for nothing).
+def check_model_fits(unet: str | None, dataset: str, image_size: int | None,
+                     guidance: float | None = None) -> list[str]:
+    """Refuse a diffusion model that does not fit the images (or ``guidance``: given exactly for a
+    class-conditional model), from its config alone: before any image is loaded or resized (at a size the model
+    cannot take that would be gigabytes of work for nothing).
 
     Returns a note when the model is a hub id not in the local cache: then loading it checks the fit."""
     ref = resolve_unet(unet, dataset)
@@ -176,6 +186,7 @@ def check_model_fits(unet: str | None, dataset: str, image_size: int | None) -> 
     if config is None:
         return [f"diffusion model {ref} is not in the local cache: its fit to the data is checked when "
                 "generation loads it"]
+    check_guidance(config_classes(config), guidance, ref)
     info = dataset_info(dataset)
     size = image_size or (info.image_size if info is not None else None)
     if size is not None:  # an image folder's size is known once its first image is read: _load checks it
@@ -189,6 +200,10 @@ def _load(cfg: GenerateJob, device: torch.device):
     dataset = get_dataset(cfg.name, split=cfg.split, root=cfg.data_root, image_size=cfg.image_size)
     unet, scheduler = load_unet(unet_ref, device=device)
     check_compatible(unet.config, dataset.image_size)
+    check_guidance(num_classes(unet), cfg.guidance, unet_ref)
+    if cfg.guidance is not None:  # every anchor's label, before any work
+        labels = dataset.labels() if dataset.has_labels else np.full(len(dataset), -1)
+        check_labels(num_classes(unet), torch.from_numpy(labels), len(dataset))
     ddim_scheduler(scheduler)  # a scheduler config field the sampler cannot honour is refused here, before any work
     if cfg.mix_depth > num_skips(unet):
         raise UserError(f"--mix-depth {cfg.mix_depth} exceeds the {num_skips(unet)} skip connections of {unet_ref}; "
@@ -209,7 +224,7 @@ def run_generation(cfg: GenerateJob, echo: Callable[[str], object] = print) -> d
 
     Problems found by the final verification are an error naming the first (rerunning rewrites them)."""
     num_workers, worker_index = array_worker(cfg.num_workers, cfg.worker_index)
-    check_model_fits(cfg.unet, cfg.name, cfg.image_size)
+    check_model_fits(cfg.unet, cfg.name, cfg.image_size, cfg.guidance)
     store = ShardStore.open(cfg.shards)  # a bad URL, a missing extra or missing credentials: before any work
     store.require_writable()
     store.probe()

@@ -16,6 +16,7 @@ from diffusers import UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from clsp.errors import UserError
+from clsp.generate.conditional import check_guidance, check_labels, embedding_index, num_classes
 from clsp.generate.ddim import ddim_scheduler, ddim_update, q_sample, timestep_pairs
 from clsp.generate.unet_split import (
     check_mix_depth,
@@ -64,7 +65,8 @@ def _layout(images: torch.Tensor) -> torch.Tensor:
 def sample_positives(unet: UNet2DModel, scheduler: Any, anchors: torch.Tensor, num_candidates: int,
                      w: float = 0.1, steps: int = 100, eta: float = 0.1, generator: Generators = None,
                      precision: str = "auto", share_anchor_pass: bool = False, mix_depth: int = 0,
-                     progress: bool = False) -> torch.Tensor:
+                     progress: bool = False, labels: torch.Tensor | None = None,
+                     guidance: float | None = None) -> torch.Tensor:
     """``num_candidates`` synthetic positives per anchor by interpolated DDIM: ``[B, k, C, H, W]`` in [-1, 1].
 
     ``anchors`` are ``[B, C, H, W]`` images in [-1, 1]; ``scheduler`` is the model's DDPM or DDIM scheduler,
@@ -74,13 +76,21 @@ def sample_positives(unet: UNet2DModel, scheduler: Any, anchors: torch.Tensor, n
     With ``share_anchor_pass`` an anchor's noised copy and encoder pass are shared by its candidates at every
     step (cheaper; METHOD.md section 2 draws fresh anchor noise per candidate). ``w`` and ``mix_depth`` are
     those of ``interpolated_noise_prediction``. On CUDA the model is converted to channels-last in place;
-    ``precision`` "auto" means bf16 autocast on CUDA and on CPUs with bf16 units.
+    ``precision`` "auto" means bf16 autocast on CUDA and on CPUs with bf16 units. A class-conditional model
+    draws each anchor's candidates for its dataset label (``labels``, ``[B]``) with classifier-free ``guidance``
+    (``clsp.generate.conditional``; needed for such a model, refused for an unconditional one).
     """
     check_splittable(unet)
     ddim = ddim_scheduler(scheduler, unet.device)
     check_w(w)
     _check_sampling(unet, anchors, num_candidates, steps, eta, generator, ddim.config.num_train_timesteps)
     check_mix_depth(unet, mix_depth)
+    classes = num_classes(unet)
+    check_guidance(classes, guidance)
+    condition: dict[str, Any] = {}  # a conditional model's label per candidate row, and the guidance weight
+    if classes:
+        index = embedding_index(check_labels(classes, labels, anchors.shape[0]))
+        condition = {"class_labels": index.to(unet.device).repeat_interleave(num_candidates), "guidance": guidance}
     if isinstance(generator, tuple):
         generator = list(generator)
     device = unet.device
@@ -101,7 +111,7 @@ def sample_positives(unet: UNet2DModel, scheduler: Any, anchors: torch.Tensor, n
         for t, t_next in progress_bar(pairs, desc="DDIM", unit="step") if progress else pairs:
             anchor_t = q_sample(ddim, anchors, noise(noise_rows), t).flatten(0, 1)
             output = interpolated_noise_prediction(unet, _layout(x), torch.tensor(t, device=device),
-                                                   _layout(anchor_t), w, mix_depth).float()
+                                                   _layout(anchor_t), w, mix_depth, **condition).float()
             z = noise(k).flatten(0, 1) if eta > 0 and t_next >= 0 else None
             x = ddim_update(ddim, output, t, t_next, x, eta, z)
     return x.clamp(-1, 1).reshape(batch, k, channels, height, width).contiguous()

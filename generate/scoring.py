@@ -6,7 +6,8 @@ noise. The bottleneck is what the sampler pulls towards the anchor, so it measur
 sharing the noise makes the score depend on the images alone. It costs one encoder pass per image, no
 decoder, and needs no model beyond the one that drew the candidates. On the shipped digits model its ROC AUC
 for "the candidate keeps the anchor's class" is 0.85 at t = 50, 100 and 200 alike (0.75 at t = 500, where
-the noise hides the digit), hence the default t = 100.
+the noise hides the digit), hence the default t = 100. A class-conditional model encodes with its null class,
+so the score compares the images, not the label they were drawn for.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from diffusers import UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from clsp.errors import UserError
+from clsp.generate.conditional import NULL_CLASS
 from clsp.generate.ddim import ddim_scheduler, q_sample
 from clsp.generate.sampler import Generators
 from clsp.generate.unet_split import check_splittable, encode, eval_mode, time_embedding
@@ -59,7 +61,8 @@ def bottleneck_agreement(unet: UNet2DModel, scheduler, anchors: torch.Tensor, ca
     bottlenecks = []
     with eval_mode(unet), autocast(device, precision):
         for chunk in noised.split(batch_size):
-            _, emb = time_embedding(unet, timestep, chunk)
+            null = torch.full((len(chunk),), NULL_CLASS, device=device) if unet.class_embedding is not None else None
+            _, emb = time_embedding(unet, timestep, chunk, null)  # a conditional model's: of the null class
             bottlenecks.append(encode(unet, chunk, emb)[0].flatten(1).float())
     features = F.normalize(torch.cat(bottlenecks), dim=1).reshape(n, k + 1, -1)
     cosine = (features[:, 1:] * features[:, :1]).sum(-1).clamp(-1.0, 1.0)

@@ -125,10 +125,12 @@ def check_compatible(config: dict, image_size: int, channels: int = 3) -> None:
 
 def sample_images(unet: UNet2DModel, scheduler: DDPMScheduler, num_images: int, *, steps: int = 50,
                   eta: float = 0.0, seed: int = 0, batch_size: int = 256, precision: str = "fp32") -> np.ndarray:
-    """Unconditional DDIM samples as uint8 ``[n, H, W, C]``: for sample grids, FID and quality checks.
+    """Plain DDIM samples as uint8 ``[n, H, W, C]``: for sample grids, FID and quality checks.
 
     The sampler's own DDIM loop at w = 1 (the anchor is ignored, so its input is a blank image): one
-    timestep rule and one update for plain and interpolated sampling."""
+    timestep rule and one update for plain and interpolated sampling. A class-conditional model draws the
+    classes in turn (image i of class i mod C) with the authors' guidance."""
+    from clsp.generate.conditional import AUTHORS_GUIDANCE, num_classes
     from clsp.generate.sampler import sample_positives
 
     size = unet.config.sample_size
@@ -137,8 +139,10 @@ def sample_images(unet: UNet2DModel, scheduler: DDPMScheduler, num_images: int, 
     out = []
     for start in range(0, num_images, batch_size):
         blank = torch.zeros((min(batch_size, num_images - start), *shape))
+        classes = num_classes(unet)
+        labels = torch.arange(start, start + len(blank)) % classes if classes else None
         images = sample_positives(unet, scheduler, blank, 1, w=1.0, steps=steps, eta=eta, generator=generator,
-                                  precision=precision)
+                                  precision=precision, labels=labels, guidance=AUTHORS_GUIDANCE if classes else None)
         out.append(to_uint8(images[:, 0]))
     return np.concatenate(out)
 

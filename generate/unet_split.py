@@ -7,7 +7,8 @@ type is what catches a release that changes it): the encoder
 (input centring, time embedding, ``conv_in``, ``down_blocks``, ``mid_block``) and the decoder (``up_blocks``,
 ``conv_norm_out``, ``conv_act``, ``conv_out``). An interpolated noise prediction runs the encoder once on the
 current samples and the noised anchors stacked into one batch and the decoder once on the mixed bottleneck
-(and, with ``mix_depth``, the deepest skips), so it costs one encoder pass more than a plain one.
+(and, with ``mix_depth``, the deepest skips), so it costs one encoder pass more than a plain one. A
+class-conditional model's label joins the time embedding, as in its own forward; guidance doubles the batch.
 """
 
 from __future__ import annotations
@@ -19,16 +20,16 @@ import torch
 from diffusers import UNet2DModel
 
 from clsp.errors import UserError
+from clsp.generate.conditional import NULL_CLASS, guided, num_classes
 
 
 def check_splittable(unet: torch.nn.Module) -> None:
-    """The split into E and D runs a diffusers ``UNet2DModel``'s own modules, and CLSP's model is unconditional."""
+    """The split into E and D runs a diffusers ``UNet2DModel``'s own modules; a class-conditional one needs the
+    null-class embedding of ``clsp.generate.conditional``."""
     if not isinstance(unet, UNet2DModel):
         raise UserError(f"interpolated sampling needs a diffusers UNet2DModel, got {type(unet).__name__}; "
                         "load the diffusion model with UNet2DModel.from_pretrained")
-    if unet.class_embedding is not None:
-        raise UserError("the U-Net is class-conditional (it has a class embedding); CLSP samples from an "
-                        "unconditional model: use one trained without num_class_embeds/class_embed_type")
+    num_classes(unet)
 
 
 def check_w(w: float) -> None:
@@ -71,9 +72,10 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-def time_embedding(unet: UNet2DModel, timestep: torch.Tensor | int,
-                   sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Timesteps broadcast to the batch and their embedding, exactly as ``UNet2DModel.forward`` makes them."""
+def time_embedding(unet: UNet2DModel, timestep: torch.Tensor | int, sample: torch.Tensor,
+                   class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps broadcast to the batch and their embedding, exactly as ``UNet2DModel.forward`` makes them: a
+    class-conditional model adds the embedding of ``class_labels`` (its own indices, 0 the null class)."""
     timesteps = timestep
     if not torch.is_tensor(timesteps):
         timesteps = torch.tensor([timesteps], dtype=torch.long, device=sample.device)
@@ -81,6 +83,13 @@ def time_embedding(unet: UNet2DModel, timestep: torch.Tensor | int,
         timesteps = timesteps[None].to(sample.device)
     timesteps = timesteps * torch.ones(sample.shape[0], dtype=timesteps.dtype, device=timesteps.device)
     emb = unet.time_embedding(unet.time_proj(timesteps).to(dtype=unet.dtype))
+    if unet.class_embedding is not None:
+        if class_labels is None or class_labels.shape != (sample.shape[0],):
+            raise UserError(f"a class-conditional U-Net needs one class label per sample ({sample.shape[0]}), got "
+                            f"{None if class_labels is None else list(class_labels.shape)}")
+        emb = emb + unet.class_embedding(class_labels.to(emb.device)).to(dtype=unet.dtype)
+    elif class_labels is not None:
+        raise UserError("class labels were given for an unconditional U-Net; pass none")
     return timesteps, emb
 
 
@@ -134,7 +143,8 @@ def _mix_rows(stacked: torch.Tensor, rows: int, share: int, w: float) -> torch.T
 
 @torch.no_grad()
 def interpolated_noise_prediction(unet: UNet2DModel, sample: torch.Tensor, timestep: torch.Tensor | int,
-                                  anchor_sample: torch.Tensor, w: float, mix_depth: int = 0) -> torch.Tensor:
+                                  anchor_sample: torch.Tensor, w: float, mix_depth: int = 0,
+                                  class_labels: torch.Tensor | None = None, guidance: float = 0.0) -> torch.Tensor:
     """eps = D(w * h + (1 - w) * h_a, skips, t) with ``h``/``h_a`` the bottlenecks of ``sample``/``anchor_sample``.
 
     ``mix_depth`` d > 0 also mixes the d deepest skips (the first the decoder consumes) with the same w, the
@@ -145,12 +155,29 @@ def interpolated_noise_prediction(unet: UNet2DModel, sample: torch.Tensor, times
     ``len(sample) // len(anchor_sample)`` consecutive samples (one encoder pass shared by an anchor's
     candidates). At w = 1 the anchor cannot change the result, so its pass is skipped and the output is exactly
     ``unet(sample, timestep).sample``.
+
+    A class-conditional model takes ``class_labels`` (its embedding indices, one per sample row; an anchor's
+    encoder pass uses its candidates' label) and, with ``guidance`` w > 0, gives the guided
+    ``(1 + w) * eps(y) - w * eps(null)`` of two such predictions, run as one batch of twice the rows.
     """
     check_splittable(unet)
     check_w(w)
     check_mix_depth(unet, mix_depth)
     _check_inputs(unet, sample, anchor_sample)
-    timesteps, emb = time_embedding(unet, timestep, sample)
+    if guidance:
+        if class_labels is None:
+            raise UserError("guidance needs the class labels of a class-conditional U-Net")
+        both = _interpolated(unet, sample.repeat(2, 1, 1, 1), timestep, anchor_sample.repeat(2, 1, 1, 1), w,
+                             mix_depth, torch.cat([class_labels, torch.full_like(class_labels, NULL_CLASS)]))
+        conditional, unconditional = both.chunk(2)
+        return guided(conditional, unconditional, guidance)
+    return _interpolated(unet, sample, timestep, anchor_sample, w, mix_depth, class_labels)
+
+
+def _interpolated(unet: UNet2DModel, sample: torch.Tensor, timestep: torch.Tensor | int, anchor_sample: torch.Tensor,
+                  w: float, mix_depth: int, class_labels: torch.Tensor | None) -> torch.Tensor:
+    """``interpolated_noise_prediction`` without guidance, on checked inputs."""
+    timesteps, emb = time_embedding(unet, timestep, sample, class_labels)
     rows = sample.shape[0]
     if w == 1.0:
         bottleneck, residuals = encode(unet, sample, emb)

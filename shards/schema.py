@@ -14,7 +14,9 @@ member                 content
 ``<key>.json``         UTF-8 JSON record: ``anchor_index`` (int), ``label`` (int, -1 when
                        unknown), ``candidates`` (k, 1..64), ``seed`` (int or null: the sampler
                        seed of this anchor), ``schema_version`` (1), and optionally ``scores``
-                       (k finite floats in [-1, 1], one per candidate)
+                       (k finite floats in [-1, 1], one per candidate) and, for positives of a
+                       class-conditional model, ``condition`` (the label they were drawn for)
+                       with ``guidance`` (the classifier-free guidance weight)
 ``<key>.pos0.png``     synthetic positive 0 .. k-1: lossless 8-bit RGB PNG of the manifest's
 ...                    image size
 ``<key>.pos{k-1}.png``
@@ -187,11 +189,15 @@ class SampleRecord(_Strict):
     seed: int | None = Field(default=None, ge=0, lt=2**64)
     schema_version: int = Field(default=SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
     scores: list[Score] | None = Field(default=None, max_length=MAX_CANDIDATES)
+    condition: int | None = Field(default=None, ge=0, le=10**6)
+    guidance: float | None = Field(default=None, ge=0, le=100)
 
     @model_validator(mode="after")
     def _one_score_per_candidate(self) -> SampleRecord:
         if self.scores is not None and len(self.scores) != self.candidates:
             raise ValueError(f"{len(self.scores)} scores for {self.candidates} candidates")
+        if (self.condition is None) != (self.guidance is None):
+            raise ValueError("condition and guidance come together (positives of a class-conditional model)")
         return self
 
 
@@ -235,6 +241,8 @@ class ShardSample:
     seed: int | None = None
     anchor: np.ndarray | None = None  # uint8 [H, W, 3]
     scores: np.ndarray | None = None  # float32 [k] in [-1, 1]: one per candidate, when the generator scored them
+    condition: int | None = None  # the label a class-conditional model drew the positives for
+    guidance: float | None = None  # ... and its classifier-free guidance weight
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -284,6 +292,9 @@ def encode_sample(sample: ShardSample) -> dict[str, Any]:
               "schema_version": SCHEMA_VERSION}
     if sample.scores is not None:
         record["scores"] = [float(s) for s in np.asarray(sample.scores).reshape(-1)]
+    if sample.condition is not None or sample.guidance is not None:  # absent from unconditional records
+        record["condition"] = None if sample.condition is None else int(sample.condition)
+        record["guidance"] = None if sample.guidance is None else float(sample.guidance)
     SampleRecord.model_validate(record)  # never write what a reader would refuse
     members: dict[str, Any] = {"__key__": sample_key(sample.anchor_index),
                                "json": json.dumps(record, sort_keys=True).encode()}
@@ -358,4 +369,4 @@ def sample_from(key: str, record: SampleRecord, members: dict[str, bytes], *, sh
     anchor = decode_member(key, members, "anchor.png", shape=shape, where=where) if "anchor.png" in members else None
     scores = None if record.scores is None else np.asarray(record.scores, dtype=np.float32)
     return ShardSample(anchor_index=record.anchor_index, positives=positives, label=record.label, seed=record.seed,
-                       anchor=anchor, scores=scores)
+                       anchor=anchor, scores=scores, condition=record.condition, guidance=record.guidance)

@@ -28,7 +28,7 @@ def _method(name: str, positive_loss: str, clsp_lambda: float = 1.0):
             sizes[small] = 32
     job = TrainJob(method=name, shards="unused", out="unused", positive_loss=positive_loss,
                    clsp_lambda=clsp_lambda, **sizes).resolved("digits")
-    return build_method(job, build_backbone("resnet-narrow"))
+    return build_method(job, build_backbone("resnet-narrow"), 3 if REGISTRY[name].needs_labels else 0)
 
 
 def _views(batch: int = 8, seed: int = 1) -> list[torch.Tensor]:

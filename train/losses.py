@@ -1,4 +1,4 @@
-"""Contrastive losses of the three base methods and the CLSP term.
+"""Contrastive losses of the base methods (SupCon's with labels) and the CLSP term.
 
 Every loss L2-normalises its inputs itself (normalising twice changes nothing), computes in float32 even
 inside a bf16 autocast region (logits at temperature 0.2 lose too much in bf16), and gathers across ranks
@@ -81,6 +81,27 @@ def simclr_positive_nce(z1: Tensor, z2: Tensor, positive: Tensor, temperature: f
     own = F.one_hot(local, num_classes=n).bool()
     excluded = torch.cat([own, own], dim=1).repeat(2, 1)  # both views of the query's own image
     return positive_nce(torch.cat([z1, z2]), torch.cat([positive, positive]), keys, excluded, temperature)
+
+
+@float32_math
+def supcon_loss(z1: Tensor, z2: Tensor, labels: Tensor, temperature: float = 0.2) -> Tensor:
+    """Supervised contrast (Khosla et al. 2020, the authors' ``simclr_supervised``): each of the 2B local rows
+    against the 2N-1 other views of the global batch, with every view of the same label as a positive.
+
+    Per row, the loss is minus the mean log-softmax over its positives (the denominator excludes the row
+    itself); the result is the mean over local rows, so the mean over ranks equals the single-process loss.
+    With all labels distinct it is ``nt_xent``.
+    """
+    z1, z2 = F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)
+    b, n = z1.shape[0], z1.shape[0] * get_world_size()
+    keys = torch.cat([gather(z1), gather(z2)])
+    key_labels = gather(labels).repeat(2)
+    logits = torch.cat([z1, z2]) @ keys.T / temperature
+    local = torch.arange(b, device=z1.device) + get_rank() * b
+    self_mask = F.one_hot(torch.cat([local, local + n]), num_classes=2 * n).bool()
+    log_prob = logits.masked_fill(self_mask, float("-inf")).log_softmax(dim=1)
+    positive = (labels.repeat(2)[:, None] == key_labels[None, :]) & ~self_mask
+    return -(log_prob.masked_fill(~positive, 0.0).sum(dim=1) / positive.sum(dim=1)).mean()
 
 
 @float32_math

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 from torch import nn
 
 from clsp.config import required, setting
+from clsp.errors import UserError
 from clsp.train.methods.base import REGISTRY, EncodedView, Method, own, own_settings, register
 
 if TYPE_CHECKING:
@@ -74,8 +75,12 @@ def display_name(method: str) -> str:
 
 def build_method(job: TrainJob, backbone: nn.Module, num_classes: int = 0) -> Method:
     """The method of a resolved ``job`` (``TrainJob.resolved``) on ``backbone`` (which needs ``.feature_dim``),
-    with an online linear probe over ``num_classes`` classes when there are any."""
+    with an online linear probe over ``num_classes`` classes when there are any (a method that needs labels
+    is refused without)."""
     cls = REGISTRY[job.method]
+    if cls.needs_labels and not num_classes:
+        raise UserError(f"--method {job.method} needs a class label for every training image, and this dataset "
+                        "has none; train on a labelled dataset or choose --method simclr")
     # a registered method is built from (backbone, *, the common settings below, its own ``settings``), not
     # from Method's own (backbone, projector, ...): a convention of ``register`` that the type cannot carry
     make = cast(Callable[..., Method], cls)

@@ -117,6 +117,8 @@ class Method(nn.Module):
     recipe: ClassVar[Recipe]
     # the values of ``positive_loss`` the method implements; ``infonce`` needs ``contrast``
     positive_losses: ClassVar[tuple[PositiveLoss, ...]] = ("align",)
+    # the base loss needs every training image's class label (``build_method`` refuses an unlabelled run)
+    needs_labels: ClassVar[bool] = False
     metrics: ClassVar[tuple[str, ...]] = ()  # scalars of ``base_loss`` beside ``loss_base`` that are logged
     # scalars of ``positive_term`` beside ``loss_clsp``, given only by the positive losses that compute them
     positive_metrics: ClassVar[tuple[str, ...]] = ()

@@ -60,7 +60,7 @@ def test_a_changed_result_setting_changes_the_identity(name: str, value: object)
     job = TrainJob(method="moco", shards="s", out="o").resolved("digits")
     changed = job.replace(**{name: value})
     assert identity(changed) != identity(job) and identity(changed)[name] == value
-    assert identity(job.replace(workers=job.workers + 3)) == identity(job)  # a speed setting
+    assert identity(job.replace(workers=0 if job.workers else 1)) == identity(job)  # a speed setting
 
 
 def test_what_auto_resolves_to_on_the_machine_is_what_a_resume_checks(monkeypatch):

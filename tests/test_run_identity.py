@@ -55,7 +55,7 @@ def test_the_identity_and_the_fingerprints_are_the_same_on_every_machine(monkeyp
 
 
 @pytest.mark.parametrize("name, value", [("precision", "bf16"), ("precision", "fp32"), ("augment", "device"),
-                                         ("augment", "cpu"), ("epochs", 7), ("queue_size", 64)])
+                                         ("augment", "cpu"), ("epochs", 17), ("queue_size", 64)])
 def test_a_changed_result_setting_changes_the_identity(name: str, value: object):
     job = TrainJob(method="moco", shards="s", out="o").resolved("digits")
     changed = job.replace(**{name: value})

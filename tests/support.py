@@ -226,3 +226,17 @@ def make_encoder(directory: Path, seed: int = 0, **arch) -> Path:
     net = build_backbone("resnet-narrow")
     return export_encoder(net, directory, EncoderCard(backbone="resnet-narrow", stem="small",
                                                       feature_dim=net.feature_dim, image_size=ENCODER_SIZE, **arch))
+
+
+def unlabelled_train_shards(tmp_path: Path) -> Path:
+    """Shards of 16 digits stored as an image folder without labels (for the runs that need labels)."""
+    from PIL import Image
+
+    from clsp.datasets import get_dataset
+
+    digits = get_dataset("digits")
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for i in range(16):
+        Image.fromarray(digits.array([i])[0]).save(folder / f"{i}.png")
+    return make_train_shards(tmp_path / "shards", num_anchors=16, shard_size=16, dataset_name=f"imagefolder:{folder}")

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
 from clsp.datasets import get_dataset
 from clsp.errors import UserError
@@ -19,7 +18,7 @@ from clsp.train.cli import train
 from clsp.train.data import ContrastiveStream, make_loader, open_shards
 from clsp.train.positive_sources import OraclePartners
 from clsp.train.recipes import ViewAugmentation
-from support import TRAIN_ANCHORS, make_train_shards
+from support import TRAIN_ANCHORS, make_train_shards, unlabelled_train_shards
 
 CPU_VIEWS = view_augmentations("simclr", {})
 # full crops, no jitter, no greyscale, no flip: each view is the normalised image itself
@@ -124,11 +123,7 @@ def test_clsp_train_runs_with_each_source(shard_dir, tmp_path, source, augment):
 
 
 def test_oracle_without_labels_is_one_error_line(tmp_path, digits):
-    folder = tmp_path / "flat"
-    folder.mkdir()
-    for i in range(16):
-        Image.fromarray(digits.array([i])[0]).save(folder / f"{i}.png")
-    shards = make_train_shards(tmp_path / "shards", num_anchors=16, shard_size=16, dataset_name=f"imagefolder:{folder}")
+    shards = unlabelled_train_shards(tmp_path)
     out = tmp_path / "run"
     result = CliRunner().invoke(train, [
         "--shards", str(shards), "--out", str(out), "--positive-source", "oracle", "--clsp-lambda", "1",

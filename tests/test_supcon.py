@@ -10,13 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from PIL import Image
 
-from clsp.datasets import get_dataset
 from clsp.train.cli import train
 from clsp.train.losses import nt_xent, supcon_loss
 from support import TRAIN_ANCHORS as NUM_ANCHORS
-from support import make_train_shards
+from support import make_train_shards, unlabelled_train_shards
 
 TINY = ["--epochs", "1", "--backbone", "resnet-narrow", "--batch-size", "8", "--workers", "0", "--precision", "fp32",
         "--proj-hidden-dim", "64", "--proj-output-dim", "32"]
@@ -103,12 +101,7 @@ def test_clsp_train_runs_supcon_with_and_without_the_clsp_term(tmp_path, clsp_la
 
 
 def test_supcon_without_labels_is_one_error_line(tmp_path):
-    digits = get_dataset("digits")
-    folder = tmp_path / "flat"
-    folder.mkdir()
-    for i in range(16):
-        Image.fromarray(digits.array([i])[0]).save(folder / f"{i}.png")
-    shards = make_train_shards(tmp_path / "shards", num_anchors=16, shard_size=16, dataset_name=f"imagefolder:{folder}")
+    shards = unlabelled_train_shards(tmp_path)
     out = tmp_path / "run"
     result = CliRunner().invoke(train, ["--shards", str(shards), "--out", str(out), "--method", "supcon",
                                         "--clsp-lambda", "0", "--data-root", str(tmp_path), *TINY])

@@ -5,6 +5,8 @@ SimCLR recipe otherwise. Their run has no CLSP term (``--clsp-lambda 0``); the r
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import Tensor, nn
 
 from clsp.errors import UserError
@@ -21,7 +23,9 @@ class SupCon(Method):
     name = "supcon"
     display_name = "SupCon"
     needs_labels = True
-    recipe = SimCLR.recipe  # batch 1024, SGD lr 0.5, projector 512-4096-256, both views in one call
+    # batch 1024, SGD lr 0.5, projector 512-4096-256, both views in one call; SimCLR's digits choice of
+    # positive_loss is not SupCon's (it implements the authors' term only)
+    recipe = replace(SimCLR.recipe, by_dataset={})
 
     def __init__(self, backbone: nn.Module, *, clsp_lambda: float, temperature: float, proj_hidden_dim: int,
                  proj_output_dim: int, forward_mode: ForwardMode = "separate") -> None:

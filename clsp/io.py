@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import torch
 
-from clsp.errors import LockError, UserError
+from clsp.errors import LockError, UserError, short_path
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -249,8 +249,13 @@ def remove_stale_temporaries(directory: str | os.PathLike, pattern: str = "*") -
 def staged_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a new hidden folder beside ``path`` (owner-tagged like every temporary); rename it onto ``path``
     only if the block succeeds, so a folder of several files appears complete or not at all. Staged folders
-    left by killed writers are removed first. ``path`` must not exist, or be an empty folder."""
+    left by killed writers are removed first. ``path`` must not exist, or be an empty folder; a symbolic link
+    to one stands for its target (a rename cannot replace the link with a folder)."""
     path = Path(path)
+    if path.is_symlink():
+        if not path.exists():
+            raise UserError(f"{short_path(path)} is a symbolic link to nothing; remove it, or point it at a directory")
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent, path.name)
     staging = path.parent / f".{path.name}.staged{_temporary_suffix()}"

@@ -17,7 +17,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from clsp.datasets import dataset_info
-from clsp.errors import UserError
+from clsp.errors import UserError, short
 from clsp.generate.hub import hub_offline
 from clsp.generate.pretrained import shipped_model
 from clsp.images import to_uint8
@@ -32,8 +32,9 @@ def resolve_unet(unet: str | None, dataset_name: str) -> str:
     info = dataset_info(dataset_name)
     known = info.default_unet if info is not None else None
     if known is None:
-        raise UserError(f"no diffusion model is known for {dataset_name}; train one with `clsp ddpm train "
-                        f"--dataset {dataset_name} --out MODEL_DIR` and pass --unet MODEL_DIR")
+        option = dataset_name if len(dataset_name) <= 80 else "DATASET"
+        raise UserError(f"no diffusion model is known for {short(dataset_name)}; train one with `clsp ddpm train "
+                        f"--dataset {option} --out MODEL_DIR` and pass --unet MODEL_DIR")
     folder = shipped_model(known)
     return str(folder) if folder is not None else known
 
@@ -65,7 +66,7 @@ def _from_hub(repo_id: str) -> tuple[UNet2DModel, DDPMScheduler]:
         except (OSError, ValueError) as err:  # diffusers raises EnvironmentError (= OSError) for missing files
             errors.append(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
     why = offline or f"downloading it failed: {errors[-1]}"
-    raise UserError(f"cannot load U-Net {repo_id!r}: it is not a local folder nor in the Hugging Face cache, and "
+    raise UserError(f"cannot load U-Net {short(repo_id)}: it is not a local folder nor in the Hugging Face cache, and "
                     f"{why}; download it once with network access or pass a local model folder")
 
 
@@ -80,7 +81,8 @@ def load_unet(id_or_path: str, device: str | torch.device = "cpu") -> tuple[UNet
         except (OSError, ValueError, TypeError) as err:
             raise UserError(f"cannot load the diffusers U-Net in {path}: {str(err).strip().splitlines()[0]}") from None
     elif path.exists() or id_or_path.startswith((".", "/", "~")) or id_or_path.count("/") != 1:
-        raise UserError(f"--unet {id_or_path!r} is neither a model folder nor a hub id like google/ddpm-cifar10-32")
+        raise UserError(f"--unet {short(id_or_path)} is neither a model folder nor a hub id like "
+                        f"google/ddpm-cifar10-32")
     else:
         unet, scheduler = _from_hub(id_or_path)
     _check_finite(unet, id_or_path)

@@ -465,7 +465,8 @@ LONG = "x" * 2000
     ("run", ["--set", f"dataset.name={LONG}"]),
     ("run", ["--set", f"run_dir=/tmp/{LONG}"]),
     ("gen", ["--dataset", LONG]),
-], ids=["dataset.name", "run_dir", "clsp-gen--dataset"])
+    ("gen", ["--dataset", f"imagefolder:/{LONG}"]),
+], ids=["dataset.name", "run_dir", "clsp-gen--dataset", "clsp-gen--dataset-imagefolder"])
 def test_a_2000_character_name_is_quoted_in_about_80_characters(command: str, args: list[str], tmp_path: Path):
     from clsp.generate.cli import gen
 
@@ -475,7 +476,8 @@ def test_a_2000_character_name_is_quoted_in_about_80_characters(command: str, ar
         result = CliRunner().invoke(gen, [*args, "--shards", str(tmp_path / "s")])
     line = _refused(result)
     assert "x" * 90 not in line and len(line) < 200, line
-    assert "unknown dataset 'xxx" in line or "File name too long (/tmp/xxx" in line, line
+    assert any(start in line for start in ("unknown dataset 'xxx", "File name too long (/tmp/xxx",
+                                           "no diffusion model is known for 'imagefolder:/xxx")), line
     assert list(tmp_path.iterdir()) == []
 
 

@@ -489,6 +489,26 @@ def test_ddpm_sample_writes_no_black_grid_from_a_model_that_overflows(tmp_path, 
     assert NOT_FINITE in one_error_line(result) and not out.exists()
 
 
+@pytest.mark.parametrize("target", ["dangling", "empty folder"])
+def test_a_converted_model_goes_through_a_symbolic_link_or_names_a_dangling_one(tmp_path, target):
+    from authors_reference import reference_model, write_artefacts
+
+    ckpt, config = write_artefacts(tmp_path / "in", reference_model().state_dict())
+    out, folder = tmp_path / "out", tmp_path / "models" / "converted"
+    if target == "empty folder":
+        folder.mkdir(parents=True)
+    out.symlink_to(folder)
+    result = CliRunner().invoke(clsp_main, ["ddpm", "convert", str(ckpt), "--config", str(config), "--out", str(out)])
+    if target == "dangling":
+        assert one_error_line(result) == (f"Error: {out} is a symbolic link to nothing; remove it, or point it at "
+                                          f"a directory")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+    else:
+        assert result.exit_code == 0, result.output
+        assert (folder / "config.json").is_file() and out.is_symlink()
+        assert sorted(p.name for p in folder.parent.iterdir()) == ["converted"]  # no staged folder left
+
+
 def test_an_output_that_is_a_dangling_symbolic_link_is_named_as_one(tmp_path):
     out = tmp_path / "run"
     out.symlink_to(tmp_path / "gone" / "run")

@@ -3,6 +3,10 @@
 A momentum copy of the backbone and projector gives the keys; a queue per view holds the gathered keys of
 past batches as negatives. No predictor. For the CLSP term, ``z3`` is view 3 through the online (query)
 network, like ``z1``: the momentum network gets no gradient, so the term could not act through it.
+
+Beside ``z_std`` of the queries, ``key_std`` (the keys' spread), ``key_cos`` (a query's cosine with its own
+key) and ``queue_cos`` (with the queue's keys) show a run near collapse: when the key network maps every
+image alike, the positive and the negatives look the same and the loss has nothing to contrast.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clsp.train.backbones import feature_dim
+from clsp.train.collapse import std_of_l2_normalized
 from clsp.train.heads import simclr_projector
 from clsp.train.losses import moco_loss, positive_nce
 from clsp.train.memory import FIFOQueue
@@ -26,6 +31,7 @@ class MoCo(Method):
     name = "moco"
     display_name = "MoCo"
     positive_losses = ("align", "infonce")
+    metrics = ("key_std", "key_cos", "queue_cos")
     # CLSP-MoCo (the authors' code): batch 512, lr 0.3, two 32768-key queues, momentum 0.99 -> 0.999,
     # saturation 0.2, solarization, one backbone call per view. On CIFAR-100 CLSP-MoCo has lambda 0.2 and
     # probe lr 10; its baseline keeps 1.
@@ -66,10 +72,13 @@ class MoCo(Method):
                 + moco_loss(v2.z, k1, negatives1, self.temperature)) / 2
         self.queue1.push(k1)
         self.queue2.push(k2)
-        return {"loss_base": loss}
+        with torch.no_grad():
+            key_cos = ((v1.z * k2).sum(-1).mean() + (v2.z * k1).sum(-1).mean()) / 2
+            queue_cos = ((v1.z @ negatives2.T).mean() + (v2.z @ negatives1.T).mean()) / 2
+        return {"loss_base": loss, "key_std": std_of_l2_normalized(k1), "key_cos": key_cos, "queue_cos": queue_cos}
 
     def contrast(self, v1: EncodedView, v2: EncodedView, positive: Tensor) -> Tensor:
         """The positive (the synthetic view through the online network) against each query's queue of negatives."""
-        negatives1, negatives2 = self.queue1.contents()[0].clone(), self.queue2.contents()[0].clone()
+        negatives1, negatives2 = self.queue1.contents()[0], self.queue2.contents()[0]
         return (positive_nce(v1.z, positive, negatives2, temperature=self.temperature)
                 + positive_nce(v2.z, positive, negatives1, temperature=self.temperature)) / 2

@@ -23,6 +23,7 @@ M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 Precision = Literal["auto", "bf16", "fp32"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+TF32 = Literal["conv", "all", "none"]  # where fp32 work may run as TF32 on NVIDIA GPUs (clsp.runtime.apply_tf32)
 # What a setting is for. result: it shapes what a run produces (weights, shards, scores), so it is part of
 # a stage's fingerprint, of what a resumed run must match and of the records a result carries; location:
 # where a run reads and writes; logging: what it reports and how often it checkpoints; speed: how fast it
@@ -251,6 +252,15 @@ class DatasetConfig(Settings):
         if known is not None and split is not None and split not in known.splits:
             raise ValueError(f"{info.data['name']} has splits {', '.join(known.splits)}, not {split!r}")
         return split
+
+
+class NumericsSettings(Settings):
+    """What fp32 means on a GPU, declared once for every stage that computes in it."""
+
+    tf32: TF32 = setting(
+        "conv", "Where fp32 work runs as TF32 on NVIDIA GPUs: conv = convolutions only, matrix products in full fp32 "
+                "(PyTorch's defaults, under which the authors' fp32 ran); all = both (faster); none = full fp32 "
+                "everywhere (slowest). No effect on CPUs or on bf16 autocast's bf16 operations.")
 
 
 class ValidationSettings(Settings):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from clsp.config import DatasetConfig, Precision, Settings, setting
+from clsp.config import TF32, DatasetConfig, NumericsSettings, Precision, Settings, same_setting, setting
 
 DDPMPreset = Literal["auto", "ddpm-cifar", "digits", "tiny"]
 DEVICE = r"^(cpu|cuda(:\d{1,2})?|mps|xpu(:\d{1,2})?)$"  # torch device names this project runs on
@@ -30,6 +30,7 @@ class GenerateSettings(Settings):
                               ge=1, le=65536)
     shard_size: int = setting(1000, "Anchors per shard.", ge=1, le=1_000_000)
     precision: Precision = setting("auto", "auto: bf16 autocast on GPUs and on CPUs with bf16 units, else fp32.")
+    tf32: TF32 = same_setting(NumericsSettings, "tf32")
     share_anchor_pass: bool = setting(False, "Share the anchor's encoder pass (and noise) among its k candidates: "
                                              "cheaper.")
     compile: bool = setting(False, "torch.compile the U-Net blocks (compiling takes minutes: for long GPU runs).",

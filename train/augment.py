@@ -6,23 +6,31 @@ list are a ``ViewAugmentation`` of the method's recipe (``clsp.train.recipes``).
 the same list:
 
 - ``cpu``: torchvision.transforms.v2, one image at a time, run in DataLoader workers.
-- ``device``: kornia.augmentation on whole uint8 batches already on the training device. Each
-  sample draws its own parameters (torchvision v2 applied to a batch tensor would draw one set for
-  the whole batch). At CIFAR scale per-image augmentation on CPU workers is what starves a GPU.
-  Colour jitter is ``ColorJitterPerImage``: kornia's ColorJitter draws the order of its four steps
-  once per batch, torchvision's (the authors') once per image.
+- ``device``: whole uint8 batches already on the training device, every parameter drawn per sample on
+  that device (torchvision v2 applied to a batch tensor would draw one set for the whole batch) with
+  torchvision's distributions, and applied in a few dozen batched kernels: the crop and the flip are one
+  bilinear ``grid_sample``, the colour jitter four blended steps whose order is drawn per image (kornia's
+  ColorJitter draws it once per batch, torchvision's, the authors', once per image). Nothing syncs with the
+  host, so a step is not bound by kernel launches at CIFAR sizes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clsp.train.recipes import RECIPES, ViewAugmentation
+
+CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect ratios (torchvision's default)
+CROP_ATTEMPTS = 10  # torchvision's tries before its centre-crop fallback
+GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+SOLARIZE_AT = 0.5  # of the [0, 1] range, as torchvision's 128 of 255 on uint8 pixels
 
 
 def view_augmentations(method: str | None, settings: Mapping[str, Any]) -> tuple[ViewAugmentation, ViewAugmentation]:
@@ -40,7 +48,7 @@ def cpu_transform(size: int, mean: Sequence[float], std: Sequence[float], view: 
     from torchvision.transforms import v2
 
     return v2.Compose([
-        v2.RandomResizedCrop(size, scale=(view.crop_min_scale, 1.0), antialias=True),
+        v2.RandomResizedCrop(size, scale=(view.crop_min_scale, 1.0), ratio=CROP_RATIO, antialias=True),
         v2.RandomApply([v2.ColorJitter(view.brightness, view.contrast, view.saturation, view.hue)], p=view.jitter_p),
         v2.RandomGrayscale(p=view.grayscale_p),
         *([v2.RandomHorizontalFlip()] if view.flip else []),
@@ -55,54 +63,122 @@ def augment_images(transform: nn.Module, images: Tensor) -> Tensor:
     return torch.stack([transform(image) for image in images])
 
 
-def _adjust_hue_turns(images: Tensor, turns: Tensor) -> Tensor:
-    """Hue shifted by ``turns`` of the colour circle per image, torchvision's unit (kornia's is radians)."""
-    from kornia.enhance import adjust_hue
+def draw_crops(batch: int, height: int, width: int, min_scale: float, device: torch.device | str = "cpu") -> Tensor:
+    """RandomResizedCrop's boxes, torchvision's ``get_params`` for ``batch`` images at once: float
+    ``[B, 4]`` of (top, left, height, width) in whole pixels.
 
-    return adjust_hue(images, turns * 2 * torch.pi)
+    Each image tries ``CROP_ATTEMPTS`` (area, aspect) draws and keeps the first that fits, else takes
+    torchvision's centre crop; the position is uniform over the places the box fits."""
+    area = height * width
+    target = torch.empty(batch, CROP_ATTEMPTS, device=device).uniform_(min_scale, 1.0).mul_(area)
+    aspect = torch.empty(batch, CROP_ATTEMPTS, device=device).uniform_(*map(math.log, CROP_RATIO)).exp_()
+    box_h, box_w = (target / aspect).sqrt_().round_(), (target * aspect).sqrt_().round_()
+    fits = (box_h > 0) & (box_h <= height) & (box_w > 0) & (box_w <= width)
+    first = fits.byte().argmax(dim=1, keepdim=True)  # the first try that fits (0 where none does: replaced below)
+    found = fits.any(dim=1)
+    fallback_h, fallback_w = _centre_crop(height, width)
+    box_h = torch.where(found, box_h.gather(1, first)[:, 0], fallback_h)
+    box_w = torch.where(found, box_w.gather(1, first)[:, 0], fallback_w)
+    top, left = torch.rand(batch, 2, device=device).unbind(dim=1)
+    return torch.stack([(top * (height + 1 - box_h)).floor_(), (left * (width + 1 - box_w)).floor_(), box_h, box_w],
+                       dim=1)
+
+
+def _centre_crop(height: int, width: int) -> tuple[float, float]:
+    """torchvision's fallback box (height, width): the whole image, cut to the nearest allowed aspect."""
+    aspect = width / height
+    if aspect < CROP_RATIO[0]:
+        return float(round(width / CROP_RATIO[0])), float(width)
+    if aspect > CROP_RATIO[1]:
+        return float(height), float(round(height * CROP_RATIO[1]))
+    return float(height), float(width)
+
+
+def resized_crop(images: Tensor, boxes: Tensor, flip: Tensor, size: int) -> Tensor:
+    """Each image's box resized to ``size`` x ``size`` (bilinear, as torchvision's ``resized_crop`` without
+    antialiasing) and mirrored where ``flip``: one ``grid_sample`` for the batch.
+
+    Output pixel centres map onto the box as a resize of the cropped image maps them, and sample positions
+    are clamped to the box's outer pixel centres, so no pixel outside the box leaks in at its border."""
+    height, width = images.shape[-2:]
+    centres = (torch.arange(size, device=images.device, dtype=images.dtype) + 0.5) / size  # of the output, in (0, 1)
+    top, left, box_h, box_w = boxes.unbind(dim=1)
+    across = torch.where(flip[:, None], 1 - centres, centres)  # [B, size]: a mirrored view reads right to left
+    # positions in pixels, clamped to the box's pixel centres, then in grid_sample's [-1, 1] (align_corners=False)
+    ys = torch.minimum(torch.maximum(top[:, None] + centres * box_h[:, None], top[:, None] + 0.5),
+                       (top + box_h)[:, None] - 0.5)
+    xs = torch.minimum(torch.maximum(left[:, None] + across * box_w[:, None], left[:, None] + 0.5),
+                       (left + box_w)[:, None] - 0.5)
+    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :] * (2 / width), ys[:, :, None] * (2 / height)), dim=-1)
+    return F.grid_sample(images, grid - 1, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def grey(images: Tensor) -> Tensor:
+    """torchvision's luma of a float ``[B, 3, H, W]`` batch, ``[B, 1, H, W]`` (its ``rgb_to_grayscale``)."""
+    red, green, blue = images.unbind(dim=1)
+    return red.mul(GREY[0]).add_(green, alpha=GREY[1]).add_(blue, alpha=GREY[2]).unsqueeze(1)
+
+
+def shift_hue(images: Tensor, turns: Tensor) -> Tensor:
+    """torchvision's ``adjust_hue`` (HSV, hue shifted by ``turns`` of the circle) on a float ``[B, 3, H, W]``
+    batch in [0, 1], one shift per image, in a dozen batched kernels."""
+    value, top = images.max(dim=1)  # top: the first channel holding the maximum, as torchvision breaks ties
+    spread = value - images.amin(dim=1)
+    # hue in sixths of the circle: channel c largest -> 2c + (next channel - the one after) / spread
+    across = images.roll(-1, dims=1) - images.roll(-2, dims=1)
+    hue = across.gather(1, top[:, None])[:, 0] / spread.clamp_min(1e-12) + 2 * top
+    saturation = spread / value.clamp_min(1e-12)
+    hue = (hue + 6 * turns.view(-1, 1, 1))[:, None]  # [B, 1, H, W]
+    # back to RGB: channel n (r, g, b = 5, 3, 1) = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + hue) mod 6
+    k = (hue + torch.arange(5.0, 0.0, -2.0, device=hue.device).view(1, 3, 1, 1)).remainder_(6)
+    return value[:, None] - (value * saturation)[:, None] * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 
 class ColorJitterPerImage(nn.Module):
     """torchvision's ColorJitter applied with probability ``p``, on a float ``[B, 3, H, W]`` batch in [0, 1],
     with everything drawn per image: whether it applies, the four factors and the order of the four steps.
 
-    The steps are kornia's batched forms of torchvision's formulas (brightness scales, contrast blends with the
-    grey mean, saturation with the grey image, hue shifts in HSV), each taking one factor per image. Every
-    position of the order runs each step on the whole batch and keeps it where that image's order puts it,
-    so no image waits for another and nothing syncs with the host.
+    Brightness, contrast and saturation are each a blend ``clamp(f x + (1 - f) target)`` with black, the
+    image's mean grey and its grey image, so every position of the order is one blend whose coefficients
+    each image takes from the step its order puts there, plus the hue shift where that step is hue: four
+    positions, each a handful of batched kernels, and no host sync.
     """
 
     def __init__(self, brightness: float, contrast: float, saturation: float, hue: float, p: float) -> None:
         super().__init__()
-        from kornia import enhance
-
         self.p = p
         # (low, high) of each factor as torchvision draws it; None: the step never changes an image
         self.ranges = [(max(0.0, 1 - v), 1 + v) if v > 0 else None for v in (brightness, contrast, saturation)]
         self.ranges.append((-hue, hue) if hue > 0 else None)
-        self.steps = (enhance.adjust_brightness_accumulative, enhance.adjust_contrast_with_mean_subtraction,
-                      enhance.adjust_saturation_with_gray_subtraction, _adjust_hue_turns)
+        # uniform draws scaled on the device (no host copy per step); an off step's factor is neutral
+        low = [r[0] if r else neutral for r, neutral in zip(self.ranges, (1.0, 1.0, 1.0, 0.0))]
+        self.register_buffer("low", torch.tensor(low), persistent=False)
+        self.register_buffer("span", torch.tensor([r[1] - r[0] if r else 0.0 for r in self.ranges]), persistent=False)
 
     def draw(self, batch: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
         """The parameters of ``batch`` images: ``applied`` [B] bool, ``factors`` [B, 4] (brightness, contrast,
         saturation, hue; neutral where a step is off), ``order`` [B, 4] (a permutation of the steps per row)."""
         applied = torch.rand(batch, device=device) < self.p
-        factors = torch.tensor([1.0, 1.0, 1.0, 0.0], device=device).repeat(batch, 1)
-        for k, bounds in enumerate(self.ranges):
-            if bounds is not None:
-                factors[:, k].uniform_(*bounds)
+        factors = torch.rand(batch, 4, device=device) * self.span + self.low
         order = torch.rand(batch, 4, device=device).argsort(dim=1)
         return {"applied": applied, "factors": factors, "order": order}
 
     def apply_params(self, images: Tensor, params: dict[str, Tensor]) -> Tensor:
         """``images`` jittered with ``params`` (from ``draw``); not ``apply``, which ``nn.Module`` owns."""
+        order, applied = params["order"], params["applied"][:, None]
+        factor = params["factors"].gather(1, order)  # [B, position]: the factor of the step at that position
+        runs = torch.stack([applied & (order == k) for k in range(4)])  # [step, B, position]
+        # per position: out = clamp(a x + b mean_grey + c grey), or the hue shift where the step is hue
+        a = torch.where(runs[0] | runs[1] | runs[2], factor, 1.0)
+        b, c = torch.where(runs[1:3], 1 - factor, 0.0)
+        coefficients = torch.stack([a, b, c]).permute(2, 1, 0)[..., None, None, None]  # [position, B, 3, 1, 1, 1]
+        hue_here, turns = runs[3].T, torch.where(runs[3], factor, 0.0).T
         out = images
         for position in range(4):
-            for k, step in enumerate(self.steps):
-                if self.ranges[k] is None:
-                    continue
-                here = (params["applied"] & (params["order"][:, position] == k)).view(-1, 1, 1, 1)
-                out = torch.where(here, step(out, params["factors"][:, k]), out)
+            luma = grey(out)
+            a, b, c = coefficients[position].unbind(1)
+            blended = (a * out + b * luma.mean(dim=(2, 3), keepdim=True) + c * luma).clamp_(0, 1)
+            out = torch.where(hue_here[position].view(-1, 1, 1, 1), shift_hue(out, turns[position]), blended)
         return out
 
     def forward(self, images: Tensor) -> Tensor:
@@ -112,26 +188,51 @@ class ColorJitterPerImage(nn.Module):
 class DeviceAugment(nn.Module):
     """Batched augmentation with per-sample parameters: uint8 ``[B, 3, H, W]`` -> normalised float32.
 
-    Runs on whatever device the batch is on; parameters come from torch's global generator, which
-    the caller seeds per step (see ``clsp.train.data.step_seed``) so that a resumed run draws the
-    same views.
+    Runs on whatever device the batch is on; parameters come from torch's global generator of that device,
+    which the caller seeds per step (see ``clsp.train.data.step_seed``) so that a resumed run draws the
+    same views. ``draw`` and ``apply_params`` are the two halves of ``forward``.
     """
 
     def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], view: ViewAugmentation) -> None:
         super().__init__()
-        import kornia.augmentation as K
+        self.size, self.view = size, view
+        self.jitter = ColorJitterPerImage(view.brightness, view.contrast, view.saturation, view.hue, p=view.jitter_p)
+        self.register_buffer("coins", torch.tensor([0.5 if view.flip else 0.0, view.grayscale_p, view.solarize_p]),
+                             persistent=False)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
-        self.pipeline = nn.Sequential(
-            # "resample" crops the whole batch with one batched warp; "slice" loops over samples.
-            K.RandomResizedCrop((size, size), scale=(view.crop_min_scale, 1.0), cropping_mode="resample"),
-            ColorJitterPerImage(view.brightness, view.contrast, view.saturation, view.hue, p=view.jitter_p),
-            K.RandomGrayscale(p=view.grayscale_p),
-            *([K.RandomHorizontalFlip()] if view.flip else []),
-            # threshold exactly 0.5 of the [0, 1] range, as torchvision's 128 of 255
-            *([K.RandomSolarize(thresholds=0.0, additions=0.0, p=view.solarize_p)] if view.solarize_p > 0 else []),
-            K.Normalize(torch.tensor(mean), torch.tensor(std)),
-        )
+    def draw(self, batch: int, height: int, width: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+        """Every parameter of ``batch`` views: crop ``boxes`` [B, 4], the jitter's (``ColorJitterPerImage.draw``)
+        and the ``flip``, ``grayscale`` and ``solarize`` coins [B] (False where the view has no such step)."""
+        flip, grayscale, solarize = (torch.rand(batch, 3, device=device) < self.coins).unbind(dim=1)
+        return {"boxes": draw_crops(batch, height, width, self.view.crop_min_scale, device),
+                **self.jitter.draw(batch, device), "flip": flip, "grayscale": grayscale, "solarize": solarize}
+
+    def apply_params(self, images: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """Float ``[B, 3, H, W]`` images in [0, 1] augmented with ``params`` (from ``draw``), normalised."""
+        out = self.jitter.apply_params(resized_crop(images, params["boxes"], params["flip"], self.size), params)
+        out = torch.where(params["grayscale"].view(-1, 1, 1, 1), grey(out), out)
+        if self.view.solarize_p > 0:
+            out = torch.where(params["solarize"].view(-1, 1, 1, 1) & (out >= SOLARIZE_AT), 1 - out, out)
+        return (out - self.mean) / self.std
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
-        return self.pipeline(images.float().div_(255.0))
+        batch, _, height, width = images.shape
+        return self.apply_params(images.float().div_(255.0), self.draw(batch, height, width, images.device))
+
+
+def augment_views(augments: tuple[DeviceAugment, DeviceAugment], anchor: Tensor,
+                  positive: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The three views of a step (anchor by view 1's and view 2's lists, the positive by view 1's), with
+    one call per distinct list: a symmetric recipe augments all three in one batch. Every image still draws
+    its own parameters, so the views' distribution is that of three separate calls."""
+    first, second = augments
+    inputs = [anchor, anchor] + ([] if positive is None else [positive])
+    if first.view == second.view:
+        x1, x2, *x3 = first(torch.cat(inputs)).split(len(anchor))
+    else:
+        x1, *x3 = first(torch.cat(inputs[:1] + inputs[2:])).split(len(anchor))
+        x2 = second(anchor)
+    return x1, x2, x3[0] if x3 else None

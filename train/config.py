@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import field_validator, model_validator
 
-from clsp.config import Precision, Settings, ValidationSettings, same_setting, setting
+from clsp.config import TF32, NumericsSettings, Precision, Settings, ValidationSettings, same_setting, setting
 from clsp.datasets import DEFAULT_DATA_ROOT
 from clsp.errors import UserError
 from clsp.train.recipes import RECIPES, DecayScope, ForwardMode, NNIndex, Optimizer, ScheduleUnit
@@ -69,6 +69,7 @@ class TrainSettings(Settings):
         None, "cpu: per image in DataLoader workers; device: batched on the training device. "
               "[default: device on CUDA, else cpu]")
     precision: Precision = setting("auto", "auto: bf16 autocast on GPUs and on CPUs with bf16 units.")
+    tf32: TF32 = same_setting(NumericsSettings, "tf32")
     workers: int = setting(min(4, len(os.sched_getaffinity(0))), "DataLoader worker processes per process (0: "
                            "in-process) [default: 4, at most the usable cores].", ge=0, le=256)
     decoded_cache_dir: str | None = setting(

@@ -3,39 +3,24 @@
 from __future__ import annotations
 
 import math
-from collections import Counter
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 from scipy.stats import ks_2samp
-from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
 
 from clsp.train.augment import DeviceAugment, augment_views, view_augmentations
 from clsp.train.recipes import ViewAugmentation
 
+_SPEC = importlib.util.spec_from_file_location(
+    "aten_ops", Path(__file__).resolve().parent.parent / "benchmarks" / "aten_ops.py")
+aten_ops = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(aten_ops)
 DRAWS = 4000
 MEAN, STD = (0.4, 0.45, 0.5), (0.2, 0.25, 0.3)
-# tensors made from host values (torch.tensor), moves between devices and reads back (.item()): each a copy
-# through the host, and on CUDA a sync
-HOST_TRAFFIC = {"aten.lift_fresh", "aten._local_scalar_dense", "to another device"}
-
-
-class OpCount(TorchDispatchMode):
-    """Every aten op dispatched inside, by name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        moved = func.overloadpacket is torch.ops.aten._to_copy and "device" in kwargs
-        self.ops["to another device" if moved else str(func.overloadpacket)] += 1
-        return func(*args, **kwargs)
-
-
 def _same_distribution(ours, reference, what: str) -> None:
     result = ks_2samp(ours, reference)
     assert result.pvalue > 1e-3, f"{what}: KS statistic {result.statistic:.3f}, p {result.pvalue:.2g}"
@@ -111,15 +96,15 @@ def test_each_view_is_torchvisions_functional_ops_with_its_drawn_parameters():
 def test_three_views_of_a_step_take_one_call_of_a_hundred_or_so_ops_and_no_host_traffic():
     first, second = (DeviceAugment(32, MEAN, STD, view) for view in view_augmentations("simclr", {}))
     anchor, positive = (torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8) for _ in range(2))
-    with OpCount() as count:
+    with aten_ops.AtenOps() as count:
         x1, x2, x3 = augment_views((first, second), anchor, positive)
     # before: about 1,100 aten ops per view and a host copy of the crop's scale each
-    assert sum(count.ops.values()) <= 400, count.ops.most_common(10)
-    assert not HOST_TRAFFIC & set(count.ops), {op: count.ops[op] for op in HOST_TRAFFIC & set(count.ops)}
+    assert count.total <= 400, count.ops.most_common(10)
+    assert count.host_traffic == 0, count.ops
     assert x1.shape == x2.shape == x3.shape == (8, 3, 32, 32)
     assert not torch.equal(x1, x2)  # the same anchors, their own draws
     # an asymmetric recipe: the second view by its own list, the first two through one call
     asymmetric = tuple(DeviceAugment(32, MEAN, STD, view) for view in view_augmentations("nnclr", {}))
-    with OpCount() as count:
+    with aten_ops.AtenOps() as count:
         views = augment_views(asymmetric, anchor, None)
-    assert views[2] is None and sum(count.ops.values()) <= 800
+    assert views[2] is None and count.total <= 800 and count.host_traffic == 0

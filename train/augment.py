@@ -102,36 +102,19 @@ def resized_crop(images: Tensor, boxes: Tensor, flip: Tensor, size: int) -> Tens
     are clamped to the box's outer pixel centres, so no pixel outside the box leaks in at its border."""
     height, width = images.shape[-2:]
     centres = (torch.arange(size, device=images.device, dtype=images.dtype) + 0.5) / size  # of the output, in (0, 1)
-    top, left, box_h, box_w = boxes.unbind(dim=1)
+    top, left, box_h, box_w = boxes[:, :, None].unbind(dim=1)  # [B, 1] each
     across = torch.where(flip[:, None], 1 - centres, centres)  # [B, size]: a mirrored view reads right to left
     # positions in pixels, clamped to the box's pixel centres, then in grid_sample's [-1, 1] (align_corners=False)
-    ys = torch.minimum(torch.maximum(top[:, None] + centres * box_h[:, None], top[:, None] + 0.5),
-                       (top + box_h)[:, None] - 0.5)
-    xs = torch.minimum(torch.maximum(left[:, None] + across * box_w[:, None], left[:, None] + 0.5),
-                       (left + box_w)[:, None] - 0.5)
-    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :] * (2 / width), ys[:, :, None] * (2 / height)), dim=-1)
-    return F.grid_sample(images, grid - 1, mode="bilinear", padding_mode="border", align_corners=False)
+    ys = (top + centres * box_h).clamp_(top + 0.5, top + box_h - 0.5) * (2 / height) - 1
+    xs = (left + across * box_w).clamp_(left + 0.5, left + box_w - 0.5) * (2 / width) - 1
+    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def grey(images: Tensor) -> Tensor:
     """torchvision's luma of a float ``[B, 3, H, W]`` batch, ``[B, 1, H, W]`` (its ``rgb_to_grayscale``)."""
     red, green, blue = images.unbind(dim=1)
     return red.mul(GREY[0]).add_(green, alpha=GREY[1]).add_(blue, alpha=GREY[2]).unsqueeze(1)
-
-
-def shift_hue(images: Tensor, turns: Tensor) -> Tensor:
-    """torchvision's ``adjust_hue`` (HSV, hue shifted by ``turns`` of the circle) on a float ``[B, 3, H, W]``
-    batch in [0, 1], one shift per image, in a dozen batched kernels."""
-    value, top = images.max(dim=1)  # top: the first channel holding the maximum, as torchvision breaks ties
-    spread = value - images.amin(dim=1)
-    # hue in sixths of the circle: channel c largest -> 2c + (next channel - the one after) / spread
-    across = images.roll(-1, dims=1) - images.roll(-2, dims=1)
-    hue = across.gather(1, top[:, None])[:, 0] / spread.clamp_min(1e-12) + 2 * top
-    saturation = spread / value.clamp_min(1e-12)
-    hue = (hue + 6 * turns.view(-1, 1, 1))[:, None]  # [B, 1, H, W]
-    # back to RGB: channel n (r, g, b = 5, 3, 1) = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + hue) mod 6
-    k = (hue + torch.arange(5.0, 0.0, -2.0, device=hue.device).view(1, 3, 1, 1)).remainder_(6)
-    return value[:, None] - (value * saturation)[:, None] * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 
 class ColorJitterPerImage(nn.Module):
@@ -154,6 +137,8 @@ class ColorJitterPerImage(nn.Module):
         low = [r[0] if r else neutral for r, neutral in zip(self.ranges, (1.0, 1.0, 1.0, 0.0))]
         self.register_buffer("low", torch.tensor(low), persistent=False)
         self.register_buffer("span", torch.tensor([r[1] - r[0] if r else 0.0 for r in self.ranges]), persistent=False)
+        # RGB from HSV: channel n (r, g, b = 5, 3, 1) = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 hue) mod 6
+        self.register_buffer("hue_offsets", torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1), persistent=False)
 
     def draw(self, batch: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
         """The parameters of ``batch`` images: ``applied`` [B] bool, ``factors`` [B, 4] (brightness, contrast,
@@ -171,15 +156,27 @@ class ColorJitterPerImage(nn.Module):
         # per position: out = clamp(a x + b mean_grey + c grey), or the hue shift where the step is hue
         a = torch.where(runs[0] | runs[1] | runs[2], factor, 1.0)
         b, c = torch.where(runs[1:3], 1 - factor, 0.0)
-        coefficients = torch.stack([a, b, c]).permute(2, 1, 0)[..., None, None, None]  # [position, B, 3, 1, 1, 1]
-        hue_here, turns = runs[3].T, torch.where(runs[3], factor, 0.0).T
+        coefficients = torch.stack([a, b, c]).permute(2, 0, 1)[..., None, None, None]  # [position, 3, B, 1, 1, 1]
+        hue_here = runs[3].T[..., None, None, None]  # [position, B, 1, 1, 1]
+        sixths = torch.where(runs[3], 6 * factor, 0.0).T[..., None, None, None]
         out = images
         for position in range(4):
             luma = grey(out)
-            a, b, c = coefficients[position].unbind(1)
-            blended = (a * out + b * luma.mean(dim=(2, 3), keepdim=True) + c * luma).clamp_(0, 1)
-            out = torch.where(hue_here[position].view(-1, 1, 1, 1), shift_hue(out, turns[position]), blended)
+            a, b, c = coefficients[position].unbind(0)
+            blended = torch.addcmul(torch.addcmul(b * luma.mean(dim=(2, 3), keepdim=True), c, luma), a, out)
+            out = torch.where(hue_here[position], self._shift_hue(out, sixths[position]), blended.clamp_(0, 1))
         return out
+
+    def _shift_hue(self, images: Tensor, sixths: Tensor) -> Tensor:
+        """torchvision's ``adjust_hue`` (in HSV) with the hue of each image shifted by ``sixths`` [B, 1, 1, 1]
+        sixths of the colour circle, for the whole batch at once."""
+        value, top = images.max(dim=1, keepdim=True)  # top: the first channel at the maximum, as torchvision breaks ties
+        spread = value - images.amin(dim=1, keepdim=True)  # = value x saturation
+        # hue in sixths: channel c largest -> 2c + (next channel - the one after) / spread
+        across = images.roll(-1, dims=1) - images.roll(-2, dims=1)
+        hue = across.gather(1, top) / spread.clamp_min(1e-12) + 2 * top + sixths
+        k = (hue + self.hue_offsets).remainder_(6)
+        return value - spread * torch.minimum(k, 4 - k).clamp_(0, 1)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.apply_params(images, self.draw(len(images), images.device))

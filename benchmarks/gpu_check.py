@@ -3,6 +3,7 @@
 ``gpu_bench.sh`` runs each row as its own process under its own time limit, so a row that runs out of time or
 fails leaves every row before it in the report (and every sub-row of its own already measured). Rows:
 
+- ``data``: the CIFAR-shaped synthetic shards (32x32, 10 classes, 2 positives) the training rows share;
 - ``gemm``: the card's measured matrix rate in bf16, TF32 and full fp32 (on a CPU: fp32), the peaks the
   other rows are a fraction of;
 - ``ops``: aten operations of one ``--augment device`` training step per method, the augmentation's share
@@ -41,9 +42,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules
 
-from aten_ops import AtenOps  # noqa: E402
-from clsp.io import write_json_atomic  # noqa: E402
-from clsp.runtime import apply_tf32  # noqa: E402
+from aten_ops import AtenOps
+from clsp.io import write_json_atomic
+from clsp.runtime import apply_tf32
 
 # aten ops of one --augment device training step before the batched augmentation (commit 9a5fa87, counted
 # on a CPU by this row's code): the augmentation about 1,100 per view
@@ -150,6 +151,14 @@ class Check:
         return Trainer(TrainJob(**{**values, **settings}))
 
 
+def data(check: Check) -> None:
+    """The synthetic shards the training rows share, made before them (so no row's time share pays for them)."""
+    start = time.perf_counter()
+    check.shards()
+    check.add({"row": "data", "anchors": check.sizes.train_anchors, "candidates": 2,
+               "seconds": round(time.perf_counter() - start, 1)})
+
+
 def gemm(check: Check) -> None:
     n = check.sizes.gemm
     kinds = {"bf16": (torch.bfloat16, "none"), "tf32": (torch.float32, "all"), "fp32": (torch.float32, "none")}
@@ -216,7 +225,7 @@ def sample(check: Check, compiled: bool = False) -> None:
         seconds = check.seconds(lambda p=precision: run(s.timed_steps, p), 1, 0) / s.timed_steps
         if compiled:
             compile_s = round(first - seconds, 1)
-        arithmetic = "bf16" if precision == "bf16" else ("fp32" if tf32 == "none" else "tf32")
+        arithmetic = "bf16" if precision == "bf16" else ("tf32" if check.cuda and tf32 != "none" else "fp32")
         tflops = per_step / seconds / 1e12
         check.add({"row": "sample-compiled" if compiled else "sample", "unet": s.unet, "precision": precision,
                    "tf32": tf32, "anchors": s.anchors, "candidates": s.candidates, "seconds_per_step": seconds,
@@ -309,9 +318,19 @@ def train_compiled(check: Check) -> None:
                "step_anchors_per_s": round(batch_size / seconds, 1)})
 
 
+def summary(check: Check) -> None:
+    """The report as one line per row (no measurement)."""
+    report = json.loads(check.out.read_text()) if check.out.is_file() else {"rows": []}
+    print(f"{report.get('card', '?')}, torch {report.get('torch', '?')}, CUDA {report.get('cuda')}: "
+          f"{len(report['rows'])} rows")
+    for row in report["rows"]:
+        print("  " + ", ".join(f"{key} {value}" for key, value in row.items()))
+
+
 ROWS: dict[str, Callable[[Check], None]] = {
-    "gemm": gemm, "ops": ops, "sample": sample, "train": train, "loader": loader, "faiss": faiss_search,
-    "sample-compiled": lambda check: sample(check, compiled=True), "train-compiled": train_compiled}
+    "data": data, "gemm": gemm, "ops": ops, "sample": sample, "train": train, "loader": loader, "faiss": faiss_search,
+    "sample-compiled": lambda check: sample(check, compiled=True), "train-compiled": train_compiled,
+    "summary": summary}
 
 
 def main(argv: list[str] | None = None) -> None:

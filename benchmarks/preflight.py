@@ -24,10 +24,16 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from packaging.requirements import Requirement
-from packaging.tags import sys_tags
-from packaging.utils import canonicalize_name, parse_wheel_filename
-from packaging.version import Version
+try:
+    from packaging.requirements import Requirement
+    from packaging.tags import sys_tags
+    from packaging.utils import canonicalize_name, parse_wheel_filename
+    from packaging.version import Version
+except ImportError:  # a machine with torch alone: pip's own copy (the install needs pip anyway)
+    from pip._vendor.packaging.requirements import Requirement  # type: ignore[no-redef]
+    from pip._vendor.packaging.tags import sys_tags  # type: ignore[no-redef]
+    from pip._vendor.packaging.utils import canonicalize_name, parse_wheel_filename  # type: ignore[no-redef]
+    from pip._vendor.packaging.version import Version  # type: ignore[no-redef]
 
 MIN_PYTHON = (3, 10)  # pyproject's requires-python
 MIN_TORCH = Version("2.4")  # pyproject's torch>=2.4
@@ -129,20 +135,19 @@ def check(env: Environment, wheelhouse: dict | None = None, supported: set[str] 
     if built_for and Version(built_for).release[:2] != versions["torch"].release[:2]:
         raise Unfit(f"the wheelhouse was built for torch {built_for}, this machine has torch {env.torch}: rebuild "
                     f"it with python benchmarks/build_wheelhouse.py --torch {versions['torch']}")
+    built_for_python = wheelhouse.get("python_version")
+    if built_for_python and built_for_python != python:
+        raise Unfit(f"the wheelhouse is built for Python {built_for_python}, this is Python {python}: rebuild it "
+                    f"with python benchmarks/build_wheelhouse.py --python-version {python}")
     supported = supported if supported is not None else {str(tag) for tag in sys_tags()}
     unfit = {name: f"built for {', '.join(w['tags'])}" for name, w in wheels.items() if not set(w["tags"]) & supported}
-    binary = [name for name, w in wheels.items() if not all(tag.startswith("py") for tag in w["tags"])]
-    if binary and all(name in unfit for name in binary):
-        raise Unfit(f"the wheelhouse is built for Python {wheelhouse.get('python_version', '?')} "
-                    f"({unfit[binary[0]]}), this is Python {python}: rebuild it with python "
-                    f"benchmarks/build_wheelhouse.py --python-version {python}")
     for name, wheel in wheels.items():
         for text in wheel["requires"]:
             req = Requirement(text)
             have = versions[canonicalize_name(req.name)]
             if name not in unfit and not req.specifier.contains(have, True):
                 unfit[name] = f"needs {req}, this machine has {req.name} {have}"
-    return [f"{name}: {why}" for name, why in unfit.items()]
+    return sorted(f"{name}: {why}" for name, why in unfit.items())
 
 
 def describe(env: Environment) -> str:

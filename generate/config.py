@@ -73,6 +73,7 @@ class DDPMSettings(Settings):
     sample_every: int = setting(500, "Steps between sample grids (samples.png).", role="logging", ge=1)
     log_every: int = setting(10, "Steps between logged losses.", role="logging", ge=1)
     precision: Precision = setting("auto", "auto: bf16 autocast on GPUs, fp32 on CPUs.")
+    tf32: TF32 = same_setting(NumericsSettings, "tf32")
 
 
 class DDPMJob(DatasetConfig, DDPMSettings):

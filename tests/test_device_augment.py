@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest

@@ -127,6 +127,10 @@ class ColorJitterPerImage(nn.Module):
     positions, each a handful of batched kernels, and no host sync.
     """
 
+    low: Tensor
+    span: Tensor
+    hue_offsets: Tensor
+
     def __init__(self, brightness: float, contrast: float, saturation: float, hue: float, p: float) -> None:
         super().__init__()
         self.p = p
@@ -170,7 +174,7 @@ class ColorJitterPerImage(nn.Module):
     def _shift_hue(self, images: Tensor, sixths: Tensor) -> Tensor:
         """torchvision's ``adjust_hue`` (in HSV) with the hue of each image shifted by ``sixths`` [B, 1, 1, 1]
         sixths of the colour circle, for the whole batch at once."""
-        value, top = images.max(dim=1, keepdim=True)  # top: the first channel at the maximum, as torchvision breaks ties
+        value, top = images.max(dim=1, keepdim=True)  # top: the first channel at the maximum (torchvision's tie)
         spread = value - images.amin(dim=1, keepdim=True)  # = value x saturation
         # hue in sixths: channel c largest -> 2c + (next channel - the one after) / spread
         across = images.roll(-1, dims=1) - images.roll(-2, dims=1)
@@ -189,6 +193,10 @@ class DeviceAugment(nn.Module):
     which the caller seeds per step (see ``clsp.train.data.step_seed``) so that a resumed run draws the
     same views. ``draw`` and ``apply_params`` are the two halves of ``forward``.
     """
+
+    coins: Tensor
+    mean: Tensor
+    std: Tensor
 
     def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], view: ViewAugmentation) -> None:
         super().__init__()
@@ -220,7 +228,7 @@ class DeviceAugment(nn.Module):
         return self.apply_params(images.float().div_(255.0), self.draw(batch, height, width, images.device))
 
 
-def augment_views(augments: tuple[DeviceAugment, DeviceAugment], anchor: Tensor,
+def augment_views(augments: Sequence[DeviceAugment], anchor: Tensor,
                   positive: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """The three views of a step (anchor by view 1's and view 2's lists, the positive by view 1's), with
     one call per distinct list: a symmetric recipe augments all three in one batch. Every image still draws

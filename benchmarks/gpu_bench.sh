@@ -64,13 +64,13 @@ if [ "$cpu" = 1 ]; then
     tag=cpu
     flag=(--cpu)
     budget=${GPU_BENCH_BUDGET_S:-300}
-    shares=(data:30 gemm:20 ops:60 sample:45 train:90 loader:30 faiss:20 sample-compiled:60 train-compiled:60)
+    shares=(data:30 gemm:20 ops:60 sample:45 train:90 loader:30 faiss:20 sample-compiled:15 train-compiled:15)
 else
     tag=cuda
     flag=()
     budget=${GPU_BENCH_BUDGET_S:-300}
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    shares=(data:30 gemm:15 ops:30 sample:45 train:100 loader:20 faiss:10 sample-compiled:60 train-compiled:50)
+    shares=(data:45 gemm:15 ops:30 sample:45 train:100 loader:20 faiss:10 sample-compiled:60 train-compiled:50)
 fi
 report=$out/gpu_check_$tag.json
 rm -f "$report"

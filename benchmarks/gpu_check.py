@@ -11,8 +11,8 @@ fails leaves every row before it in the report (and every sub-row of its own alr
 - ``sample``: the interpolated DDIM loop (``sample_positives``) of the DDPM CIFAR-10 U-Net at the generation
   preset's batch (256 anchors x 8 candidates), in fp32 under each ``tf32`` setting and in bf16: images per
   second at 100 steps, TFLOP/s and the fraction of the measured peak of that arithmetic;
-- ``train``: a few hundred steps of the real ``Trainer.fit`` (shards, DataLoader workers, device
-  augmentation, the preset's recipe batch) on CIFAR-shaped data in fp32 and bf16, beside a bare ResNet-18
+- ``train``: 200 steps of the real ``Trainer.fit`` (shards, DataLoader workers, device augmentation,
+  the recipes' batches: SimCLR 1,024, MoCo 512) on CIFAR-shaped data in fp32 and bf16, beside a bare ResNet-18
   forward and backward of the same three views;
 - ``loader``: the DataLoader path alone (the preset's workers, pinned memory), epoch 1 (decoding) and 2;
 - ``faiss``: NNCLR's nearest-neighbour search of its support set (65,536 x 256) for one batch of queries;
@@ -64,7 +64,7 @@ class Sizes:
     candidates: int
     timed_steps: int
     train_anchors: int  # of the synthetic shard set
-    train_epochs: int
+    train_steps: int  # about this many steps of Trainer.fit (whole epochs)
     batch: dict[str, int]  # per method: the recipe's batch
     precisions: tuple[str, ...]
     workers: int
@@ -72,11 +72,11 @@ class Sizes:
     compile_steps: int
 
 
-CUDA = Sizes(gemm=8192, unet="ddpm-cifar", image=32, anchors=256, candidates=8, timed_steps=3, train_anchors=4096,
-             train_epochs=25, batch={"simclr": 512, "moco": 512}, precisions=("fp32", "bf16"), workers=8,
+CUDA = Sizes(gemm=8192, unet="ddpm-cifar", image=32, anchors=256, candidates=8, timed_steps=3, train_anchors=8192,
+             train_steps=200, batch={"simclr": 1024, "moco": 512}, precisions=("fp32", "bf16"), workers=8,
              support_set=65536, compile_steps=10)
 CPU = Sizes(gemm=512, unet="tiny", image=16, anchors=2, candidates=2, timed_steps=2, train_anchors=16,
-            train_epochs=2, batch={"simclr": 8, "moco": 8}, precisions=("fp32",), workers=1, support_set=4096,
+            train_steps=4, batch={"simclr": 8, "moco": 8}, precisions=("fp32",), workers=1, support_set=4096,
             compile_steps=2)
 
 
@@ -144,10 +144,11 @@ class Check:
         from clsp.train.config import TrainJob
         from clsp.train.trainer import Trainer
 
+        batch = self.sizes.batch.get(method)  # None: the recipe's
+        epochs = max(1, round(self.sizes.train_steps * (batch or 256) / self.sizes.train_anchors))
         values = {"shards": str(self.shards()), "out": str(self.data / "runs" / out), "data_root": str(self.data),
-                  "method": method, "batch_size": self.sizes.batch.get(method), "augment": "device",
-                  "precision": precision, "tf32": "conv", "workers": self.sizes.workers,
-                  "epochs": self.sizes.train_epochs, "checkpoint_every": 100_000}
+                  "method": method, "batch_size": batch, "augment": "device", "precision": precision,
+                  "tf32": "conv", "workers": self.sizes.workers, "epochs": epochs, "checkpoint_every": 100_000}
         return Trainer(TrainJob(**{**values, **settings}))
 
 

@@ -63,14 +63,17 @@ def augment_images(transform: nn.Module, images: Tensor) -> Tensor:
     return torch.stack([transform(image) for image in images])
 
 
-def draw_crops(batch: int, height: int, width: int, min_scale: float, device: torch.device | str = "cpu") -> Tensor:
+def draw_crops(batch: int, height: int, width: int, min_scale: float | Tensor,
+               device: torch.device | str = "cpu") -> Tensor:
     """RandomResizedCrop's boxes, torchvision's ``get_params`` for ``batch`` images at once: float
     ``[B, 4]`` of (top, left, height, width) in whole pixels.
 
     Each image tries ``CROP_ATTEMPTS`` (area, aspect) draws and keeps the first that fits, else takes
-    torchvision's centre crop; the position is uniform over the places the box fits."""
+    torchvision's centre crop; the position is uniform over the places the box fits. ``min_scale``: one for
+    all, or one per image ([B])."""
     area = height * width
-    target = torch.empty(batch, CROP_ATTEMPTS, device=device).uniform_(min_scale, 1.0).mul_(area)
+    low = min_scale.view(-1, 1) if isinstance(min_scale, Tensor) else min_scale
+    target = (torch.rand(batch, CROP_ATTEMPTS, device=device) * (1 - low) + low).mul_(area)
     aspect = torch.empty(batch, CROP_ATTEMPTS, device=device).uniform_(*map(math.log, CROP_RATIO)).exp_()
     box_h, box_w = (target / aspect).sqrt_().round_(), (target * aspect).sqrt_().round_()
     fits = (box_h > 0) & (box_h <= height) & (box_w > 0) & (box_w <= width)
@@ -117,6 +120,17 @@ def grey(images: Tensor) -> Tensor:
     return red.mul(GREY[0]).add_(green, alpha=GREY[1]).add_(blue, alpha=GREY[2]).unsqueeze(1)
 
 
+def draw_jitter(batch: int, low: Tensor, span: Tensor, p: float | Tensor,
+                device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """ColorJitter's parameters of ``batch`` images: ``applied`` [B] bool (with probability ``p``), ``factors``
+    [B, 4] (brightness, contrast, saturation, hue: uniform on ``low`` + [0, ``span``)), ``order`` [B, 4] (a
+    permutation of the steps per row). ``low``, ``span`` and ``p`` are one for all or one row per image."""
+    applied = torch.rand(batch, device=device) < p
+    factors = torch.rand(batch, 4, device=device) * span + low
+    order = torch.rand(batch, 4, device=device).argsort(dim=1)
+    return {"applied": applied, "factors": factors, "order": order}
+
+
 class ColorJitterPerImage(nn.Module):
     """torchvision's ColorJitter applied with probability ``p``, on a float ``[B, 3, H, W]`` batch in [0, 1],
     with everything drawn per image: whether it applies, the four factors and the order of the four steps.
@@ -145,18 +159,14 @@ class ColorJitterPerImage(nn.Module):
         self.register_buffer("hue_offsets", torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1), persistent=False)
 
     def draw(self, batch: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
-        """The parameters of ``batch`` images: ``applied`` [B] bool, ``factors`` [B, 4] (brightness, contrast,
-        saturation, hue; neutral where a step is off), ``order`` [B, 4] (a permutation of the steps per row)."""
-        applied = torch.rand(batch, device=device) < self.p
-        factors = torch.rand(batch, 4, device=device) * self.span + self.low
-        order = torch.rand(batch, 4, device=device).argsort(dim=1)
-        return {"applied": applied, "factors": factors, "order": order}
+        """The parameters of ``batch`` images (``draw_jitter``; factors neutral where a step is off)."""
+        return draw_jitter(batch, self.low, self.span, self.p, device)
 
     def apply_params(self, images: Tensor, params: dict[str, Tensor]) -> Tensor:
         """``images`` jittered with ``params`` (from ``draw``); not ``apply``, which ``nn.Module`` owns."""
         order, applied = params["order"], params["applied"][:, None]
         factor = params["factors"].gather(1, order)  # [B, position]: the factor of the step at that position
-        runs = torch.stack([applied & (order == k) for k in range(4)])  # [step, B, position]
+        runs = (order == torch.arange(4, device=order.device).view(4, 1, 1)) & applied  # [step, B, position]
         # per position: out = clamp(a x + b mean_grey + c grey), or the hue shift where the step is hue
         a = torch.where(runs[0] | runs[1] | runs[2], factor, 1.0)
         b, c = torch.where(runs[1:3], 1 - factor, 0.0)
@@ -191,53 +201,76 @@ class DeviceAugment(nn.Module):
 
     Runs on whatever device the batch is on; parameters come from torch's global generator of that device,
     which the caller seeds per step (see ``clsp.train.data.step_seed``) so that a resumed run draws the
-    same views. ``draw`` and ``apply_params`` are the two halves of ``forward``.
+    same views. ``draw`` and ``apply_params`` are the two halves of ``forward``. Given several lists (an
+    asymmetric recipe's two views), each row is augmented by the list ``lists`` names for it, still in one call.
     """
 
+    crop_min: Tensor
+    jitter_low: Tensor
+    jitter_span: Tensor
+    jitter_p: Tensor
     coins: Tensor
-    mean: Tensor
-    std: Tensor
+    scale: Tensor
+    shift: Tensor
 
-    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], view: ViewAugmentation) -> None:
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float],
+                 views: ViewAugmentation | Sequence[ViewAugmentation]) -> None:
         super().__init__()
-        self.size, self.view = size, view
-        self.jitter = ColorJitterPerImage(view.brightness, view.contrast, view.saturation, view.hue, p=view.jitter_p)
-        self.register_buffer("coins", torch.tensor([0.5 if view.flip else 0.0, view.grayscale_p, view.solarize_p]),
-                             persistent=False)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.size = size
+        self.views = tuple(dict.fromkeys((views,) if isinstance(views, ViewAugmentation) else views))  # distinct
+        jitters = [ColorJitterPerImage(v.brightness, v.contrast, v.saturation, v.hue, p=v.jitter_p) for v in self.views]
+        self.jitter = jitters[0]  # its application does not depend on the list; the draws below do
+        # each list's parameters as one row, so that a row per image is one gather on the device
+        self._buffer("crop_min", torch.tensor([v.crop_min_scale for v in self.views]))
+        self._buffer("jitter_low", torch.stack([j.low for j in jitters]))
+        self._buffer("jitter_span", torch.stack([j.span for j in jitters]))
+        self._buffer("jitter_p", torch.tensor([j.p for j in jitters]))
+        self._buffer("coins", torch.tensor([[0.5 if v.flip else 0.0, v.grayscale_p, v.solarize_p] for v in self.views]))
+        # normalisation (x - mean) / std as one fused x * scale + shift
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._buffer("scale", 1 / std_t)
+        self._buffer("shift", -torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t)
+        self.solarize = any(v.solarize_p > 0 for v in self.views)
 
-    def draw(self, batch: int, height: int, width: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
-        """Every parameter of ``batch`` views: crop ``boxes`` [B, 4], the jitter's (``ColorJitterPerImage.draw``)
-        and the ``flip``, ``grayscale`` and ``solarize`` coins [B] (False where the view has no such step)."""
-        flip, grayscale, solarize = (torch.rand(batch, 3, device=device) < self.coins).unbind(dim=1)
-        return {"boxes": draw_crops(batch, height, width, self.view.crop_min_scale, device),
-                **self.jitter.draw(batch, device), "flip": flip, "grayscale": grayscale, "solarize": solarize}
+    def _buffer(self, name: str, values: Tensor) -> None:
+        self.register_buffer(name, values, persistent=False)
+
+    def draw(self, batch: int, height: int, width: int, device: torch.device | str = "cpu",
+             lists: Tensor | None = None) -> dict[str, Tensor]:
+        """Every parameter of ``batch`` views: crop ``boxes`` [B, 4], the jitter's (``draw_jitter``) and the
+        ``flip``, ``grayscale`` and ``solarize`` coins [B] (False where the list has no such step); each row by
+        the list ``lists`` [B] names (default: the first)."""
+        def of(name: str) -> Tensor:  # one row per list: as it is for one list, else gathered per image
+            values = getattr(self, name)
+            return values if lists is None else values[lists]
+
+        flip, grayscale, solarize = (torch.rand(batch, 3, device=device) < of("coins")).unbind(dim=1)
+        jitter = draw_jitter(batch, of("jitter_low"), of("jitter_span"), of("jitter_p"), device)
+        return {"boxes": draw_crops(batch, height, width, of("crop_min"), device), **jitter, "flip": flip,
+                "grayscale": grayscale, "solarize": solarize}
 
     def apply_params(self, images: Tensor, params: dict[str, Tensor]) -> Tensor:
         """Float ``[B, 3, H, W]`` images in [0, 1] augmented with ``params`` (from ``draw``), normalised."""
         out = self.jitter.apply_params(resized_crop(images, params["boxes"], params["flip"], self.size), params)
         out = torch.where(params["grayscale"].view(-1, 1, 1, 1), grey(out), out)
-        if self.view.solarize_p > 0:
+        if self.solarize:
             out = torch.where(params["solarize"].view(-1, 1, 1, 1) & (out >= SOLARIZE_AT), 1 - out, out)
-        return (out - self.mean) / self.std
+        return torch.addcmul(self.shift, out, self.scale)
 
     @torch.no_grad()
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor, lists: Tensor | None = None) -> Tensor:
         batch, _, height, width = images.shape
-        return self.apply_params(images.float().div_(255.0), self.draw(batch, height, width, images.device))
+        return self.apply_params(images.float().div_(255.0), self.draw(batch, height, width, images.device, lists))
 
 
-def augment_views(augments: Sequence[DeviceAugment], anchor: Tensor,
+def augment_views(augment: DeviceAugment, anchor: Tensor,
                   positive: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The three views of a step (anchor by view 1's and view 2's lists, the positive by view 1's), with
-    one call per distinct list: a symmetric recipe augments all three in one batch. Every image still draws
-    its own parameters, so the views' distribution is that of three separate calls."""
-    first, second = augments
+    """The three views of a step in one call: the anchor by view 1's and view 2's lists, the positive by view
+    1's (``augment`` holds the two lists, or one for a symmetric recipe). Every image draws its own
+    parameters, so the views' distribution is that of three separate calls."""
     inputs = [anchor, anchor] + ([] if positive is None else [positive])
-    if first.view == second.view:
-        x1, x2, *x3 = first(torch.cat(inputs)).split(len(anchor))
-    else:
-        x1, *x3 = first(torch.cat(inputs[:1] + inputs[2:])).split(len(anchor))
-        x2 = second(anchor)
+    lists = None
+    if len(augment.views) > 1:  # parts in order: view 1, view 2, view 1
+        lists = torch.arange(len(inputs), device=anchor.device).remainder_(2).repeat_interleave(len(anchor))
+    x1, x2, *x3 = augment(torch.cat(inputs), lists).split(len(anchor))
     return x1, x2, x3[0] if x3 else None

@@ -118,8 +118,8 @@ class Trainer:
         self.model, self.optimizer, *probe = self.accelerator.prepare(
             method, optimizer, *([probe_optimizer] if probe_optimizer is not None else []))
         self.probe_optimizer = probe[0] if probe else None
-        self.device_augment = None if job.augment == "cpu" else tuple(
-            DeviceAugment(self.image_size, self.dataset.mean, self.dataset.std, view).to(self.device) for view in views)
+        self.device_augment = None if job.augment == "cpu" else DeviceAugment(
+            self.image_size, self.dataset.mean, self.dataset.std, views).to(self.device)
         self.epoch, self.step_in_epoch, self.elapsed = 0, 0, 0.0
         self.history: list[list[float]] = []  # per step: global step, loss, loss_base, loss_clsp (rank 0)
         self.epoch_metrics: dict[str, float] = {}

@@ -157,3 +157,29 @@ def test_tf32_is_a_recorded_setting_applied_to_both_switches(mode, conv, matmul)
 
     assert TrainJob.model_fields["tf32"].default == "conv"  # the authors' fp32: PyTorch's defaults on their GPUs
     assert "tf32" in fields_with_role(TrainJob, "result") and "tf32" in fields_with_role(GenerateSettings, "result")
+
+
+@pytest.mark.parametrize("name", ["sgd", "lars"])
+def test_the_foreach_update_cudas_default_is_the_per_parameter_one(name):
+    from clsp.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(7))]
+    copies = [nn.Parameter(p.detach().clone()) for p in params]
+    start = [p.detach().clone() for p in params]
+    ours = build_optimizer(name, [{"params": params[:1], "weight_decay": 1e-5},
+                                  {"params": params[1:], "weight_decay": 0.0}], lr=0.4)
+    looped = build_optimizer(name, [{"params": copies[:1], "weight_decay": 1e-5},
+                                    {"params": copies[1:], "weight_decay": 0.0}], lr=0.4)
+    assert all(group["foreach"] for group in ours.param_groups)
+    for group in looped.param_groups:
+        group["foreach"] = False
+    for _ in range(4):
+        for p, q in zip(params, copies):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        ours.step()
+        looped.step()
+    for p, q, p0 in zip(params, copies, start):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+        assert not torch.allclose(p, p0)  # the updates did move the weights

@@ -6,7 +6,7 @@ pipeline sets the epoch time. This measures, with torch and the process on one t
 
 - reading shards: the sha256 check against the manifest, and the bounded tar read of every member;
 - decoding the k PNG positives of an anchor, or only the drawn one; loading the real anchors by index;
-- augmenting 3 views: per image with torchvision v2 on the CPU, batched with kornia on the device;
+- augmenting 3 views: per image with torchvision v2 on the CPU, batched (clsp.train.augment) on the device;
 - end to end, to uint8 batches on the device (augmentation left to the device): the stream as the
   trainer uses it (epoch 1 decodes the drawn positives into the in-memory cache, epoch 2 the other
   candidates, later epochs index it), the stream as it was before the cache (every shard read and
@@ -188,7 +188,7 @@ def measure(args: argparse.Namespace, device: torch.device, work: Path) -> tuple
                                                                     for _ in range(3)], per_epoch)
     device_augment = DeviceAugment(args.image_size, dataset.mean, dataset.std, view).to(device)
     on_device = [x.to(device) for x in host]
-    row("augment_device", f"3 views per batch, kornia on {device.type}",
+    row("augment_device", f"3 views per batch, batched on {device.type}",
         lambda: [device_augment(x) for x in on_device for _ in range(3)], per_epoch, on_device=True)
 
     def cpu_views_epoch() -> None:
@@ -234,7 +234,7 @@ def measure(args: argparse.Namespace, device: torch.device, work: Path) -> tuple
         for loaded in resident.batches(batch, generator):
             device_augment(loaded["anchor"]), device_augment(loaded["anchor"]), device_augment(loaded["positive"])
 
-    row("device_dataset_augment", "device-resident dataset + 3 kornia views", resident_augmented, per_epoch,
+    row("device_dataset_augment", "device-resident dataset + 3 batched views", resident_augmented, per_epoch,
         on_device=True)
     png_bytes = float(np.mean([len(m["pos0.png"]) for _, m in raw]))
     return rows, {"anchors": n, "steps_per_epoch": len(steps), "png_bytes_mean": png_bytes,

@@ -25,6 +25,7 @@ Precision = Literal["auto", "bf16", "fp32"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 PRECISION_HELP = "auto: bf16 autocast on GPUs and on CPUs with bf16 units, else fp32."
 DATASET_HELP = f"Dataset registry name ({', '.join(dataset_names())})."
+TF32 = Literal["conv", "all", "none"]  # where fp32 work may run as TF32 on NVIDIA GPUs (clsp.runtime.apply_tf32)
 # What a setting is for. result: it shapes what a run produces (weights, shards, scores), so it is part of
 # a stage's fingerprint, of what a resumed run must match and of the records a result carries; location:
 # where a run reads and writes; logging: what it reports and how often it checkpoints; speed: how fast it
@@ -275,6 +276,15 @@ def _holds_images(value: float) -> float:
     if 0 < value < MIN_VALIDATION:
         raise ValueError(f"the validation fraction must be 0 (off) or at least {MIN_VALIDATION:g}, not {value:g}")
     return value
+
+
+class NumericsSettings(Settings):
+    """What fp32 means on a GPU, declared once for every stage that computes in it."""
+
+    tf32: TF32 = setting(
+        "conv", "Where fp32 work runs as TF32 on NVIDIA GPUs: conv = convolutions only, matrix products in full fp32 "
+                "(PyTorch's defaults, under which the authors' fp32 ran); all = both (faster); none = full fp32 "
+                "everywhere (slowest). No effect on CPUs or on bf16 autocast's bf16 operations.")
 
 
 class ValidationSettings(Settings):

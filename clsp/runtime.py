@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from clsp.config import PRECISIONS
+from clsp.config import PRECISIONS, TF32
 
 T = TypeVar("T")
 
@@ -29,6 +29,13 @@ def make_accelerator(precision: str = "fp32", **kwargs) -> Accelerator:
     AcceleratorState._reset_state(reset_partial_state=False)
     mixed = "bf16" if resolve_precision(precision) == "bf16" else "no"
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed, **kwargs)
+
+
+def apply_tf32(mode: TF32) -> None:
+    """Set this process's TF32 switches to a stage's ``tf32`` setting (``clsp.config.NumericsSettings``), so the
+    fp32 a run means is the one it records rather than whatever PyTorch's defaults are where it runs."""
+    torch.backends.cudnn.allow_tf32 = mode in ("conv", "all")
+    torch.backends.cuda.matmul.allow_tf32 = mode == "all"
 
 
 def cpu_supports_bf16() -> bool:

@@ -10,7 +10,17 @@ from typing import Literal
 
 from pydantic import model_validator
 
-from clsp.config import DATASET_HELP, PRECISION_HELP, DatasetConfig, Precision, Settings, setting
+from clsp.config import (
+    DATASET_HELP,
+    PRECISION_HELP,
+    TF32,
+    DatasetConfig,
+    NumericsSettings,
+    Precision,
+    Settings,
+    same_setting,
+    setting,
+)
 
 DDPMPreset = Literal["auto", "ddpm-cifar", "digits", "tiny"]
 AUTHORS_LABEL_DROPOUT = 0.1  # their conditional training's share of steps trained as the null class
@@ -38,6 +48,7 @@ class GenerateSettings(Settings):
                               ge=1, le=65536)
     shard_size: int = setting(1000, "Anchors per shard.", ge=1, le=1_000_000)
     precision: Precision = setting("auto", PRECISION_HELP)
+    tf32: TF32 = same_setting(NumericsSettings, "tf32")
     share_anchor_pass: bool = setting(False, "Share the anchor's encoder pass (and noise) among its k candidates: "
                                              "cheaper.")
     compile: bool = setting(False, "torch.compile the U-Net blocks (compiling takes minutes: for long GPU runs).",
@@ -87,6 +98,7 @@ class DDPMSettings(Settings):
     sample_every: int = setting(500, "Steps between sample grids (samples.png).", role="logging", ge=1)
     log_every: int = setting(10, "Steps between logged losses.", role="logging", ge=1)
     precision: Precision = setting("auto", PRECISION_HELP)
+    tf32: TF32 = same_setting(NumericsSettings, "tf32")
 
 
 class DDPMJob(DatasetConfig, DDPMSettings):

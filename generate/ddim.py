@@ -89,9 +89,13 @@ def timestep_pairs(num_train_timesteps: int, steps: int) -> list[tuple[int, int]
     return list(zip(times[:-1], times[1:]))
 
 
-def q_sample(scheduler: DDIMScheduler, images: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
-    """``sqrt(alpha_bar_t) * images + sqrt(1 - alpha_bar_t) * noise`` (METHOD.md section 2's a_t), by add_noise."""
-    return scheduler.add_noise(images, noise, torch.tensor(timestep))
+def q_sample(scheduler: DDIMScheduler, images: torch.Tensor, noise: torch.Tensor,
+             timestep: int | torch.Tensor) -> torch.Tensor:
+    """``sqrt(alpha_bar_t) * images + sqrt(1 - alpha_bar_t) * noise`` (METHOD.md section 2's a_t), by add_noise.
+
+    A sampling loop passes ``timestep`` as a tensor already on the images' device: add_noise moves it there
+    otherwise, a host-to-device copy (and on CUDA a stream sync) per call."""
+    return scheduler.add_noise(images, noise, torch.as_tensor(timestep))
 
 
 def ddim_update(scheduler: DDIMScheduler, model_output: torch.Tensor, timestep: int, next_timestep: int,

@@ -46,7 +46,7 @@ from clsp.images import to_float
 from clsp.io import load_weights, write_json_atomic
 from clsp.log import Rate
 from clsp.resume import load_checkpoint, save_checkpoint, set_rng_state, weights_digest
-from clsp.runtime import make_accelerator, progress, resolve_precision
+from clsp.runtime import apply_tf32, make_accelerator, progress, resolve_precision
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -159,6 +159,7 @@ def train_ddpm(job: DDPMJob) -> dict:
     out = Path(cfg.out)
     precision = resolve_precision(cfg.precision)
     accelerator = make_accelerator(precision)
+    apply_tf32(job.tf32)
     rank, world = accelerator.process_index, accelerator.num_processes
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} does not split over {world} processes; "

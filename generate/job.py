@@ -36,7 +36,7 @@ from clsp.generate.scoring import bottleneck_agreement
 from clsp.generate.unet import check_compatible, load_unet, resolve_unet, unet_config
 from clsp.images import to_float, to_uint8
 from clsp.log import Rate
-from clsp.runtime import make_accelerator, progress, resolve_precision
+from clsp.runtime import apply_tf32, make_accelerator, progress, resolve_precision
 from clsp.shards import schema, verify, writer
 from clsp.shards.preview import arrays_png, preview_png
 from clsp.shards.reader import MANIFEST
@@ -230,6 +230,7 @@ def run_generation(cfg: GenerateJob, echo: Callable[[str], object] = print) -> d
     store.probe()
     made, fresh = store.missing_directories(), not store.exists(MANIFEST)
     accelerator = make_accelerator()  # device placement and process group only: the sampler does its own autocast
+    apply_tf32(cfg.tf32)
     try:
         return _run(cfg, accelerator, num_workers, worker_index, echo)
     except UserError:

@@ -107,11 +107,12 @@ def sample_positives(unet: UNet2DModel, scheduler: Any, anchors: torch.Tensor, n
 
     x = noise(k).flatten(0, 1)
     pairs = timestep_pairs(ddim.config.num_train_timesteps, steps)
+    times = torch.tensor([t for t, _ in pairs], device=device)  # on the device once: no host copy (or sync) per step
     with eval_mode(unet), autocast(device, precision):
-        for t, t_next in progress_bar(pairs, desc="DDIM", unit="step") if progress else pairs:
-            anchor_t = q_sample(ddim, anchors, noise(noise_rows), t).flatten(0, 1)
-            output = interpolated_noise_prediction(unet, _layout(x), torch.tensor(t, device=device),
-                                                   _layout(anchor_t), w, mix_depth, **condition).float()
+        for step, (t, t_next) in enumerate(progress_bar(pairs, desc="DDIM", unit="step") if progress else pairs):
+            anchor_t = q_sample(ddim, anchors, noise(noise_rows), times[step]).flatten(0, 1)
+            output = interpolated_noise_prediction(unet, _layout(x), times[step], _layout(anchor_t), w, mix_depth,
+                                                   **condition).float()
             z = noise(k).flatten(0, 1) if eta > 0 and t_next >= 0 else None
             x = ddim_update(ddim, output, t, t_next, x, eta, z)
     return x.clamp(-1, 1).reshape(batch, k, channels, height, width).contiguous()

@@ -137,7 +137,7 @@ def sample_images(unet: UNet2DModel, scheduler: DDPMScheduler, num_images: int, 
 
     size = unet.config.sample_size
     shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=unet.device).manual_seed(seed)  # on the model's device: no host draws
     out = []
     for start in range(0, num_images, batch_size):
         blank = torch.zeros((min(batch_size, num_images - start), *shape))

@@ -15,7 +15,7 @@ _SPEC.loader.exec_module(wheelhouse)
 FAKE = {  # name: requirements; filelock is something torch installs on the target
     "alpha": ("beta>=1", "filelock"), "beta": (), "gamma": ("torch>=2.0",), "filelock": (),
     "evil": ("nvidia-cublas-cu12",), "nvidia-cublas-cu12": (), "greedy": ("torchaudio",), "torchaudio": ("torch",),
-    "old": ("torch==1.0",),
+    "old": ("torch==1.0",), "needs-new-beta": ("beta>=2",),
 }
 
 
@@ -73,3 +73,17 @@ def test_manylinux_platforms_reach_down_to_older_tags():
     tags = wheelhouse.manylinux_platforms(28, "x86_64")
     assert tags[0] == "manylinux_2_28_x86_64" and "manylinux_2_17_x86_64" in tags
     assert {"manylinux2014_x86_64", "manylinux1_x86_64"} <= set(tags)
+
+
+@pytest.mark.slow
+def test_the_targets_packages_are_left_out_and_stand_in_at_their_versions(index, tmp_path):
+    listing = tmp_path / "target.txt"
+    listing.write_text("# the target's pip list\nbeta==1.0\nfilelock\n")
+    provided = wheelhouse.read_provided(listing)
+    assert provided == {"beta": "1.0", "filelock": None}
+    resolved = wheelhouse.resolve(["alpha"], python_version="3.11", platforms=wheelhouse.manylinux_platforms(),
+                                  torch_version="2.14.1", index_args=index, provided=provided)
+    assert [item["name"] for item in wheelhouse.plan(resolved, set(provided))] == ["alpha"]
+    with pytest.raises(wheelhouse.Refused, match="pip cannot resolve"):  # beta 1.0 is what the target has
+        wheelhouse.resolve(["needs-new-beta"], python_version="3.11", platforms=wheelhouse.manylinux_platforms(),
+                           torch_version="2.14.1", index_args=index, provided=provided)

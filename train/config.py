@@ -17,7 +17,16 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import create_model, field_validator, model_validator
 
-from clsp.config import PRECISION_HELP, Precision, Settings, ValidationSettings, same_setting, setting
+from clsp.config import (
+    PRECISION_HELP,
+    TF32,
+    NumericsSettings,
+    Precision,
+    Settings,
+    ValidationSettings,
+    same_setting,
+    setting,
+)
 from clsp.datasets import DEFAULT_DATA_ROOT
 from clsp.errors import UserError
 from clsp.train.backbones import Backbone, Stem
@@ -78,6 +87,7 @@ class TrainSettings(Settings):
         "auto", "cpu: per image in DataLoader workers; device: batched on the training device; auto: device on "
                 "CUDA, else cpu.")
     precision: Precision = setting("auto", PRECISION_HELP)
+    tf32: TF32 = same_setting(NumericsSettings, "tf32")
     workers: int = setting(help="DataLoader worker processes per process (0: in-process); the batches are the "
                                 "same for any number [default: 4, at most the usable cores].", role="speed",
                            default_factory=lambda: min(4, len(os.sched_getaffinity(0))), ge=0, le=256)

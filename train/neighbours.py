@@ -12,14 +12,16 @@ from __future__ import annotations
 import math
 import warnings
 from functools import lru_cache
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
-import faiss
 import torch
 from torch import Tensor
 
 from clsp.errors import UserError
 from clsp.train.recipes import NNIndex
+
+if TYPE_CHECKING:
+    import faiss
 
 NN_INDEXES: tuple[str, ...] = get_args(NNIndex)
 
@@ -59,6 +61,8 @@ def nearest_neighbours(queries: Tensor, bank: Tensor, k: int = 1, index: str = "
 
 
 def _build_cpu_index(index: str, bank) -> faiss.Index:
+    import faiss  # here, where it is used: importing this module (every method's) does not load FAISS
+
     n, dim = bank.shape
     built: faiss.Index
     if index == "flat":
@@ -82,7 +86,7 @@ def _flat_cuda(queries: Tensor, bank: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if resources is None:
         _warn_no_faiss_gpu()
         return torch.topk(queries @ bank.T, k, dim=1)
-    import faiss.contrib.torch_utils  # (lets FAISS's GPU search take and return CUDA tensors)
+    import faiss.contrib.torch_utils  # (binds faiss; lets FAISS's GPU search take and return CUDA tensors)
 
     scores, indices = faiss.knn_gpu(resources, queries, bank, k, metric=faiss.METRIC_INNER_PRODUCT,
                                     device=queries.device.index or 0)
@@ -92,6 +96,8 @@ def _flat_cuda(queries: Tensor, bank: Tensor, k: int) -> tuple[Tensor, Tensor]:
 @lru_cache(maxsize=1)
 def _gpu_resources():
     """One set of FAISS GPU resources (scratch memory, streams) per process, or None without faiss-gpu."""
+    import faiss
+
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
         return None
     return faiss.StandardGpuResources()

@@ -30,11 +30,12 @@ LARS_TRUST_COEFF = 0.02
 def build_optimizer(name: str, param_groups: list[dict], lr: float) -> torch.optim.Optimizer:
     """SGD or LARS over groups that each carry their own ``weight_decay``."""
     if name == "sgd":
-        return torch.optim.SGD(param_groups, lr=lr, momentum=MOMENTUM)
+        # foreach (here and for LARS): each step of the update one kernel for all parameters, not one per parameter
+        return torch.optim.SGD(param_groups, lr=lr, momentum=MOMENTUM, foreach=True)
     if name == "lars":
         from timm.optim import Lars
 
-        return Lars(param_groups, lr=lr, momentum=MOMENTUM, trust_coeff=LARS_TRUST_COEFF, trust_clip=True)
+        return Lars(param_groups, lr=lr, momentum=MOMENTUM, trust_coeff=LARS_TRUST_COEFF, trust_clip=True, foreach=True)
     raise UserError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
 
 

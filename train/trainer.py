@@ -26,9 +26,9 @@ from clsp.errors import UserError
 from clsp.io import check_creatable, load_weights, remove_stale_temporaries, write_json_atomic
 from clsp.log import Rate
 from clsp.resume import load_checkpoint, save_checkpoint, set_rng_state, weights_digest
-from clsp.runtime import make_accelerator, progress, resolve_precision
+from clsp.runtime import apply_tf32, make_accelerator, progress, resolve_precision
 from clsp.shards import reader
-from clsp.train.augment import DeviceAugment, view_augmentations
+from clsp.train.augment import DeviceAugment, augment_views, view_augmentations
 from clsp.train.backbones import EncoderCard, build_backbone, export_encoder, feature_dim
 from clsp.train.collapse import CollapseMonitor
 from clsp.train.config import TrainJob
@@ -61,6 +61,7 @@ class Trainer:
 
     def __init__(self, job: TrainJob) -> None:
         self.accelerator = make_accelerator(job.precision)
+        apply_tf32(job.tf32)
         self.world_size = self.accelerator.num_processes
         self.out = Path(job.out)
         for directory in (job.out, job.decoded_cache_dir):
@@ -131,8 +132,8 @@ class Trainer:
         self.model, self.optimizer, *probe = self.accelerator.prepare(
             method, optimizer, *([probe_optimizer] if probe_optimizer is not None else []))
         self.probe_optimizer = probe[0] if probe else None
-        self.device_augment = None if self.augment == "cpu" else tuple(
-            DeviceAugment(self.image_size, self.dataset.mean, self.dataset.std, view).to(self.device) for view in views)
+        self.device_augment = None if self.augment == "cpu" else DeviceAugment(
+            self.image_size, self.dataset.mean, self.dataset.std, views).to(self.device)
         self.epoch, self.step_in_epoch, self.elapsed = 0, 0, 0.0
         self.history: list[list[float]] = []  # per step: global step, loss, loss_base, loss_clsp (rank 0)
         self.epoch_metrics: dict[str, float] = {}
@@ -198,12 +199,9 @@ class Trainer:
         cuda = self.device.type == "cuda"
         with torch.random.fork_rng(devices=[self.device.index or 0] if cuda else [], device_type=self.device.type):
             torch.manual_seed(step_seed(self.config.seed, self.epoch, self.rank, step))
-            anchor = batch["anchor"].to(self.device, non_blocking=True)
-            first, second = self.device_augment
-            x1, x2 = first(anchor), second(anchor)
             positive = batch.get("positive")
-            x3 = None if positive is None else first(positive.to(self.device, non_blocking=True))
-        return x1, x2, x3
+            return augment_views(self.device_augment, batch["anchor"].to(self.device, non_blocking=True),
+                                 None if positive is None else positive.to(self.device, non_blocking=True))
 
     def _train_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         x1, x2, x3 = self._views(batch, step)

@@ -51,7 +51,7 @@ class NNCLR(Method):
                     # than the 1,150 training anchors holds real embeddings after one epoch; 65536 random vectors
                     # would be the neighbours for the whole short run.
                     by_dataset={"cifar10": {"std": (0.2470, 0.2435, 0.2616)},
-                                "digits": {"queue_size": 1024, "positive_loss": "infonce"}})
+                                "digits": {"queue_size": 1024, "positive_loss": "infonce", "lr": 0.5}})
 
     def __init__(self, backbone: nn.Module, *, clsp_lambda: float, temperature: float, proj_hidden_dim: int,
                  proj_output_dim: int,

@@ -123,7 +123,7 @@ def test_bad_inputs_give_one_error_line(args, needle, model_dir, tmp_path):
 def test_a_dataset_without_a_known_model_says_how_to_train_one(tmp_path):
     result = CliRunner().invoke(gen, ["--dataset", "cifar100", "--shards", str(tmp_path / "s")])
     assert result.exit_code == 1
-    assert re.fullmatch(r"Error: no diffusion model is known for cifar100; train one with `clsp ddpm train .*\n",
+    assert re.fullmatch(r"Error: no diffusion model is known for 'cifar100'; train one with `clsp ddpm train .*\n",
                         result.output)
 
 

@@ -293,7 +293,7 @@ def test_knn_takes_the_training_features_with_a_random_flip(tmp_path, monkeypatc
 @pytest.mark.parametrize("method", ["moco", "nnclr"])
 def test_digits_memory_is_no_larger_than_its_training_set_and_the_paper_sizes_stay(method):
     digits = TrainJob(method=method, shards="s", out="o").resolved("digits")
-    # MoCo's queue was chosen on validation (benchmarks/results/study_digits_moco.md)
+    # MoCo's queue was chosen on validation (benchmarks/results/study_digits_moco_recipe.md)
     assert digits.queue_size == {"moco": 256, "nnclr": 1024}[method] and digits.queue_size < 1438 * 0.8
     paper = {"moco": 32768, "nnclr": 65536}[method]
     assert TrainJob(method=method, shards="s", out="o").resolved("cifar10").queue_size == paper

@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 
+from clsp.io import write_bytes_atomic
 from clsp.study.stats import interval
 
 METRICS = ("linear top-1", "deterministic probe top-1", "kNN top-1")
@@ -66,10 +67,8 @@ def main(specs: tuple[str, ...], against: str, out: Path) -> None:
             a, d = row["arm"], row["difference"]
             click.echo(f"| {metric} | {label} | {a['mean']:.2f} ± {a['half_width']:.2f} | "
                        + ("-" if label == against else f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]") + " |")
-    tmp = out.with_name(f".{out.name}.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out)
+    write_bytes_atomic(out, (json.dumps(result, indent=1) + "\n").encode())
     click.echo(f"wrote {out}")
 
 

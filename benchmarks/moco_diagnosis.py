@@ -18,6 +18,8 @@ from pathlib import Path
 
 import click
 
+from clsp.io import write_bytes_atomic
+
 COLUMNS = ("z_std", "key_std", "key_cos", "queue_cos", "probe_acc", "loss_base")
 EPOCHS = (1, 3, 5, 8, 15)
 
@@ -50,8 +52,9 @@ def main(runs: Path, out: Path) -> None:
     table = "\n".join(lines)
     click.echo(table)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(found, indent=1))
-    out.with_suffix(".md").write_text(f"# MoCo baseline on the digits default, per epoch\n\n{table}\n")
+    write_bytes_atomic(out, json.dumps(found, indent=1).encode())
+    markdown = f"# MoCo baseline on the digits default, per epoch\n\n{table}\n"
+    write_bytes_atomic(out.with_suffix(".md"), markdown.encode())
 
 
 if __name__ == "__main__":

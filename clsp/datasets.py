@@ -315,6 +315,7 @@ class KnownDataset:
     image_size: int  # of the images as loaded, unless resized
     # the diffusion model: a hub id, or a model shipped with the package (``clsp.generate.pretrained``)
     default_unet: str | None = None
+    default_conditional_unet: str | None = None  # the same, class-conditional: what ``--guidance`` draws from
     ddpm_preset: str = "ddpm-cifar"  # the U-Net preset `clsp ddpm train --preset auto` picks
 
 
@@ -326,7 +327,7 @@ DATASETS: dict[str, KnownDataset] = {
     "digits": KnownDataset(load=lambda split, root, download, image_size: load_digits(split, image_size),
                           splits=("train", "test"), train_split="train", test_split="test",
                           image_size=DIGITS_DEFAULT_SIZE, default_unet="digits-ddpm",
-                          ddpm_preset="digits"),
+                          default_conditional_unet="digits-ddpm-cond", ddpm_preset="digits"),
     "cifar10": KnownDataset(
         load=_vision("cifar10"), splits=("train", "test"), train_split="train", test_split="test", image_size=32,
         default_unet="google/ddpm-cifar10-32"),

@@ -190,10 +190,12 @@ class Pipeline:
             out = self.run_dir / "ddpm"
             ddpm = resolve_ddpm(parse(DDPMJob, {**dataset, **cfg.diffusion.model_dump(exclude={"unet", "train"}),
                                                 "out": str(out), "seed": seed}, where="diffusion"))
-            self._add(Stage("diffusion", ddpm, lambda: train_ddpm(ddpm), outputs=[out / "model_index.json"]))
+            self._add(Stage("diffusion", ddpm, lambda: train_ddpm(ddpm, start_over=True),
+                            outputs=[out / "model_index.json"]))
             unet, upstream = str(out), ["diffusion"]
         shards = self.shards
-        # Shards in the run directory belong to this configuration: changed settings regenerate them (the same
+        # The run directory belongs to this configuration: changed settings retrain a model or run there (a
+        # checkpoint of other settings is passed over, start_over) and regenerate its shards (the same
         # settings resume, whatever overwrite says, so concurrent array tasks never wipe each other). Shards
         # at a location the configuration names may be shared, so other settings there are refused.
         gen = parse(GenerateJob, {**dataset, **cfg.generate.model_dump(), "shards": shards, "unet": unet,
@@ -213,7 +215,7 @@ class Pipeline:
                         where="train")
             # resolved here (and again, to the same, by the trainer): the fingerprint holds the recipe's values
             resolved = job.resolved(cfg.dataset.name)
-            self._add(Stage(f"train:{run_name}", resolved, partial(run_training, resolved),
+            self._add(Stage(f"train:{run_name}", resolved, partial(run_training, resolved, start_over=True),
                             upstream=["generate"], outputs=[out / "encoder.safetensors", out / "encoder.json"]))
             self._add_evaluations(run_name, out)
 

@@ -8,6 +8,7 @@ states travel with the checkpoint, and a digest of the weights per rank shows a 
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ import torch
 
 from clsp.errors import UserError
 from clsp.io import load_torch, save_torch_atomic
+
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict[str, Any]:
@@ -46,8 +49,11 @@ def weights_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_checkpoint(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` if there is one; refused in one line when damaged or of other settings."""
+def load_checkpoint(path: Path, settings: dict[str, Any], start_over: bool = False) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if there is one; refused in one line when damaged or of other settings.
+
+    ``start_over``: one of other settings is passed over instead (the new run's first save replaces it), for a
+    directory that belongs to one configuration, as ``clsp run``'s run directory does."""
     if not path.is_file():
         return None
     try:
@@ -61,6 +67,9 @@ def load_checkpoint(path: Path, settings: dict[str, Any]) -> dict[str, Any] | No
                         "over, or pass another --out")
     diffs = [f"{key}: {saved.get(key)!r} there, {value!r} now" for key, value in settings.items()
              if saved.get(key) != value]
+    if diffs and start_over:
+        log.info(f"{path} is from a run with other settings ({'; '.join(diffs[:3])}); starting over")
+        return None
     if diffs:
         raise UserError(f"checkpoint {path} is from a run with other settings ({'; '.join(diffs[:3])}); rerun "
                         "with those settings to resume it, or pass another --out")

@@ -66,7 +66,8 @@ class GenerateJob(DatasetConfig, GenerateSettings):
                         cli="--dataset", min_length=1, max_length=4096)
     shards: str = setting(..., "Output shard directory or URL (s3://bucket/prefix, gs://...); a rerun "
                                  "resumes it.", role="location", min_length=1)
-    unet: str | None = setting(None, "Diffusion model folder or hub id [default: the dataset's known model].")
+    unet: str | None = setting(None, "Diffusion model folder or hub id [default: the dataset's known model; with "
+                                     "--guidance its class-conditional one].")
     seed: int = setting(0, "Job seed; each anchor's noise comes from (seed, anchor index).", ge=0, le=2**63 - 1)
     num_workers: int | None = setting(None, "Job-array size [default: SLURM_ARRAY_TASK_COUNT, else 1].",
                                       role="speed", ge=1)

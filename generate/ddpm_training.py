@@ -151,8 +151,9 @@ def _draw_grid(ema: EMAModel, template: UNet2DModel, scheduler: DDPMScheduler, o
     save_grid(images, out / "samples.png", nrow=8, scale=scale)
 
 
-def train_ddpm(job: DDPMJob) -> dict:
-    """Train (or resume) and return the summary also written to ``training.json``."""
+def train_ddpm(job: DDPMJob, start_over: bool = False) -> dict:
+    """Train (or resume) and return the summary also written to ``training.json``; ``start_over``: see
+    ``load_checkpoint``."""
     cfg = resolve_ddpm(job)
     steps, batch_size = required(cfg.steps, "steps"), required(cfg.batch_size, "batch_size")
     peak_lr, warmup_steps = required(cfg.lr, "lr"), required(cfg.warmup_steps, "warmup_steps")
@@ -181,7 +182,7 @@ def train_ddpm(job: DDPMJob) -> dict:
 
     step, elapsed, resumed_from = 0, 0.0, None
     ckpt_path = out / CHECKPOINT
-    state = load_checkpoint(ckpt_path, settings)
+    state = load_checkpoint(ckpt_path, settings, start_over)
     if state is not None:
         load_weights(unet, state["model"], ckpt_path, "delete it to start the run over, or pass another --out")
         optimizer.load_state_dict(state["optimizer"])
@@ -199,7 +200,7 @@ def train_ddpm(job: DDPMJob) -> dict:
         from torch.utils.tensorboard import SummaryWriter
 
         out.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(out / "tensorboard"))
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=step)  # drops what a lost or replaced run logged
     params = sum(p.numel() for p in unet.parameters())
     kind = f"{classes}-class conditional " if classes else ""
     log.info(f"training {preset.name} {kind}U-Net ({params / 1e6:.2f}M params) on {cfg.name} "

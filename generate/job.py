@@ -179,7 +179,7 @@ def check_model_fits(unet: str | None, dataset: str, image_size: int | None,
     cannot take that would be gigabytes of work for nothing).
 
     Returns a note when the model is a hub id not in the local cache: then loading it checks the fit."""
-    ref = resolve_unet(unet, dataset)
+    ref = resolve_unet(unet, dataset, conditional=guidance is not None)
     with warnings.catch_warnings():  # diffusers passes hub arguments that huggingface_hub deprecates
         warnings.simplefilter("ignore", UserWarning)
         config = unet_config(ref)
@@ -196,7 +196,7 @@ def check_model_fits(unet: str | None, dataset: str, image_size: int | None,
 
 def _load(cfg: GenerateJob, device: torch.device):
     """Dataset, model reference, model and scheduler, with every check that can be made before any work."""
-    unet_ref = resolve_unet(cfg.unet, cfg.name)
+    unet_ref = resolve_unet(cfg.unet, cfg.name, conditional=cfg.guidance is not None)
     dataset = get_dataset(cfg.name, split=cfg.split, root=cfg.data_root, image_size=cfg.image_size)
     unet, scheduler = load_unet(unet_ref, device=device)
     check_compatible(unet.config, dataset.image_size)

@@ -24,17 +24,18 @@ from clsp.images import to_uint8
 from clsp.io import atomic_path
 
 
-def resolve_unet(unet: str | None, dataset_name: str) -> str:
-    """``unet`` as given, else the dataset's known model (a shipped folder or a hub id); refused in one line
-    where the dataset has none."""
+def resolve_unet(unet: str | None, dataset_name: str, conditional: bool = False) -> str:
+    """``unet`` as given, else the dataset's known model (a shipped folder or a hub id; ``conditional``: its
+    class-conditional one); refused in one line where the dataset has none."""
     if unet:
         return unet
     info = dataset_info(dataset_name)
-    known = info.default_unet if info is not None else None
+    known = (info.default_conditional_unet if conditional else info.default_unet) if info is not None else None
     if known is None:
         option = dataset_name if len(dataset_name) <= 80 else "DATASET"
-        raise UserError(f"no diffusion model is known for {short(dataset_name)}; train one with `clsp ddpm train "
-                        f"--dataset {option} --out MODEL_DIR` and pass --unet MODEL_DIR")
+        kind, flag = ("class-conditional diffusion model", " --conditional") if conditional else ("diffusion model", "")
+        raise UserError(f"no {kind} is known for {short(dataset_name)}; train one with `clsp ddpm train "
+                        f"--dataset {option}{flag} --out MODEL_DIR` and pass --unet MODEL_DIR")
     folder = shipped_model(known)
     return str(folder) if folder is not None else known
 

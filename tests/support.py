@@ -33,9 +33,10 @@ def command_env() -> dict[str, str]:
     return env
 
 
-def clsp_run(config: Path, env: dict) -> subprocess.Popen:
-    """``clsp run CONFIG`` in a fresh process, its output on one pipe."""
-    return subprocess.Popen([sys.executable, "-m", "clsp.cli", "run", str(config)], env=env,
+def clsp_run(config: Path, env: dict, *overrides: str) -> subprocess.Popen:
+    """``clsp run CONFIG [--set KEY=VALUE ...]`` in a fresh process, its output on one pipe."""
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    return subprocess.Popen([sys.executable, "-m", "clsp.cli", "run", str(config), *sets], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

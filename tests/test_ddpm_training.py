@@ -96,6 +96,11 @@ def test_resume_refuses_a_different_run(tmp_path: Path) -> None:
     train_ddpm(DDPMJob(name="digits", out=str(out), preset="tiny", steps=2, batch_size=4, sample_every=1000))
     with pytest.raises(UserError, match="other settings.*batch_size"):
         train_ddpm(DDPMJob(name="digits", out=str(out), preset="tiny", steps=4, batch_size=8))
+    # clsp run's own directory: the other run is passed over and the new one trains from step 0
+    summary = train_ddpm(DDPMJob(name="digits", out=str(out), preset="tiny", steps=4, batch_size=8,
+                                 sample_every=1000), start_over=True)
+    assert summary["resumed_from_step"] is None and summary["steps"] == 4
+    assert load_torch(out / CHECKPOINT)["settings"]["batch_size"] == 8
 
 
 @pytest.mark.slow

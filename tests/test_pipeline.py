@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 from click.testing import CliRunner
 
@@ -73,3 +76,20 @@ def test_end_to_end_then_nothing_to_do(pipeline_reference, pipeline_model, cli_e
     output = second.communicate(timeout=300)[0]
     assert second.returncode == 0, output
     assert "ran: nothing" in output and "running" not in output
+
+
+@pytest.mark.slow
+def test_changed_method_retrains_the_runs_in_place(pipeline_reference, pipeline_model, cli_env, tmp_path):
+    """README's `clsp run pipeline.yaml --set train.method=nnclr` after the default run: the run directory
+    belongs to the configuration, so the runs start over (their old checkpoints are passed over, not refused)
+    and the shards are reused."""
+    run_dir = tmp_path / "reference"
+    shutil.copytree(pipeline_reference, run_dir)
+    process = clsp_run(reduced_config(tmp_path, pipeline_model, run_dir), cli_env, "train.method=nnclr")
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output
+    assert "generate: done already, skipped" in output and "train:clsp: running" in output
+    assert "starting over" in output
+    for name in ("clsp", "baseline"):
+        assert json.loads((run_dir / "train" / name / "encoder.json").read_text())["method"] == "nnclr"
+    assert "nnclr" in (run_dir / "report.md").read_text()

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from clsp.errors import UserError
+from clsp.generate.conditional import num_classes
 from clsp.generate.ddpm_presets import PRESETS, build_unet
 from clsp.generate.unet import check_compatible, load_unet, resolve_unet, sample_images
 from support import make_scheduler, make_tiny_unet
@@ -82,6 +83,22 @@ def test_defaults_per_dataset() -> None:
     assert resolve_unet("my/model", "digits") == "my/model"
     with pytest.raises(UserError, match="clsp ddpm train --dataset stl10"):
         resolve_unet(None, "stl10")
+    assert Path(resolve_unet(None, "digits", conditional=True)).name == "digits-ddpm-cond"
+    assert resolve_unet("my/model", "digits", conditional=True) == "my/model"
+    with pytest.raises(UserError, match="no class-conditional diffusion model is known for .cifar10.*--conditional"):
+        resolve_unet(None, "cifar10", conditional=True)
+
+
+def test_shipped_conditional_digits_model_draws_each_label() -> None:
+    """The shipped class-conditional model: 10 digit classes plus the null class, loadable offline, and its
+    guided samples differ by label (the class embedding is not the zero start)."""
+    unet, scheduler = load_unet(resolve_unet(None, "digits", conditional=True))
+    assert num_classes(unet) == 10
+    check_compatible(unet.config, 16)
+    noise = torch.randn(1, 3, 16, 16).repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        eps = unet(noise, 500, class_labels=torch.tensor([1, 8])).sample  # rows 1 and 8: digits 0 and 7
+    assert (eps[0] - eps[1]).abs().mean() > 1e-3
 
 
 def test_ddpm_cifar_preset_is_the_35_7m_model() -> None:

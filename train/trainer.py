@@ -59,7 +59,8 @@ def run_settings(job: TrainJob, device: torch.device) -> dict[str, Any]:
 class Trainer:
     """Builds everything a run needs from a ``TrainJob`` and runs it (``Trainer(job).fit()``)."""
 
-    def __init__(self, job: TrainJob) -> None:
+    def __init__(self, job: TrainJob, start_over: bool = False) -> None:
+        self.start_over = start_over  # a checkpoint of other settings in ``out`` is passed over (clsp run's own dirs)
         self.accelerator = make_accelerator(job.precision)
         apply_tf32(job.tf32)
         self.world_size = self.accelerator.num_processes
@@ -173,7 +174,7 @@ class Trainer:
 
     def maybe_resume(self) -> bool:
         """Load ``out/checkpoint.pt`` when there is one; refuse one written with other settings."""
-        state = load_checkpoint(self.out / CHECKPOINT, self._settings())
+        state = load_checkpoint(self.out / CHECKPOINT, self._settings(), self.start_over)
         if state is None:
             return False
         fix = "delete it to start the run over, or pass another --out"
@@ -234,7 +235,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.global_step if resumed else None)
+            self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.global_step if resumed else 0)
         started = time.perf_counter()
         elapsed0 = self.elapsed
         while self.epoch < config.epochs:
@@ -365,6 +366,6 @@ class Trainer:
         return summary
 
 
-def train(job: TrainJob) -> dict:
-    """Run (or resume) one training run and return its summary."""
-    return Trainer(job).fit()
+def train(job: TrainJob, start_over: bool = False) -> dict:
+    """Run (or resume) one training run and return its summary; ``start_over``: see ``load_checkpoint``."""
+    return Trainer(job, start_over).fit()

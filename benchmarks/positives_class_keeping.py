@@ -81,7 +81,8 @@ def _print(rows: list[dict]) -> None:
 
 
 @click.command(cls=Command, context_settings={"show_default": True})
-@click.option("--unet", default=None, help="Model folder [default: the shipped digits model].")
+@click.option("--unet", default=None, help="Model folder [default: the shipped digits model; with --guidance its "
+              "class-conditional one].")
 @click.option("--anchors", "num_anchors", type=int, default=100, help="Test-split anchors.")
 @click.option("--candidates", type=int, default=8)
 @click.option("--steps", type=int, default=20)
@@ -101,7 +102,7 @@ def main(unet: str | None, num_anchors: int, candidates: int, steps: int, eta: f
     index = np.arange(min(num_anchors, len(test)))
     labels = test.labels()[index]
     anchors = torch.from_numpy(test.array(index)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    model, scheduler = load_unet(resolve_unet(unet, "digits"))
+    model, scheduler = load_unet(resolve_unet(unet, "digits", conditional=bool(guidances)))
     rows = []
     grid = [(w, depth, guidance) for w in _floats(ws) for depth in _ints(mix_depths)
             for guidance in (_floats(guidances) if guidances else [None])]

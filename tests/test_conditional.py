@@ -178,6 +178,15 @@ def test_clsp_gen_records_the_label_and_guidance_of_each_positive(cond_dir, tmp_
     assert {s.guidance for s in records} == {1.8}
 
 
+def test_clsp_gen_guidance_without_unet_takes_the_shipped_conditional_digits_model(tmp_path):
+    shards = tmp_path / "shards"
+    result = CliRunner().invoke(gen, [*JOB, "--shards", str(shards), "--guidance", "1.8"])
+    assert result.exit_code == 0, result.output
+    manifest = reader.read_manifest(shards)
+    assert manifest.generation["unet"] == "default for digits: digits-ddpm-cond"
+    assert {s.guidance for s in reader.ShardDirectory.open(shards).samples()} == {1.8}
+
+
 @pytest.mark.parametrize("model,extra,message", [
     ("plain", ["--guidance", "1"], "--guidance needs a class-conditional model"),
     ("cond", [], "pass --guidance W"),

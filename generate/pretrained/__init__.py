@@ -1,4 +1,4 @@
-"""Diffusion models shipped with the package, one folder each (``digits-ddpm``)."""
+"""Diffusion models shipped with the package, one folder each (``digits-ddpm``, ``digits-ddpm-cond``)."""
 
 from __future__ import annotations
 
